@@ -1,0 +1,113 @@
+"""The checkpoint format: one folder per category, student weights plus a JSON of metadata.
+
+``student.safetensors`` holds the student's tensors (loading executes no pickle), ``stfpm.json`` holds what
+is needed to rebuild the model and to trust its scores: format version, backbone, layers, image size,
+teacher source and hash, the validation-derived threshold and normalisation, and training figures.
+The teacher is never stored: it is rebuilt from its source and checked against the recorded hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from stfpm_ray.model import STFPM
+from stfpm_ray.teacher import Teacher, load_teacher
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "student.safetensors"
+META_FILE = "stfpm.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, of another format, or made for another teacher."""
+
+
+@dataclass
+class CheckpointMeta:
+    """Everything a scorer needs besides the weights; ``model_id`` identifies weights + threshold."""
+
+    category: str
+    backbone: str
+    layers: list[int]
+    image_size: int
+    teacher_source: str
+    teacher_sha256: str
+    threshold: float
+    normalization: dict[str, float]
+    training: dict[str, Any] = field(default_factory=dict)
+    model_id: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def normalize(self, score: float) -> float:
+        """Score divided by the threshold: 1.0 is the decision boundary, comparable across categories."""
+        return score / self.threshold if self.threshold > 0 else float("nan")
+
+
+def _model_id(weights_file: Path, meta: CheckpointMeta) -> str:
+    digest = hashlib.sha256(weights_file.read_bytes())
+    digest.update(f"{meta.teacher_sha256}:{meta.image_size}:{meta.threshold!r}".encode())
+    return digest.hexdigest()[:16]
+
+
+def save_checkpoint(folder: str | Path, student: torch.nn.Module, meta: CheckpointMeta) -> CheckpointMeta:
+    """Write weights and metadata; the JSON is written last and atomically, so it marks completeness."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / WEIGHTS_FILE
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in student.state_dict().items()}
+    save_file(state, str(weights), metadata={"format_version": str(FORMAT_VERSION)})
+    meta.model_id = _model_id(weights, meta)
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as handle:
+        json.dump(asdict(meta), handle, indent=2, sort_keys=True)
+    os.replace(handle.name, folder / META_FILE)
+    return meta
+
+
+def read_meta(folder: str | Path) -> CheckpointMeta:
+    """Read and validate the metadata of a checkpoint folder."""
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} is not a checkpoint: {META_FILE} is missing (train one with `stfpm-ray train`)")
+    raw = json.loads(path.read_text())
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder} has checkpoint format version {version}; this stfpm-ray reads version {FORMAT_VERSION}"
+        )
+    try:
+        return CheckpointMeta(**raw)
+    except TypeError as exc:
+        raise CheckpointError(f"{path} has unexpected fields: {exc}") from exc
+
+
+def load_checkpoint(
+    folder: str | Path, teacher: Teacher | None = None, device: str | torch.device = "cpu"
+) -> tuple[STFPM, CheckpointMeta]:
+    """Rebuild the model of a checkpoint, refusing one whose teacher or backbone does not match.
+
+    Pass ``teacher`` to share one loaded teacher between the students of many categories.
+    """
+    meta = read_meta(folder)
+    if teacher is None:
+        teacher = load_teacher(meta.backbone, tuple(meta.layers), meta.teacher_source)
+    if teacher.sha256 != meta.teacher_sha256:
+        raise CheckpointError(
+            f"{folder} was trained against teacher {meta.teacher_source} ({meta.teacher_sha256[:12]}), "
+            f"but the teacher at hand is {teacher.source} ({teacher.sha256[:12]}); scores would be meaningless"
+        )
+    model = STFPM(teacher, meta.backbone, meta.layers)
+    state = load_file(str(Path(folder) / WEIGHTS_FILE))
+    try:
+        model.student.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{folder}: student weights do not fit backbone {meta.backbone!r}: {exc}") from exc
+    return model.to(device).eval(), meta

@@ -1,0 +1,278 @@
+"""Fitting one student in plain PyTorch: data split, epochs, model selection, threshold.
+
+The Ray Train layer (``stfpm_ray.ray_train``) drives the same :class:`StudentFitter`, so a category trained
+with or without Ray follows one code path. Model selection and the threshold use only the held-out
+defect-free validation images, never test labels.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from stfpm_ray.checkpoint import CheckpointMeta
+from stfpm_ray.images import ImageDecodeError, load_image
+from stfpm_ray.model import STFPM, stfpm_loss
+from stfpm_ray.mvtec import DatasetError, train_images
+from stfpm_ray.teacher import DEFAULT_LAYERS, OFFLINE_BACKBONE, Teacher, load_teacher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters; the defaults are the official STFPM recipe (SGD 0.4, batch 32, 256 px)."""
+
+    backbone: str = OFFLINE_BACKBONE
+    layers: tuple[int, ...] = DEFAULT_LAYERS
+    weights: str = "auto"
+    image_size: int = 256
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 0.4
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.2
+    seed: int = 0
+    cache_teacher: bool = True
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(int(v) for v in self.layers)
+        if self.image_size < 32 or self.image_size % 32:
+            raise ValueError(f"image size must be a multiple of 32 and >= 32, got {self.image_size}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch size must be >= 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def split_train_val(paths: Sequence[Path], val_fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """Seeded hold-out of ``val_fraction`` of the training images (at least one each side)."""
+    if len(paths) < 2:
+        raise DatasetError(f"need at least 2 training images to hold out validation, got {len(paths)}")
+    order = np.random.default_rng(seed).permutation(len(paths))
+    n_val = min(max(1, int(round(len(paths) * val_fraction))), len(paths) - 1)
+    val = sorted(paths[i] for i in order[:n_val])
+    train = sorted(paths[i] for i in order[n_val:])
+    return train, val
+
+
+def load_images(paths: Sequence[Path], size: int) -> tuple[Tensor, list[str]]:
+    """Decode to one uint8 NCHW tensor; unreadable files are skipped and returned as messages."""
+    arrays, problems = [], []
+    for path in paths:
+        try:
+            arrays.append(load_image(path, size))
+        except ImageDecodeError as exc:
+            problems.append(f"{path}: {exc}")
+    if not arrays:
+        raise DatasetError(f"none of {len(paths)} images could be read; first problem: {problems[:1]}")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), problems
+
+
+class StudentFitter:
+    """Epoch loop over in-memory uint8 images, optionally data-parallel.
+
+    ``model`` may be a DistributedDataParallel wrapper of :class:`STFPM`; ``rank``/``world_size`` select
+    this worker's share of each epoch's shuffled order, so all workers together see every image once.
+    Without augmentation the teacher's features of an image never change, so with ``cache_teacher`` they
+    are computed once and reused every epoch, which removes the teacher forward from the training loop.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train: Tensor,
+        val: Tensor,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.model = model
+        self.core: STFPM = getattr(model, "module", model)
+        self.config = config
+        self.device = torch.device(device)
+        self.train_images, self.val_images = train, val
+        self.rank, self.world_size = rank, world_size
+        self.optimizer = torch.optim.SGD(
+            self.core.student.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+        self.epoch = 0
+        self.best_val_loss = float("inf")
+        self.best_epoch = -1
+        self.best_state: dict[str, Tensor] | None = None
+        self._teacher_cache: list[Tensor] | None = None
+
+    def _teacher_features(self, index: Tensor) -> list[Tensor] | None:
+        if not self.config.cache_teacher:
+            return None
+        if self._teacher_cache is None:
+            chunks = [
+                self.core.teacher_features(self.train_images[i : i + 64].to(self.device))
+                for i in range(0, len(self.train_images), 64)
+            ]
+            self._teacher_cache = [torch.cat(level) for level in zip(*chunks)]
+        return [level[index.to(level.device)] for level in self._teacher_cache]
+
+    def _batches(self) -> list[Tensor]:
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self.train_images), generator=generator)[self.rank :: self.world_size]
+        per_worker = max(1, self.config.batch_size // self.world_size)
+        return list(order.split(per_worker))
+
+    def train_epoch(self) -> dict[str, float]:
+        """One pass over this worker's share; returns mean loss and images per second."""
+        self.model.train()
+        started, total, seen = time.perf_counter(), 0.0, 0
+        for index in self._batches():
+            images = self.train_images[index].to(self.device, non_blocking=True)
+            teacher_features, student_features = self.model(images, teacher_features=self._teacher_features(index))
+            loss = stfpm_loss(teacher_features, student_features)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += float(loss.detach()) * len(index)
+            seen += len(index)
+        self.epoch += 1
+        elapsed = time.perf_counter() - started
+        return {"train_loss": total / max(seen, 1), "images_per_s": seen / elapsed if elapsed > 0 else 0.0}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Validation loss; remembers the student of the best epoch so far."""
+        self.core.eval()
+        total = 0.0
+        for i in range(0, len(self.val_images), self.config.batch_size):
+            images = self.val_images[i : i + self.config.batch_size].to(self.device)
+            total += float(stfpm_loss(*self.core(images))) * len(images)
+        val_loss = total / len(self.val_images)
+        if val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_epoch = val_loss, self.epoch
+            self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.core.student.state_dict().items()})
+        return {"val_loss": val_loss, "best_val_loss": self.best_val_loss, "best_epoch": self.best_epoch}
+
+    def restore_best(self) -> None:
+        if self.best_state is not None:
+            self.core.student.load_state_dict(self.best_state)
+        self.core.eval()
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume after a crash (used by Ray Train checkpoints)."""
+        return {
+            "student": self.core.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "best_val_loss": self.best_val_loss,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.core.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = state["epoch"]
+        self.best_val_loss = state["best_val_loss"]
+        self.best_epoch = state["best_epoch"]
+        self.best_state = state["best_state"]
+
+
+def validation_scores(model: STFPM, images: Tensor, batch_size: int, device: torch.device | str = "cpu") -> np.ndarray:
+    """Image scores of held-out good images, the basis of threshold and normalisation."""
+    model.eval()
+    scores = [model.predict(images[i : i + batch_size].to(device))[1].cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(scores).numpy().astype(np.float64)
+
+
+def calibration(scores: np.ndarray) -> tuple[float, dict[str, float]]:
+    """Threshold = the largest validation score, so no held-out good image is flagged.
+
+    With the few dozen validation images of a typical category, any higher quantile equals the maximum
+    anyway; a user who wants a looser or stricter cut-off applies it to ``score_norm`` (score / threshold).
+    """
+    stats = {
+        "val_count": float(len(scores)),
+        "val_mean": float(scores.mean()),
+        "val_std": float(scores.std()),
+        "val_min": float(scores.min()),
+        "val_max": float(scores.max()),
+    }
+    return float(scores.max()), stats
+
+
+def build_meta(
+    category: str, config: TrainConfig, teacher: Teacher, fitter: StudentFitter, val_scores: np.ndarray, extra: dict
+) -> CheckpointMeta:
+    threshold, stats = calibration(val_scores)
+    training = {
+        **{k: v for k, v in asdict(config).items() if k not in ("backbone", "layers", "weights", "image_size")},
+        "best_epoch": fitter.best_epoch,
+        "best_val_loss": fitter.best_val_loss,
+        "train_images": len(fitter.train_images),
+        "val_images": len(fitter.val_images),
+        **extra,
+    }
+    return CheckpointMeta(
+        category=category,
+        backbone=config.backbone,
+        layers=list(config.layers),
+        image_size=config.image_size,
+        teacher_source=teacher.source,
+        teacher_sha256=teacher.sha256,
+        threshold=threshold,
+        normalization=stats,
+        training=training,
+    )
+
+
+def prepare_category(root: str | Path, category: str, config: TrainConfig) -> tuple[Tensor, Tensor, list[str]]:
+    """Split and decode a category's training images into train and validation tensors."""
+    train_paths, val_paths = split_train_val(train_images(root, category), config.val_fraction, config.seed)
+    train, bad_train = load_images(train_paths, config.image_size)
+    val, bad_val = load_images(val_paths, config.image_size)
+    return train, val, bad_train + bad_val
+
+
+def fit_category(
+    root: str | Path,
+    category: str,
+    config: TrainConfig,
+    teacher: Teacher | None = None,
+    device: str = "cpu",
+    on_epoch: Callable[[dict], None] | None = None,
+) -> tuple[STFPM, CheckpointMeta]:
+    """Train one category's student without Ray and return the best-epoch model with its metadata."""
+    seed_everything(config.seed)
+    teacher = teacher or load_teacher(config.backbone, config.layers, config.weights)
+    train, val, problems = prepare_category(root, category, config)
+    for problem in problems:
+        log.warning("skipped unreadable training image %s", problem)
+    model = STFPM(teacher, config.backbone, config.layers, seed=config.seed).to(device)
+    fitter = StudentFitter(model, config, train, val, device=device)
+    started = time.perf_counter()
+    for _ in range(config.epochs):
+        metrics = {"category": category, "epoch": fitter.epoch + 1, **fitter.train_epoch(), **fitter.validate()}
+        if on_epoch:
+            on_epoch(metrics)
+    fitter.restore_best()
+    scores = validation_scores(model, val, config.batch_size, device)
+    meta = build_meta(
+        category, config, teacher, fitter, scores,
+        {"seconds": time.perf_counter() - started, "skipped_images": problems},
+    )
+    return model, meta

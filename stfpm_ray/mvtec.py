@@ -1,0 +1,119 @@
+"""The MVTec AD folder layout: categories, training images, labelled test samples.
+
+``ROOT/<category>/train/good/*``, ``test/good/*``, ``test/<defect>/*`` and
+``ground_truth/<defect>/<stem>_mask.png``. The same rules route scored archive paths back to their
+category, label, defect and mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from stfpm_ray.images import IMAGE_EXTENSIONS
+
+
+class DatasetError(ValueError):
+    """A data folder that does not have the expected layout; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image with what the layout says about it (label/defect/mask are None outside MVTec test)."""
+
+    path: str
+    category: str
+    label: int | None = None
+    defect: str | None = None
+    mask_path: str | None = None
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted, by extension (case-insensitive)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DatasetError(f"{what} {path} does not exist or is not a folder")
+    return path
+
+
+def discover_categories(root: str | Path) -> list[str]:
+    """Category folders under an MVTec-layout root (those with ``train/good`` or ``test``)."""
+    root = _require_dir(Path(root), "data root")
+    found = sorted(
+        p.name for p in root.iterdir() if p.is_dir() and ((p / "train" / "good").is_dir() or (p / "test").is_dir())
+    )
+    if not found:
+        raise DatasetError(
+            f"no categories under {root}: expected ROOT/<category>/train/good/*.png "
+            "(MVTec AD layout; `stfpm-ray synth` writes an example)"
+        )
+    return found
+
+
+def resolve_categories(root: str | Path, requested: str) -> list[str]:
+    """``all`` or a comma-separated list, checked against what exists under ``root``."""
+    available = discover_categories(root)
+    if requested == "all":
+        return available
+    wanted = [name.strip() for name in requested.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in available]
+    if unknown:
+        raise DatasetError(f"categories {unknown} not found under {root}; available: {', '.join(available)}")
+    return wanted
+
+
+def train_images(root: str | Path, category: str) -> list[Path]:
+    """The defect-free training images of a category; an empty category is an error."""
+    folder = _require_dir(Path(root) / category / "train" / "good", f"training folder of {category!r}")
+    images = list_images(folder)
+    if not images:
+        raise DatasetError(f"category {category!r} has no training images in {folder} ({IMAGE_EXTENSIONS})")
+    return images
+
+
+def mask_path_for(image: Path) -> Path | None:
+    """Ground-truth mask of an MVTec test image, or None for good images and missing masks."""
+    defect = image.parent.name
+    if defect == "good":
+        return None
+    mask = image.parents[2] / "ground_truth" / defect / f"{image.stem}_mask.png"
+    return mask if mask.is_file() else None
+
+
+def sample_for(path: str | Path, category: str | None = None) -> Sample:
+    """Route an image path: inside ``<cat>/test/<defect>/`` it gets category, label, defect and mask.
+
+    Outside the test layout only the category is known: ``category`` if given, else the folder above
+    ``train``/``test`` when the path has one, else the parent folder's name.
+    """
+    image = Path(path)
+    parts = image.parts
+    if len(parts) >= 4 and parts[-3] == "test":
+        defect = parts[-2]
+        mask = mask_path_for(image)
+        return Sample(
+            path=str(path),
+            category=category or parts[-4],
+            label=0 if defect == "good" else 1,
+            defect=defect,
+            mask_path=str(mask) if mask else None,
+        )
+    if category is None:
+        category = parts[-4] if len(parts) >= 4 and parts[-3] == "train" else image.parent.name
+    return Sample(path=str(path), category=category)
+
+
+def test_samples(root: str | Path, category: str) -> list[Sample]:
+    """Labelled test samples of a category, good and every defect folder."""
+    test_dir = _require_dir(Path(root) / category / "test", f"test folder of {category!r}")
+    samples = [
+        sample_for(image)
+        for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir())
+        for image in list_images(defect_dir)
+    ]
+    if not samples:
+        raise DatasetError(f"category {category!r} has no test images under {test_dir}")
+    return samples

