@@ -99,6 +99,11 @@ def load_checkpoint(
     meta = read_meta(folder)
     if teacher is None:
         teacher = load_teacher(meta.backbone, tuple(meta.layers), meta.teacher_source)
+    if (teacher.backbone, tuple(teacher.layers)) != (meta.backbone, tuple(meta.layers)):
+        raise CheckpointError(
+            f"{folder} is a {meta.backbone} student with layers {meta.layers}; the teacher at hand is "
+            f"{teacher.backbone} with layers {list(teacher.layers)}"
+        )
     if teacher.sha256 != meta.teacher_sha256:
         raise CheckpointError(
             f"{folder} was trained against teacher {meta.teacher_source} ({meta.teacher_sha256[:12]}), "
@@ -109,5 +114,6 @@ def load_checkpoint(
     try:
         model.student.load_state_dict(state)
     except RuntimeError as exc:
-        raise CheckpointError(f"{folder}: student weights do not fit backbone {meta.backbone!r}: {exc}") from exc
+        detail = str(exc).splitlines()[0][:300]
+        raise CheckpointError(f"{folder}: student weights do not fit backbone {meta.backbone!r} ({detail})") from exc
     return model.to(device).eval(), meta

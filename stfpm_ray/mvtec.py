@@ -43,7 +43,10 @@ def discover_categories(root: str | Path) -> list[str]:
     """Category folders under an MVTec-layout root (those with ``train/good`` or ``test``)."""
     root = _require_dir(Path(root), "data root")
     found = sorted(
-        p.name for p in root.iterdir() if p.is_dir() and ((p / "train" / "good").is_dir() or (p / "test").is_dir())
+        p.name
+        for p in root.iterdir()
+        # `.`/`_` folders are staging or bookkeeping (a half-written synthetic category, run state)
+        if p.is_dir() and p.name[0] not in "._" and ((p / "train" / "good").is_dir() or (p / "test").is_dir())
     )
     if not found:
         raise DatasetError(

@@ -171,6 +171,8 @@ class Teacher:
     """A loaded, frozen teacher and the facts a checkpoint records about it."""
 
     network: nn.Module
+    backbone: str
+    layers: tuple[int, ...]
     source: str
     sha256: str
     mean: tuple[float, float, float]
@@ -201,6 +203,8 @@ def load_teacher(backbone: str, layers: tuple[int, ...], weights: str = "auto") 
     network.eval().requires_grad_(False)
     return Teacher(
         network=network,
+        backbone=backbone,
+        layers=tuple(layers),
         source=str(source),
         sha256=state_dict_sha256(network.state_dict()),
         mean=tuple(float(v) for v in config["mean"]),

@@ -1,0 +1,96 @@
+"""The maths of STFPM pinned on hand-computed cases, and the teacher's frozen state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stfpm_ray.model import STFPM, anomaly_map, feature_distance, stfpm_loss
+from stfpm_ray.teacher import load_teacher
+
+
+def _hand_case():
+    # Level 1: two positions. Position 0: t=(1,0), s=(0,1) -> normalised diff (1,-1) -> 0.5*2 = 1.
+    # Position 1: t=(3,4), s=(6,8) -> same direction -> 0.
+    t1 = torch.tensor([[[[1.0, 3.0]], [[0.0, 4.0]]]])
+    s1 = torch.tensor([[[[0.0, 6.0]], [[1.0, 8.0]]]])
+    # Level 2: one position, one channel: t=2, s=-1 -> normalised 1 and -1 -> 0.5*4 = 2.
+    t2 = torch.tensor([[[[2.0]]]])
+    s2 = torch.tensor([[[[-1.0]]]])
+    return [t1, t2], [s1, s2]
+
+
+def test_feature_distance_hand_computed():
+    (t1, _), (s1, _) = _hand_case()
+    assert torch.allclose(feature_distance(t1, s1), torch.tensor([[[1.0, 0.0]]]))
+
+
+def test_loss_hand_computed():
+    teacher, student = _hand_case()
+    # mean of level 1 = 0.5, level 2 = 2 -> 2.5
+    assert stfpm_loss(teacher, student).item() == pytest.approx(2.5)
+
+
+def test_loss_averages_over_batch():
+    teacher, student = _hand_case()
+    doubled_t = [torch.cat([t, t]) for t in teacher]
+    doubled_s = [torch.cat([s, s]) for s in student]
+    assert stfpm_loss(doubled_t, doubled_s).item() == pytest.approx(2.5)
+
+
+def test_anomaly_map_hand_computed():
+    teacher, student = _hand_case()
+    # level 1 map [1, 0] at (1, 2); level 2 map [2] upsampled to [2, 2]; product [2, 0]
+    result = anomaly_map(teacher, student, (1, 2))
+    assert result.shape == (1, 1, 2)
+    assert torch.allclose(result, torch.tensor([[[2.0, 0.0]]]))
+
+
+def test_anomaly_map_upsamples_bilinearly_to_input_size():
+    t = torch.ones(1, 1, 2, 2)
+    s = torch.ones(1, 1, 2, 2)
+    s[0, 0, 0, 0] = -1.0
+    result = anomaly_map([t, t], [s, s], (8, 8))
+    assert result.shape == (1, 8, 8)
+    # the single deviating position is top-left; the product of two identical levels is the square
+    level = torch.nn.functional.interpolate(feature_distance(t, s).unsqueeze(1), size=(8, 8), mode="bilinear")
+    assert torch.allclose(result, level.squeeze(1) ** 2)
+    assert result[0, 0, 0] > result[0, 7, 7]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return STFPM(load_teacher("tf_efficientnet_lite0", (1, 2, 3), "offline"), "tf_efficientnet_lite0", (1, 2, 3))
+
+
+def test_teacher_frozen_and_in_eval_after_train(model):
+    model.train()
+    assert all(not m.training for m in model.teacher.modules())
+    assert all(m.training for m in model.student.modules())
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    loss = stfpm_loss(*model(images))
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert any(p.grad is not None for p in model.student.parameters())
+    # BatchNorm running statistics of the teacher did not move in a training-mode forward
+    after = model.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_predict_shapes_and_score_is_map_max(model):
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    maps, scores = model.predict(images)
+    assert maps.shape == (3, 64, 64)
+    assert torch.allclose(scores, maps.flatten(1).amax(1))
+    assert (maps >= 0).all()
+
+
+def test_student_init_is_seeded():
+    teacher = load_teacher("tf_efficientnet_lite0", (1, 2, 3), "offline")
+    a = STFPM(teacher, "tf_efficientnet_lite0", (1, 2, 3), seed=3).student.state_dict()
+    b = STFPM(teacher, "tf_efficientnet_lite0", (1, 2, 3), seed=3).student.state_dict()
+    c = STFPM(teacher, "tf_efficientnet_lite0", (1, 2, 3), seed=4).student.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

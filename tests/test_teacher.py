@@ -1,0 +1,78 @@
+"""Teacher weight sources: the offline EfficientNet-Lite0 is exactly timm's tf_efficientnet_lite0."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+from conftest import SHARED_BOTTLE
+import torch
+from safetensors.torch import save_file
+
+from stfpm_ray.images import load_image
+from stfpm_ray.teacher import (
+    OFFLINE_SHA256,
+    WeightsError,
+    WeightsSource,
+    file_sha256,
+    load_teacher,
+    offline_weights_path,
+    remap_lite0_keys,
+)
+
+
+def test_offline_file_verified():
+    assert file_sha256(offline_weights_path()) == OFFLINE_SHA256
+
+
+def test_offline_teacher_equals_timm_full_model_with_remapped_weights():
+    raw = torch.load(offline_weights_path(), map_location="cpu", weights_only=True)
+    full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    # strict: every key of the packaged file lands on a timm parameter and none is left over
+    full.load_state_dict(remap_lite0_keys(raw), strict=True)
+    full.eval()
+    teacher = load_teacher("tf_efficientnet_lite0", (1, 2, 3), "offline")
+    assert (teacher.mean, teacher.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        _, intermediates = full.forward_intermediates(x, indices=[1, 2, 3], intermediates_only=False)
+        ours = teacher.network(x)
+    assert [f.shape[1] for f in ours] == [24, 40, 112]
+    for theirs, mine in zip(intermediates, ours, strict=True):
+        assert torch.equal(theirs, mine)
+    # and the classifier of the remapped model is a real ImageNet one: on a photo it is confident
+    # (a bottle seen from above: cup / coffee mug among the top classes), far from uniform (0.001)
+    photo = torch.from_numpy(load_image(SHARED_BOTTLE / "train" / "good" / "000.png", 224).copy())
+    with torch.no_grad():
+        probabilities = full((photo.permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5).softmax(-1)
+    assert probabilities.max() > 0.05
+    assert {968, 504} & set(probabilities.topk(5).indices[0].tolist())
+
+
+def test_file_source_round_trip(tmp_path):
+    teacher = load_teacher("tf_efficientnet_lite0", (1, 2, 3), "offline")
+    path = tmp_path / "lite0.safetensors"
+    save_file({k: v.contiguous() for k, v in teacher.network.state_dict().items()}, str(path))
+    from_file = load_teacher("tf_efficientnet_lite0", (1, 2, 3), f"file:{path}")
+    assert from_file.sha256 == teacher.sha256
+    assert from_file.source == f"file:{path}"
+
+
+def test_weights_source_parsing():
+    assert WeightsSource.parse("auto", "tf_efficientnet_lite0").kind == "offline"
+    assert WeightsSource.parse("auto", "resnet18").kind == "hub"
+    assert WeightsSource.parse("file:/x.pth", "resnet18").path == "/x.pth"
+    with pytest.raises(WeightsError, match="offline"):
+        WeightsSource.parse("imagenet", "resnet18")
+
+
+def test_clear_errors_for_unusable_sources(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_teacher("resnet18", (1, 2, 3), f"file:{tmp_path / 'missing.pth'}")
+    with pytest.raises(WeightsError, match="EfficientNet-Lite0"):
+        load_teacher("resnet18", (1, 2, 3), "offline")
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"conv1.weight": torch.zeros(1)}, str(wrong))
+    with pytest.raises(WeightsError, match="missing keys"):
+        load_teacher("resnet18", (1, 2, 3), f"file:{wrong}")
+    with pytest.raises(ValueError, match="unknown timm backbone"):
+        load_teacher("no_such_net", (1, 2, 3), "hub")
