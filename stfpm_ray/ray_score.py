@@ -1,0 +1,572 @@
+"""Scoring image archives with Ray Data: ``stfpm-ray score --checkpoints CKPT_DIR --input PATH --out OUT_DIR``.
+
+Pipeline, shaped by what costs what (decoding a large PNG takes tens of ms of one core, the network wants
+large batches, the object store should carry as few bytes as possible):
+
+1. **List** the inputs on the driver through pyarrow filesystems (local folders, ``s3://``, ``gs://``;
+   png/jpg/jpeg/bmp/tif/tiff in any letter case; hidden ``.`` entries skipped) and route every file to a
+   category: ``--category`` for a plain archive folder, otherwise the MVTec layout
+   (:func:`stfpm_ray.mvtec.sample_for`: category, label and defect from the path, mask from
+   ``ground_truth``). Listing on the driver, rather than inside ``read_binary_files``, lets a nightly
+   ``--incremental`` run drop already-scored files before a single byte of them is read. Only paths
+   enter the dataset, a block per ``batch_size`` files.
+2. **Read and decode** in CPU tasks: each file is read through its filesystem and decoded to uint8 at the
+   checkpoint's image size (:func:`stfpm_ray.images.decode_image`), so full-resolution pixels never enter
+   the object store. A file that cannot be read or decoded (empty, truncated, not an image,
+   decompression bomb, vanished) becomes an error row with a message; it never fails the job.
+3. **Score** in an actor pool: each actor loads the teacher once and the student of each category it is
+   sent, runs whole batches, resizes each map to ``map_size`` with area interpolation and encodes it with
+   :mod:`stfpm_ray.mapcodec` in the actor, so float maps never enter the object store either.
+4. **Write** Parquet into a staging folder, check it (exactly one row per image), then commit it into
+   ``OUT_DIR`` atomically with a manifest (:mod:`stfpm_ray.score_output`).
+
+Defaults, and why:
+
+* ``--map-size 128``: pixel metrics want maps of at least 64 px, and a 128x128 16-bit PNG is at most
+  32 KB before compression (about 10-20 KB for real maps), so a row stays under 40 KB: a million images
+  fit in about 20 GB.
+* Actors take ``--cpus-per-actor 1`` and, without GPUs, at most ``cluster CPUs - 1`` of them run
+  (at least 1): reading and decoding are Ray tasks that need a CPU of their own, and a pool that holds
+  every CPU starves them and the dataset hangs (on a 2-core machine: one actor, one decoding core).
+  With ``--gpus-per-actor`` the pool grows to the number of GPUs the cluster has per actor.
+* Fault tolerance: Ray Data creates scoring actors with ``max_restarts=-1`` and ``max_task_retries=-1``, so
+  a scoring process that dies is restarted and its unfinished batches rerun; Parquet files are named by
+  write task, so a rerun replaces rather than duplicates, and the pre-commit check refuses to publish
+  anything but one row per image.
+
+Reading the output (``OUT_DIR`` is the ``--out`` folder; these five lines decode one anomaly map)::
+
+    import io, numpy as np, pandas as pd
+    from PIL import Image
+    row = pd.read_parquet(OUT_DIR).query("status == 'ok'").iloc[0]
+    png = np.asarray(Image.open(io.BytesIO(row.anomaly_map)), dtype=np.float32)
+    anomaly_map = png / 65535 * row.map_scale  # map_size x map_size float32, max = map_scale
+
+``score`` is the raw image score (maximum of the full-resolution map), ``score_norm = score / threshold``
+and ``is_anomalous = score > threshold``, with the threshold the checkpoint derived from held-out good
+images. Several ``model_id`` values can appear for one path when the checkpoints change between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from stfpm_ray.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
+from stfpm_ray.mvtec import sample_for
+from stfpm_ray.score_output import (
+    SCHEMA,
+    OutputFolder,
+    Progress,
+    counts_by_category,
+    duplicated_paths,
+    resolve,
+)
+
+if TYPE_CHECKING:  # torch is imported where a model is needed, so decode workers never load it
+    from stfpm_ray.checkpoint import CheckpointMeta
+
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAP_SIZE = 128
+# Files larger than this are refused unread: 100 MP (the decoder's pixel limit) of uncompressed RGB is
+# 300 MB, so a bigger file is not an inspection image, and reading it whole could exhaust a worker.
+MAX_FILE_BYTES = 512 * 1024 * 1024
+# Rows per Parquet file: 2048 rows of at most 40 KB keep files between a few MB and 80 MB.
+ROWS_PER_FILE = 2048
+# What one read-and-decode task reserves; the actor pool is sized to leave at least this free. Decoding
+# one block takes a fraction of a core-second, so half a CPU is enough. A request that differs from the
+# actors' also keeps Ray Data from fusing decoding into the actors (it fuses consecutive map stages whose
+# resource requests are equal), which would serialise decoding with the forward pass.
+DECODE_CPUS = 0.5
+
+_PLAN_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("source", pa.int32()),
+        ("size", pa.int64()),
+        ("category", pa.string()),
+        ("label", pa.int8()),
+        ("defect", pa.string()),
+        ("mask_path", pa.string()),
+        ("model_id", pa.string()),
+        ("image_size", pa.int32()),
+        ("error", pa.string()),
+    ]
+)
+_DECODED_SCHEMA = pa.schema(
+    [field for field in _PLAN_SCHEMA if field.name not in ("source", "size")] + [("pixels", pa.binary())]
+)
+
+
+@dataclass
+class CategoryCounts:
+    ok: int = 0
+    error: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class ScoreSummary:
+    """What a run did; ``manifest`` is None when nothing was written."""
+
+    run_id: str
+    out_dir: str
+    counts: dict[str, CategoryCounts] = field(default_factory=dict)
+    rows_written: int = 0
+    files_written: int = 0
+    seconds: float = 0.0
+    manifest: str | None = None
+
+    def table(self) -> str:
+        """The per-category ok/error/skipped counts as aligned text."""
+        width = max([len("category"), len("total"), *(len(name) for name in self.counts)])
+        lines = [f"{'category':<{width}} {'ok':>8} {'error':>8} {'skipped':>8}"]
+        total = CategoryCounts()
+        for name in sorted(self.counts):
+            c = self.counts[name]
+            lines.append(f"{name:<{width}} {c.ok:>8} {c.error:>8} {c.skipped:>8}")
+            total.ok, total.error, total.skipped = total.ok + c.ok, total.error + c.error, total.skipped + c.skipped
+        lines.append(f"{'total':<{width}} {total.ok:>8} {total.error:>8} {total.skipped:>8}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def find_checkpoints(checkpoints: str | Path) -> dict[str, tuple[str, CheckpointMeta]]:
+    """``{category: (folder, meta)}`` from ``CKPT_DIR/<category>/`` (or one checkpoint folder itself)."""
+    from stfpm_ray.checkpoint import META_FILE, read_meta
+
+    root = Path(checkpoints)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {root} does not exist (train one with `stfpm-ray train`)")
+    folders = [root] if (root / META_FILE).is_file() else sorted(p for p in root.iterdir() if (p / META_FILE).is_file())
+    if not folders:
+        raise FileNotFoundError(f"no checkpoints under {root}: expected {root}/<category>/{META_FILE}")
+    found: dict[str, tuple[str, CheckpointMeta]] = {}
+    for folder in folders:
+        meta = read_meta(folder)
+        if meta.category in found:
+            raise ValueError(f"two checkpoints for category {meta.category!r}: {found[meta.category][0]} and {folder}")
+        found[meta.category] = (str(folder.resolve()), meta)
+    return found
+
+
+def is_mvtec_mask(path: str) -> bool:
+    """Ground-truth masks of an MVTec-layout root (``<category>/ground_truth/<defect>/*``) are not inputs."""
+    parts = path.split("/")
+    return len(parts) >= 3 and parts[-3] == "ground_truth"
+
+
+def list_images(inputs: Sequence[str]) -> tuple[list[tuple[str, int, int]], list[tuple[pafs.FileSystem, str]]]:
+    """Image files under the inputs as ``(path, source, size)`` sorted and unique, plus the sources.
+
+    A source is ``(filesystem, prefix)``; ``prefix + path inside the filesystem`` is the recorded path.
+    An input that names a file directly is taken whatever its extension; in folders, hidden entries and
+    MVTec ground-truth masks are skipped.
+    """
+    sources: list[tuple[pafs.FileSystem, str]] = []
+    files: dict[str, tuple[int, int]] = {}
+    for uri in inputs:
+        filesystem, base, prefix = resolve(uri)
+        sources.append((filesystem, prefix))
+        info = filesystem.get_file_info(base)
+        if info.type == pafs.FileType.File:
+            entries = [info]
+        elif info.type == pafs.FileType.Directory:
+            entries = [
+                e
+                for e in filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
+                if e.type == pafs.FileType.File
+                and e.extension.lower() in {ext.lstrip(".") for ext in IMAGE_EXTENSIONS}
+                and not any(part.startswith(".") for part in e.path[len(base):].split("/"))
+                and not is_mvtec_mask(e.path)
+            ]
+        else:
+            raise FileNotFoundError(f"input {uri} does not exist")
+        for entry in entries:
+            files.setdefault(prefix + entry.path, (len(sources) - 1, entry.size or 0))
+    return [(path, *files[path]) for path in sorted(files)], sources
+
+
+def plan(
+    files: Sequence[tuple[str, int, int]],
+    checkpoints: dict[str, tuple[str, CheckpointMeta]],
+    category: str | None,
+    scored: dict[str, set[str | None]],
+) -> tuple[list[dict[str, Any]], dict[str, CategoryCounts]]:
+    """Route files to categories and drop those that already have a row for their model.
+
+    A category without a checkpoint gets error rows (model_id null) instead of failing the run.
+    """
+    rows: list[dict[str, Any]] = []
+    counts: dict[str, CategoryCounts] = {}
+    for path, source, size in files:
+        sample = sample_for(path, category)
+        known = checkpoints.get(sample.category)
+        meta = known[1] if known else None
+        model_id = meta.model_id if meta else None
+        tally = counts.setdefault(sample.category, CategoryCounts())
+        if model_id in scored.get(path, ()):
+            tally.skipped += 1
+            continue
+        error = None
+        if meta is None:
+            error = f"no checkpoint for category {sample.category!r} (have: {', '.join(sorted(checkpoints))})"
+        elif size > MAX_FILE_BYTES:
+            error = f"file of {size} bytes exceeds the limit of {MAX_FILE_BYTES} bytes"
+        rows.append({
+            "path": path, "source": source, "size": size, "category": sample.category, "label": sample.label,
+            "defect": sample.defect, "mask_path": sample.mask_path, "model_id": model_id,
+            "image_size": meta.image_size if meta else 0, "error": error,
+        })
+    return rows, counts
+
+
+# ---------------------------------------------------------------------------------------- Ray stages
+
+
+def decode_batch(batch: pa.Table, sources: list[tuple[pafs.FileSystem, str]]) -> pa.Table:
+    """Read and decode a block of planned files to uint8 pixels at their checkpoint's size."""
+    pixels: list[bytes | None] = []
+    errors = batch.column("error").to_pylist()
+    for i, (path, source, size) in enumerate(
+        zip(batch["path"].to_pylist(), batch["source"].to_pylist(), batch["image_size"].to_pylist())
+    ):
+        if errors[i] is not None:
+            pixels.append(None)
+            continue
+        filesystem, prefix = sources[source]
+        try:
+            with filesystem.open_input_file(path[len(prefix):]) as handle:
+                data = handle.read()
+            pixels.append(decode_image(data, size).tobytes())
+        except ImageDecodeError as exc:
+            pixels.append(None)
+            errors[i] = str(exc)
+        except OSError as exc:  # pyarrow's I/O errors: missing, vanished, unreadable files
+            pixels.append(None)
+            errors[i] = f"cannot read file: {exc}"
+    columns = {name: batch.column(name) for name in _DECODED_SCHEMA.names if name not in ("error", "pixels")}
+    return pa.table({**columns, "error": errors, "pixels": pixels}, schema=_DECODED_SCHEMA)
+
+
+class Scorer:
+    """A scoring actor: one teacher per backbone, students loaded on first use, maps encoded here."""
+
+    def __init__(
+        self,
+        checkpoints: dict[str, str],
+        map_size: int,
+        device: str,
+        threads: int,
+        output: OutputFolder,
+        staging: str,
+    ) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.folders = checkpoints
+        self.map_size = map_size
+        self.device = device
+        self.models: dict[str, tuple[Any, CheckpointMeta]] = {}
+        self.teachers: dict[tuple, Any] = {}
+        self.output, self.staging = output, staging
+        self.record = {
+            "host": socket.gethostname(), "pid": os.getpid(), "device": device,
+            "started_at": datetime.now(timezone.utc).isoformat(), "batches": 0, "rows": 0,
+        }
+        self.output.record_worker(staging, self.record)
+
+    def _model(self, category: str) -> tuple[Any, CheckpointMeta]:
+        if category not in self.models:
+            from stfpm_ray.checkpoint import load_checkpoint, read_meta
+            from stfpm_ray.teacher import load_teacher
+
+            meta = read_meta(self.folders[category])
+            key = (meta.backbone, tuple(meta.layers), meta.teacher_source)
+            if key not in self.teachers:
+                self.teachers[key] = load_teacher(*key)
+            self.models[category] = load_checkpoint(self.folders[category], self.teachers[key], self.device)
+        return self.models[category]
+
+    def _score(self, category: str, pixels: list[bytes], size: int) -> list[tuple[float, float, bool, bytes, float]]:
+        import torch
+        import torch.nn.functional as F
+
+        from stfpm_ray.mapcodec import encode_map
+
+        model, meta = self._model(category)
+        images = np.stack([np.frombuffer(p, dtype=np.uint8).reshape(size, size, 3) for p in pixels])
+        batch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)
+        maps, scores = model.predict(batch)
+        small = F.interpolate(maps.unsqueeze(1), size=(self.map_size, self.map_size), mode="area").squeeze(1)
+        results = []
+        for score, anomaly_map in zip(scores.float().cpu().tolist(), small.float().cpu().numpy()):
+            png, scale = encode_map(anomaly_map)
+            results.append((score, meta.normalize(score), score > meta.threshold, png, scale))
+        return results
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, row in enumerate(rows):
+            if row["error"] is None:
+                groups.setdefault((row["category"], row["image_size"]), []).append(i)
+        scored: dict[int, tuple] = {}
+        for (category, size), index in groups.items():
+            scored.update(zip(index, self._score(category, [rows[i]["pixels"] for i in index], size)))
+        now = datetime.now(timezone.utc)
+        out: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
+        for i, row in enumerate(rows):
+            score, norm, anomalous, png, scale = scored.get(i, (None,) * 5)
+            values = {
+                **{k: row[k] for k in ("path", "category", "label", "defect", "mask_path", "model_id", "error")},
+                "score": score, "score_norm": norm, "is_anomalous": anomalous, "anomaly_map": png,
+                "map_scale": scale, "scored_at": now, "status": "ok" if i in scored else "error",
+            }
+            for name in SCHEMA.names:
+                out[name].append(values[name])
+        self.record["batches"] += 1
+        self.record["rows"] += len(rows)
+        self.output.record_worker(self.staging, self.record)
+        return pa.table(out, schema=SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+def parse_actors(text: str) -> tuple[int, int]:
+    """``N`` (a fixed pool) or ``MIN,MAX`` (autoscaling) to ``(min, max)``."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1 or values[0] > values[-1]:
+        raise ValueError(f"--actors takes N or MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
+    return values[0], values[-1]
+
+
+def actor_pool_size(
+    actors: tuple[int, int] | None, gpus_per_actor: float, cpus_per_actor: float, resources: dict[str, float]
+) -> tuple[int, int]:
+    """The pool size to use: the given one if it leaves CPU for decoding, else the largest that does."""
+    cpus = resources.get("CPU", 0.0)
+    fits_cpu = int((cpus - DECODE_CPUS) // cpus_per_actor) if cpus_per_actor > 0 else 1 << 30
+    if actors is None:
+        most = int(resources.get("GPU", 0.0) // gpus_per_actor) if gpus_per_actor > 0 else fits_cpu
+        return 1, max(1, min(most, fits_cpu))
+    if actors[1] > fits_cpu:
+        raise ValueError(
+            f"{actors[1]} actors x {cpus_per_actor} CPUs leave less than {DECODE_CPUS} of the cluster's {cpus:g} "
+            "CPUs for reading and decoding, and the dataset would hang: lower --actors or --cpus-per-actor"
+        )
+    return actors
+
+
+def _run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def decode_stage(planned: list[dict[str, Any]], sources: list[tuple[pafs.FileSystem, str]], batch_size: int):
+    """The dataset of decoded images: a block of ``batch_size`` planned files per read-and-decode task."""
+    import ray
+
+    # Blocks are built separately: a sliced Arrow table would pickle its whole parent buffer.
+    blocks = [pa.Table.from_pylist(planned[i : i + batch_size], _PLAN_SCHEMA) for i in range(0, len(planned), batch_size)]
+    return ray.data.from_arrow(blocks).map_batches(
+        decode_batch,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs={"sources": sources},
+        num_cpus=DECODE_CPUS,
+        udf_modifying_row_count=False,
+    )
+
+
+def _run_pipeline(
+    planned: list[dict[str, Any]],
+    sources: list[tuple[pafs.FileSystem, str]],
+    checkpoints: dict[str, tuple[str, CheckpointMeta]],
+    output: OutputFolder,
+    staging: str,
+    batch_size: int,
+    pool: tuple[int, int],
+    gpus_per_actor: float,
+    cpus_per_actor: float,
+    map_size: int,
+) -> None:
+    import ray
+
+    dataset = decode_stage(planned, sources, batch_size).map_batches(
+        Scorer,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]),
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor or None,
+        fn_constructor_kwargs={
+            "checkpoints": {name: folder for name, (folder, _) in checkpoints.items()},
+            "map_size": map_size,
+            "device": "cuda" if gpus_per_actor > 0 else "cpu",
+            "threads": max(1, round(cpus_per_actor)),
+            "output": output,
+            "staging": staging,
+        },
+        udf_modifying_row_count=False,
+    )
+    dataset.write_parquet(staging, filesystem=output.fs, min_rows_per_file=ROWS_PER_FILE)
+
+
+def score_images(
+    checkpoints: str | Path,
+    inputs: str | Sequence[str],
+    out_dir: str | Path,
+    category: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    actors: tuple[int, int] | None = None,
+    gpus_per_actor: float = 0.0,
+    cpus_per_actor: float = 1.0,
+    map_size: int = DEFAULT_MAP_SIZE,
+    incremental: bool = False,
+    overwrite: bool = False,
+    progress: Progress = print,
+) -> ScoreSummary:
+    """Score every image under ``inputs`` into the Parquet dataset ``out_dir``; see the module docstring.
+
+    ``actors`` is ``(min, max)`` (None: 1 to what the cluster holds while leaving a CPU for decoding).
+    Connects to Ray with :func:`stfpm_ray.ray_session.init_ray` if it is not initialised yet.
+    """
+    started = time.time()
+    if batch_size < 1 or map_size < 8 or gpus_per_actor < 0 or cpus_per_actor <= 0:
+        raise ValueError("batch size must be >= 1, map size >= 8, GPUs per actor >= 0 and CPUs per actor > 0")
+    inputs = [inputs] if isinstance(inputs, str) else [str(i) for i in inputs]
+    found = find_checkpoints(checkpoints)
+    if category is not None and category not in found:
+        raise ValueError(f"no checkpoint for category {category!r} under {checkpoints} (have: {', '.join(sorted(found))})")
+    output = OutputFolder(str(out_dir))
+    output.recover(progress)
+    existing = output.check_mode(incremental, overwrite)
+    files, sources = list_images(inputs)
+    if not files:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(inputs)}")
+    planned, counts = plan(files, found, category, output.scored_keys() if incremental else {})
+    if all(name not in found for name in counts):
+        raise ValueError(
+            f"none of the {len(files)} images belongs to a category with a checkpoint ({', '.join(sorted(found))}); "
+            "for a plain folder of images pass --category"
+        )
+    run_id = _run_id()
+    summary = ScoreSummary(run_id=run_id, out_dir=str(out_dir), counts=counts)
+    skipped = sum(c.skipped for c in counts.values())
+    if not planned:
+        summary.seconds = time.time() - started
+        progress(f"nothing new to score: all {skipped} images already have rows for their models; nothing written")
+        return summary
+    progress(f"{len(files)} images: {len(planned)} to score, {skipped} already scored (skipped)")
+
+    from stfpm_ray.ray_session import init_ray
+
+    init_ray()
+    import ray
+
+    pool = actor_pool_size(actors, gpus_per_actor, cpus_per_actor, ray.cluster_resources())
+    progress(f"run {run_id}: {pool[0]}-{pool[1]} scoring actors, batch size {batch_size}, maps {map_size} px")
+    staging = output.start_staging(run_id)
+    try:
+        _run_pipeline(planned, sources, found, output, staging, batch_size, pool, gpus_per_actor, cpus_per_actor, map_size)
+        staged = output.read_staging(staging)
+        _check_staged(staged.index, planned)
+        for name, tally in counts_by_category(staged.index).items():
+            counts[name].ok, counts[name].error = tally["ok"], tally["error"]
+        summary.seconds = time.time() - started
+        manifest = {
+            "run_id": run_id,
+            "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+            "finished_at": datetime.now(timezone.utc).isoformat(),
+            "seconds": round(summary.seconds, 3),
+            "mode": "incremental" if incremental else "overwrite" if overwrite else "plain",
+            "inputs": inputs,
+            "checkpoints": str(checkpoints),
+            "model_ids": {name: meta.model_id for name, (_, meta) in sorted(found.items())},
+            "map_size": map_size,
+            "batch_size": batch_size,
+            "rows": staged.index.num_rows,
+            "counts": {name: vars(c) for name, c in sorted(counts.items())},
+            "workers": output.worker_records(staging),
+        }
+        summary.manifest = output.commit(run_id, staged, manifest, existing if overwrite else [])
+    except BaseException:
+        output.discard(staging)
+        raise
+    summary.rows_written, summary.files_written = staged.index.num_rows, len(staged.files)
+    progress(f"wrote {summary.rows_written} rows in {summary.files_written} files to {out_dir} ({summary.seconds:.1f} s)")
+    return summary
+
+
+def _check_staged(index: pa.Table, planned: list[dict[str, Any]]) -> None:
+    """Refuse to commit unless every planned image has exactly one staged row."""
+    duplicates = duplicated_paths(index)
+    missing = {row["path"] for row in planned} - set(index["path"].to_pylist())
+    if duplicates or missing or index.num_rows != len(planned):
+        raise RuntimeError(
+            f"staged output has {index.num_rows} rows for {len(planned)} images "
+            f"({len(duplicates)} paths twice, {len(missing)} missing, e.g. {(duplicates or sorted(missing))[:2]}); "
+            "nothing was committed"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoints", required=True, metavar="CKPT_DIR", help="folder of <category>/ checkpoints")
+    parser.add_argument(
+        "--input", required=True, nargs="+", metavar="PATH_OR_URI",
+        help="image folders or files, local or s3://, gs:// (an MVTec-layout root routes images to categories)",
+    )
+    parser.add_argument("--out", required=True, metavar="OUT_DIR", help="Parquet dataset folder (local or URI)")
+    parser.add_argument("--category", help="score every input image with this category's model (plain archives)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per model batch")
+    parser.add_argument(
+        "--actors", type=parse_actors, metavar="N|MIN,MAX",
+        help="scoring actors (default: 1 up to the GPUs, or CPUs - 1 without GPUs)",
+    )
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per scoring actor (0: CPU)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor")
+    parser.add_argument(
+        "--map-size", type=int, default=DEFAULT_MAP_SIZE, help="stored anomaly map side in pixels (default 128)"
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--incremental", action="store_true",
+        help="nightly mode: skip images that already have a row for their model, append the rest",
+    )
+    mode.add_argument("--overwrite", action="store_true", help="replace the dataset already in OUT_DIR")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.address:
+        from stfpm_ray.ray_session import init_ray
+
+        init_ray(args.address)
+    summary = score_images(
+        args.checkpoints, args.input, args.out, category=args.category, batch_size=args.batch_size,
+        actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
+        map_size=args.map_size, incremental=args.incremental, overwrite=args.overwrite,
+    )
+    print(summary.table())
+    return 0

@@ -1,0 +1,350 @@
+"""Distributed scoring: every image exactly once, core-equal scores, incremental and atomic output, restarts."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from stfpm_ray import cli, ray_score
+from stfpm_ray.checkpoint import load_checkpoint, save_checkpoint
+from stfpm_ray.fit import TrainConfig, fit_category
+from stfpm_ray.images import load_image
+from stfpm_ray.mvtec import discover_categories, sample_for
+from stfpm_ray.score_output import COMMIT_FILE, SCHEMA, OutputFolder
+from stfpm_ray.teacher import load_teacher
+
+QUIET = lambda message: None  # noqa: E731
+
+
+def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _png_bomb(side: int) -> bytes:
+    """A valid PNG header claiming side x side pixels: tiny file, 30 GB if decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _odd_files() -> dict[str, tuple[bytes, str | None]]:
+    """File name -> (content, expected error fragment or None when it must score)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)
+    gradient = np.tile(np.linspace(0, 255, 96, dtype=np.uint8), (80, 1))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    valid = _encode(Image.fromarray(rgb))
+    return {
+        "zero.png": (b"", "empty"),
+        "truncated.png": (valid[: len(valid) // 2], "corrupt or truncated"),
+        "text.png": (b"this is a text file, not an image\n", "not a readable image"),
+        "bomb.png": (_png_bomb(100_000), "decompression bomb"),
+        "sixteen.png": (_encode(Image.fromarray((gradient.astype(np.uint16) * 257))), None),
+        "gray.png": (_encode(Image.fromarray(gradient)), None),
+        "rgba.png": (_encode(Image.fromarray(np.dstack([rgb, gradient]))), None),
+        "palette.png": (_encode(Image.fromarray(rgb).convert("P")), None),
+        "cmyk.jpg": (_encode(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=90), None),
+        "exif.jpg": (_encode(Image.fromarray(rgb), "JPEG", quality=90, exif=exif), None),
+        "UPPER.PNG": (valid, None),
+        "plain.bmp": (_encode(Image.fromarray(rgb), "BMP"), None),
+        "plain.tif": (_encode(Image.fromarray(rgb), "TIFF"), None),
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synth_root) -> tuple[Path, list[str]]:
+    """Checkpoints for the first two synthetic categories; the third is left without one on purpose."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    categories = discover_categories(synth_root)
+    config = TrainConfig(image_size=64, epochs=2, batch_size=8, weights="offline")
+    teacher = load_teacher(config.backbone, config.layers, config.weights)
+    for name in categories[:2]:
+        model, meta = fit_category(synth_root, name, config, teacher=teacher)
+        save_checkpoint(folder / name, model.student, meta)
+    return folder, categories
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, synth_root, trained) -> Path:
+    """A copy of the synthetic MVTec root with odd files among the first category's good test images."""
+    root = tmp_path_factory.mktemp("archive") / "mvtec"
+    shutil.copytree(synth_root, root)
+    good = root / trained[1][0] / "test" / "good"
+    for name, (content, _) in _odd_files().items():
+        (good / name).write_bytes(content)
+    (good / "notes.txt").write_text("not an image extension: never listed")
+    (good / ".hidden.png").write_bytes(_odd_files()["UPPER.PNG"][0])
+    return root
+
+
+def _listed(root: Path) -> set[str]:
+    return {
+        str(p) for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in {".png", ".jpg", ".bmp", ".tif"}
+        and not p.name.startswith(".") and p.parts[-3] != "ground_truth"
+    }
+
+
+def _plain_folder(target: Path, synth_root: Path, category: str, count: int, start: int = 0) -> list[Path]:
+    """``count`` images of ``category`` under distinct names in one flat folder (a plain archive)."""
+    target.mkdir(parents=True, exist_ok=True)
+    sources = sorted((synth_root / category).rglob("test/*/*.png")) + sorted((synth_root / category).rglob("train/good/*.png"))
+    made = []
+    for i in range(start, start + count):
+        made.append(target / f"img_{i:03d}.png")
+        shutil.copy(sources[i % len(sources)], made[-1])
+    return made
+
+
+@pytest.fixture(scope="module")
+def archive_run(ray_session, trained, archive, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scores") / "out"
+    summary = ray_score.score_images(trained[0], str(archive), out, batch_size=8, progress=QUIET)
+    return out, summary
+
+
+def test_every_image_exactly_once_and_odd_files(archive_run, archive, trained):
+    out, summary = archive_run
+    table = pq.read_table(out)
+    frame = pd.read_parquet(out)
+    assert len(frame) == table.num_rows == summary.rows_written
+    assert table.schema.remove_metadata() == SCHEMA
+    paths = frame["path"].tolist()
+    assert len(paths) == len(set(paths)) and set(paths) == _listed(archive)
+    by_name = frame.set_index("path")
+    good = archive / trained[1][0] / "test" / "good"
+    for name, (_, error) in _odd_files().items():
+        row = by_name.loc[str(good / name)]
+        if error is None:
+            assert row.status == "ok" and row.score > 0 and row.anomaly_map is not None, name
+        else:
+            assert row.status == "error" and error in row.error and pd.isna(row.score), (name, row.error)
+            assert row.anomaly_map is None and pd.isna(row.map_scale)
+    unserved = frame[frame.category == trained[1][2]]
+    assert len(unserved) > 0 and (unserved.status == "error").all()
+    assert unserved.error.str.contains("no checkpoint").all() and unserved.model_id.isna().all()
+    served = frame[frame.category.isin(trained[1][:2])]
+    assert (served.status == "ok").sum() == len(served) - 4  # the four unreadable files
+    counts = summary.counts[trained[1][0]]
+    assert (counts.ok, counts.error, counts.skipped) == ((frame.category == trained[1][0]).sum() - 4, 4, 0)
+    # MVTec routing: label, defect and mask as the layout says
+    for row in table.select(["path", "category", "label", "defect", "mask_path"]).to_pylist():
+        sample = sample_for(row["path"])
+        assert row == {**vars(sample), "path": row["path"]}
+    assert sum(row["mask_path"] is not None for row in table.select(["mask_path"]).to_pylist()) > 0
+
+
+def test_scores_equal_core_predict(archive_run, trained):
+    out, _ = archive_run
+    frame = pd.read_parquet(out)
+    for category in trained[1][:2]:
+        model, meta = load_checkpoint(trained[0] / category)
+        rows = frame[(frame.category == category) & (frame.status == "ok")]
+        images = torch.from_numpy(np.stack([load_image(p, meta.image_size) for p in rows.path])).permute(0, 3, 1, 2)
+        maps, scores = model.predict(images)
+        np.testing.assert_allclose(rows.score.to_numpy(), scores.numpy(), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(rows.score_norm.to_numpy(), scores.numpy() / meta.threshold, rtol=1e-4)
+        decided = rows.is_anomalous.to_numpy(dtype=bool)
+        assert (decided == (rows.score.to_numpy() > meta.threshold)).all()
+        clear = np.abs(scores.numpy() - meta.threshold) > 1e-4 * meta.threshold  # validation images sit on it
+        assert (decided[clear] == (scores.numpy() > meta.threshold)[clear]).all()
+        assert set(rows.model_id) == {meta.model_id}
+
+
+def test_docstring_lines_decode_the_map(archive_run, trained):
+    out, _ = archive_run
+    lines = re.search(r"decode one anomaly map\)::\n\n((?:    .+\n)+)", ray_score.__doc__).group(1)
+    assert len(lines.splitlines()) == 5
+    scope = {"OUT_DIR": str(out)}
+    exec(re.sub(r"(?m)^    ", "", lines), scope)  # noqa: S102 - the documented lines, run as written
+    anomaly_map, row = scope["anomaly_map"], scope["row"]
+    assert anomaly_map.shape == (ray_score.DEFAULT_MAP_SIZE,) * 2 and anomaly_map.dtype == np.float32
+    model, meta = load_checkpoint(trained[0] / row.category)
+    image = torch.from_numpy(load_image(row.path, meta.image_size)).permute(2, 0, 1)[None]
+    full, score = model.predict(image)
+    expected = F.interpolate(full[:, None], size=anomaly_map.shape, mode="area")[0, 0].numpy()
+    np.testing.assert_allclose(anomaly_map, expected, atol=float(row.map_scale) / 65535 + 1e-7)
+    assert anomaly_map.max() == pytest.approx(row.map_scale, rel=1e-6) and row.map_scale <= row.score * (1 + 1e-5)
+
+
+def test_rows_stay_small_and_manifest_describes_the_run(archive_run):
+    out, summary = archive_run
+    data = sorted(out.glob("*.parquet"))
+    assert summary.files_written == len(data) and all(p.name.startswith(summary.run_id) for p in data)
+    assert sum(p.stat().st_size for p in data) / summary.rows_written <= 40_000
+    assert [p.name for p in out.iterdir() if p.name.startswith("_")] == ["_manifests"]
+    manifest = json.loads(Path(summary.manifest).read_text())
+    assert manifest["rows"] == summary.rows_written and manifest["mode"] == "plain"
+    assert sum(f["rows"] for f in manifest["files"]) == summary.rows_written
+    assert {w["pid"] for w in manifest["workers"]} and all(w["rows"] > 0 for w in manifest["workers"])
+
+
+def test_incremental_overwrite_and_refusal(ray_session, trained, synth_root, tmp_path, capsys):
+    category = trained[1][0]
+    inputs, out = tmp_path / "inbox", tmp_path / "out"
+    first = _plain_folder(inputs, synth_root, category, 6)
+    base = ["score", "--checkpoints", str(trained[0]), "--input", str(inputs), "--out", str(out), "--category", category]
+    assert cli.main([*base, "--batch-size", "4"]) == 0
+    assert f"{category}" in capsys.readouterr().out
+
+    assert cli.main(base) == 2  # plain rerun into a non-empty folder is refused
+    assert "--incremental" in capsys.readouterr().err
+
+    new = _plain_folder(inputs, synth_root, category, 3, start=6)
+    summary = ray_score.score_images(trained[0], str(inputs), out, category=category, incremental=True, progress=QUIET)
+    assert (summary.rows_written, summary.counts[category].skipped, summary.counts[category].ok) == (3, 6, 3)
+    frame = pd.read_parquet(out)
+    assert sorted(frame.path) == sorted(map(str, first + new)) and len(list(out.glob("*.parquet"))) == 2
+
+    before = sorted(p.name for p in out.rglob("*"))
+    assert cli.main([*base, "--incremental"]) == 0
+    assert "nothing new to score" in capsys.readouterr().out
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing written, not even a manifest
+
+    # a changed model (new model_id) rescores everything and keeps one row per path and model
+    changed = tmp_path / "ckpt2" / category
+    shutil.copytree(trained[0] / category, changed)
+    meta = json.loads((changed / "stfpm.json").read_text())
+    (changed / "stfpm.json").write_text(json.dumps({**meta, "model_id": "retrained"}))
+    summary = ray_score.score_images(changed.parent, str(inputs), out, category=category, incremental=True, progress=QUIET)
+    assert summary.rows_written == 9
+    frame = pd.read_parquet(out)
+    assert len(frame) == 18 and not frame.duplicated(["path", "model_id"]).any()
+
+    summary = ray_score.score_images(trained[0], str(inputs), out, category=category, overwrite=True, progress=QUIET)
+    assert len(pd.read_parquet(out)) == 9 and len(list(out.glob("*.parquet"))) == summary.files_written
+    assert [p.stem for p in (out / "_manifests").iterdir()] == [summary.run_id]
+
+
+def test_failure_before_commit_leaves_output_untouched(ray_session, trained, synth_root, tmp_path, monkeypatch):
+    category = trained[1][0]
+    inputs, out = tmp_path / "inbox", tmp_path / "out"
+    _plain_folder(inputs, synth_root, category, 4)
+    ray_score.score_images(trained[0], str(inputs), out, category=category, progress=QUIET)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    _plain_folder(inputs, synth_root, category, 4, start=4)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("injected failure before commit")
+
+    monkeypatch.setattr(OutputFolder, "commit", crash)
+    with pytest.raises(RuntimeError, match="injected"):
+        ray_score.score_images(trained[0], str(inputs), out, category=category, incremental=True, progress=QUIET)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert len(pd.read_parquet(out)) == 4
+
+
+def _staged_run(output: OutputFolder, run_id: str, rows: int) -> None:
+    """Stage two Parquet files (rows + 1 rows) as a run would, without committing them."""
+    staging = Path(output.start_staging(run_id))
+    columns = {field.name: pa.nulls(rows, field.type) for field in SCHEMA}
+    columns["path"] = pa.array([f"/x/{run_id}/{i}.png" for i in range(rows)], pa.string())
+    table = pa.table(columns, schema=SCHEMA)
+    pq.write_table(table, staging / "part-0.parquet")
+    pq.write_table(table.slice(0, 1), staging / "part-1.parquet")
+
+
+def test_recovery_of_killed_runs(tmp_path):
+    """A run killed before its commit leaves a staging folder that the next run deletes; one killed during
+    its commit (intent written, some files moved) is finished by the next run."""
+    out = tmp_path / "out"
+    output = OutputFolder(str(out))
+    _staged_run(output, "run-a", 3)
+    assert output.data_files() == []
+    output.recover(QUIET)
+    assert not list(out.iterdir())
+
+    _staged_run(output, "run-b", 3)
+    staging = out / "_staging-run-b"
+    staged = output.read_staging(str(staging))
+    assert staged.rows_per_file == [3, 1]
+    moves = [[src, str(out / f"run-b-{i:05d}.parquet")] for i, src in enumerate(staged.files)]
+    intent = {"moves": moves, "delete": [], "manifest": {"rows": 4}, "run_id": "run-b"}
+    (staging / COMMIT_FILE).write_text(json.dumps(intent))
+    os.replace(moves[0][0], moves[0][1])  # killed after the first move
+    output.recover(QUIET)
+    assert sorted(p.name for p in out.iterdir()) == ["_manifests", "run-b-00000.parquet", "run-b-00001.parquet"]
+    assert len(pd.read_parquet(out)) == 4
+    assert json.loads((out / "_manifests" / "run-b.json").read_text()) == {"rows": 4}
+
+
+def test_foreign_files_and_bad_arguments_are_refused(tmp_path, trained):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not scoring output"):
+        OutputFolder(str(tmp_path)).check_mode(incremental=False, overwrite=True)
+    with pytest.raises(ValueError, match="N or MIN,MAX"):
+        ray_score.parse_actors("0")
+    assert ray_score.parse_actors("2,4") == (2, 4)
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        ray_score.score_images(tmp_path, str(tmp_path), tmp_path / "o", progress=QUIET)
+    with pytest.raises(ValueError, match="no checkpoint for category"):
+        ray_score.score_images(trained[0], str(tmp_path), tmp_path / "o", category="nope", progress=QUIET)
+    # a pool that would take every CPU is refused instead of hanging the dataset
+    with pytest.raises(ValueError, match="would hang"):
+        ray_score.actor_pool_size((2, 2), 0.0, 1.0, {"CPU": 2.0})
+    assert ray_score.actor_pool_size(None, 0.0, 1.0, {"CPU": 2.0}) == (1, 1)
+    assert ray_score.actor_pool_size(None, 1.0, 1.0, {"CPU": 16.0, "GPU": 4.0}) == (1, 4)
+
+
+def test_killed_scoring_actor_loses_and_duplicates_nothing(ray_session, trained, tmp_path):
+    """SIGKILL the scoring actor after its first batch: Ray restarts it, every image is written once."""
+    category = trained[1][0]
+    inputs, out = tmp_path / "inbox", tmp_path / "out"
+    # the same student run at 256 px is slow enough on CPU that the run outlives the kill
+    slow = tmp_path / "ckpt" / category
+    shutil.copytree(trained[0] / category, slow)
+    meta = json.loads((slow / "stfpm.json").read_text())
+    (slow / "stfpm.json").write_text(json.dumps({**meta, "image_size": 256}))
+    inputs.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(inputs / f"{i:02d}.png")
+    result: dict = {}
+    worker = threading.Thread(
+        target=lambda: result.update(
+            summary=ray_score.score_images(slow.parent, str(inputs), out, category=category, batch_size=2, progress=QUIET)
+        )
+    )
+    worker.start()
+    killed = None
+    deadline = time.time() + 180
+    while killed is None and time.time() < deadline and worker.is_alive():
+        for record in out.glob("_staging-*/_workers/*.json"):
+            try:
+                info = json.loads(record.read_text())
+            except (OSError, ValueError):  # being replaced right now
+                continue
+            if info["rows"] > 0:
+                os.kill(info["pid"], signal.SIGKILL)
+                killed = info["pid"]
+                break
+        time.sleep(0.05)
+    worker.join(timeout=300)
+    assert killed is not None, "the run finished before its actor could be killed"
+    frame = pd.read_parquet(out)
+    assert sorted(frame.path) == sorted(str(p) for p in inputs.iterdir()) and (frame.status == "ok").all()
+    workers = json.loads(Path(result["summary"].manifest).read_text())["workers"]
+    assert killed in {w["pid"] for w in workers} and len(workers) >= 2  # a restarted process took over

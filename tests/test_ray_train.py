@@ -1,0 +1,159 @@
+"""Ray Train over categories: concurrency, checkpoints, quality, fault tolerance, determinism, refusals.
+
+Every training here is tiny (64 px, batch 8), but each Ray Train run still pays for starting its
+processes, so the runs are shared: one module fixture trains two categories side by side, and the
+failure test retrains one of them to check determinism.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stfpm_ray import cli
+from stfpm_ray.checkpoint import load_checkpoint
+from stfpm_ray.fit import TrainConfig
+from stfpm_ray.images import load_image
+from stfpm_ray.metrics import image_auroc
+from stfpm_ray.mvtec import test_samples
+from stfpm_ray.ray_train import RUN_FILE, train_categories
+
+# The synthetic "tiles" defects are too small to separate at 64 px; "grain" and "weave" are not.
+PAIR = ["grain", "weave"]
+CONFIG = TrainConfig(weights="offline", image_size=64, batch_size=8, epochs=20, seed=3)
+TINY = ["--weights", "offline", "--image-size", "64", "--batch-size", "8", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def pair_run(ray_session, synth_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    lines: list[str] = []
+    results = train_categories(synth_root, PAIR, out, CONFIG, cpus_per_worker=1, progress=lines.append)
+    return out, results, lines
+
+
+def _scores(folder: Path, root: Path, category: str) -> tuple[np.ndarray, np.ndarray]:
+    model, meta = load_checkpoint(folder)
+    samples = test_samples(root, category)
+    images = torch.from_numpy(np.stack([load_image(s.path, meta.image_size) for s in samples])).permute(0, 3, 1, 2)
+    return np.array([s.label for s in samples]), model.predict(images.contiguous())[1].numpy()
+
+
+def test_categories_train_concurrently_into_loadable_checkpoints_that_separate_defects(pair_run, synth_root):
+    out, results, lines = pair_run
+    assert [r.category for r in results] == PAIR
+    assert all(r.ok and r.status == "trained" and r.epochs == CONFIG.epochs for r in results), results
+    first, second = results
+    assert first.started_at < second.finished_at and second.started_at < first.finished_at, "no overlap"
+    for result in results:
+        assert 1 <= result.best_epoch <= CONFIG.epochs and result.threshold > 0 and result.images_per_s > 0
+        folder = Path(result.checkpoint_dir)
+        assert folder == out / result.category
+        assert sorted(p.name for p in folder.iterdir()) == ["stfpm.json", "student.safetensors"]
+        labels, scores = _scores(folder, synth_root, result.category)
+        assert image_auroc(labels, scores) >= 0.9, result.category
+    assert any(re.match(rf"\[grain\] epoch 3/{CONFIG.epochs} train_loss=\S+ val_loss=\S+ best=\S+ \S+ img/s", line)
+               for line in lines)
+    assert "best val loss" in lines[-1] and lines[-1].count("trained") == 2
+    # Ray Train run state lives in a '_'-prefixed folder, so readers of CKPT_DIR skip it.
+    assert sorted(p.name for p in out.iterdir()) == ["_ray", RUN_FILE, *PAIR]
+
+
+def test_failed_category_does_not_stop_the_other_and_training_is_deterministic(pair_run, synth_root, tmp_path,
+                                                                               capsys):
+    root = tmp_path / "data"
+    shutil.copytree(synth_root / "grain", root / "grain")
+    (root / "broken" / "train" / "good").mkdir(parents=True)
+    (root / "broken" / "train" / "good" / "a.png").write_bytes(b"not an image")
+    out = tmp_path / "ckpt"
+    args = ["train", "--data", str(root), "--out", str(out), "--weights", "offline", "--image-size", "64",
+            "--batch-size", "8", "--epochs", str(CONFIG.epochs), "--seed", str(CONFIG.seed)]
+    assert cli.main(args) == 1
+    printed = capsys.readouterr().out
+    assert re.search(r"broken .*failed: DatasetError: none of 1 images could be read", printed), printed
+    assert (out / "grain" / "stfpm.json").is_file() and not (out / "broken").exists()
+    # Same seed, data and machine: the same validation loss as the grain of the concurrent run.
+    again = json.loads((out / "grain" / "stfpm.json").read_text())["training"]["best_val_loss"]
+    before = next(r for r in pair_run[1] if r.category == "grain").best_val_loss
+    assert again == pytest.approx(before, abs=1e-4)
+
+    # --resume with other settings is refused; with the same ones it keeps grain and retries broken.
+    assert cli.main([*args[:-2], "--seed", "9", "--resume"]) == 2
+    assert "seed" in capsys.readouterr().err
+    shutil.copytree(synth_root / "weave" / "train", root / "broken" / "train", dirs_exist_ok=True)
+    (root / "broken" / "train" / "good" / "a.png").unlink()
+    assert cli.main([*args, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "[grain] already complete" in printed and "[grain] epoch" not in printed
+    assert (out / "broken" / "stfpm.json").is_file()
+
+
+def _train_worker_pids() -> list[int]:
+    """Ray Train worker processes started by this test process's Ray instance (not other sessions')."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            pid, ancestors = int(entry.name), set()
+            parent = pid
+            while parent > 1 and len(ancestors) < 64:
+                parent = int((Path("/proc") / str(parent) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                ancestors.add(parent)
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"RayTrainWorker" in cmdline and os.getpid() in ancestors:
+            found.append(pid)
+    return found
+
+
+def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, synth_root, tmp_path):
+    config = TrainConfig(weights="offline", image_size=64, batch_size=8, epochs=12, seed=0)
+    killed: list[int] = []
+    lines: list[str] = []
+
+    def progress(line: str) -> None:
+        lines.append(line)
+        match = re.match(r"\[grain\] epoch (\d+)/", line)
+        if match and int(match.group(1)) >= 2 and not killed:
+            killed.extend(_train_worker_pids())
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+
+    [result] = train_categories(synth_root, ["grain"], tmp_path / "ckpt", config, progress=progress)
+    assert len(killed) == 1, lines
+    assert result.ok and result.epochs == 12, result
+    resumed = [int(m.group(1)) for line in lines if (m := re.search(r"resuming after epoch (\d+)", line))]
+    assert len(resumed) == 1 and 2 <= resumed[0] < 12, lines
+    epochs = [int(m.group(1)) for line in lines if (m := re.match(r"\[grain\] epoch (\d+)/", line))]
+    assert epochs.count(1) == 1 and epochs[-1] == 12, epochs  # continued, never restarted from 0
+    model, meta = load_checkpoint(result.checkpoint_dir)
+    assert meta.training["epochs"] == 12 and meta.threshold == pytest.approx(result.threshold)
+
+
+def test_refuses_a_non_empty_output_folder_without_resume_or_overwrite(synth_root, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    (out / "grain").mkdir(parents=True)
+    (out / RUN_FILE).write_text(json.dumps({"run_id": "x", "storage_path": str(out / "_ray"), "identity": {}}))
+    base = ["train", "--data", str(synth_root), "--out", str(out), *TINY]
+    assert cli.main(base) == 2
+    assert "--resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse rejects the two together
+        cli.main([*base, "--resume", "--overwrite"])
+    capsys.readouterr()
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert cli.main(["train", "--data", str(synth_root), "--out", str(foreign), *TINY, "--overwrite"]) == 2
+    assert "not written by" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "mine"
