@@ -92,7 +92,7 @@ def seed_approach(paths: list[Path], ckpt: Path) -> None:
             return len(paths)
 
         def __getitem__(self, index: int) -> torch.Tensor:
-            return torch.from_numpy(load_image(paths[index], meta.image_size)).permute(2, 0, 1)
+            return torch.from_numpy(np.array(load_image(paths[index], meta.image_size))).permute(2, 0, 1)
 
     maps = []
     for image in torch.utils.data.DataLoader(Images(), batch_size=1, shuffle=False):
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256, help="model input size")
     parser.add_argument("--batch-size", type=int, default=ray_score.DEFAULT_BATCH_SIZE)
     parser.add_argument("--map-size", type=int, default=ray_score.DEFAULT_MAP_SIZE)
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="as `stfpm-ray score --cpus-per-actor`")
     args = parser.parse_args()
 
     import ray
@@ -140,7 +141,7 @@ def main() -> None:
         rates = {
             "pipeline": timed("pipeline (files -> Parquet)", n, lambda: ray_score.score_images(
                 ckpt_dir, str(archive), out, category=category, batch_size=args.batch_size,
-                map_size=args.map_size, progress=lambda message: None,
+                map_size=args.map_size, cpus_per_actor=args.cpus_per_actor, progress=lambda message: None,
             )),
             "single": timed("single process loop", n, lambda: single_process(
                 paths, ckpt_dir / category, args.batch_size, args.map_size)),

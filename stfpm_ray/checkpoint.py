@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,9 +65,9 @@ def save_checkpoint(folder: str | Path, student: torch.nn.Module, meta: Checkpoi
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in student.state_dict().items()}
     save_file(state, str(weights), metadata={"format_version": str(FORMAT_VERSION)})
     meta.model_id = _model_id(weights, meta)
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as handle:
-        json.dump(asdict(meta), handle, indent=2, sort_keys=True)
-    os.replace(handle.name, folder / META_FILE)
+    staged = folder / f".{META_FILE}.tmp"
+    staged.write_text(json.dumps(asdict(meta), indent=2, sort_keys=True))
+    os.replace(staged, folder / META_FILE)
     return meta
 
 

@@ -1,6 +1,6 @@
 """Per-category metrics from scoring Parquet: ``stfpm-ray evaluate --scores OUT_DIR --out REPORT_DIR``.
 
-Runs on the driver alone, without Ray: the work is one sequential read of the Parquet files. Memory stays
+Runs on the driver alone, without Ray: the work is reading Parquet sequentially, twice. Memory stays
 bounded whatever the number of rows:
 
 1. the small columns (path, category, score, label, ...) of every row are read at once (a few hundred
@@ -10,6 +10,10 @@ bounded whatever the number of rows:
    histograms, 1.5 MiB). Up to ``CATEGORIES_PER_PASS`` categories share one pass, because a filter on
    ``category`` cannot skip row groups that mix categories, so a pass per category would read and
    decompress every map once per category.
+
+Measured on this project's 2-core machine: 15 categories x 1,000 maps of 256x256 (1.4 GiB of Parquet in
+15 files of mixed categories) evaluate with a peak RSS of 1.0 GiB, flat over the pass; streamed pixel AUROC
+and AUPRO differed from sklearn and :func:`~stfpm_ray.metrics.aupro_exact` by < 1e-8 on a 1,000-map category.
 
 Pixel metrics are computed at the stored map resolution (``map_size``, 128x128 by default), with masks
 reduced to it by :func:`stfpm_ray.images.load_mask`, not at the image resolution: the report says so.
@@ -44,11 +48,9 @@ N_EXAMPLES = 3
 BATCH_ROWS = 64
 # Categories sharing one streaming pass: 64 x 1.5 MiB of histograms.
 CATEGORIES_PER_PASS = 64
-# Keys of a category entry that are averaged over categories (metrics first, then their error bounds), and
-# those that are summed.
-METRIC_KEYS = (
-    "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_auroc_max_binning_error", "aupro_max_binning_error"
-)
+# Keys of a category entry that are averaged over categories (metrics, their binning error bounds) or summed.
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+BOUND_KEYS = ("pixel_auroc_max_binning_error", "aupro_max_binning_error")
 COUNT_KEYS = ("n_images", "n_good", "n_defective", "n_unlabeled", "n_errors")
 SMALL_COLUMNS = ("path", "category", "score", "label", "defect", "mask_path", "map_scale", "model_id", "status")
 REQUIRED_COLUMNS = (*SMALL_COLUMNS, "anomaly_map", "scored_at")
@@ -252,11 +254,14 @@ def category_metrics(group: CategoryRows, state: PixelPass, notes: list[str]) ->
     scores = labelled["score"].to_numpy(dtype=np.float64)
     image_auroc, (f1, threshold) = math.nan, (math.nan, math.nan)
     if len(labelled):
-        image_auroc, (f1, threshold) = metrics.image_auroc(labels, scores), metrics.f1_max(labels, scores)
+        try:
+            image_auroc, (f1, threshold) = metrics.image_auroc(labels, scores), metrics.f1_max(labels, scores)
+        except ValueError as exc:  # e.g. a NaN score in an 'ok' row: say which category
+            raise ValueError(f"{group.name}: {exc}") from None
     if len(state.map_sizes) > 1:
         raise ValueError(
             f"{group.name}: anomaly maps of several sizes {sorted(state.map_sizes)}; "
-            "pixel metrics need one resolution: rescore with a single --map-size or pass --model-id"
+            "pixel metrics need one resolution: rescore with one map size or pass --model-id"
         )
     if state.without_mask:
         notes.append(f"{group.name}: {state.without_mask} defective images without a mask left out of pixel metrics.")
@@ -287,7 +292,7 @@ def mean_metrics(per_category: dict[str, dict]) -> dict:
     """
     entries = list(per_category.values())
     mean: dict = {}
-    for key in METRIC_KEYS:
+    for key in METRIC_KEYS + BOUND_KEYS:
         values = [entry[key] for entry in entries if not math.isnan(entry[key])]
         mean[key] = float(np.mean(values)) if values else math.nan
     for key in COUNT_KEYS:
@@ -301,7 +306,7 @@ def mean_metrics(per_category: dict[str, dict]) -> dict:
 def _undefined_notes(per_category: dict[str, dict]) -> list[str]:
     notes = []
     for name, entry in per_category.items():
-        undefined = [key for key in METRIC_KEYS[:4] if math.isnan(entry[key])]
+        undefined = [key for key in METRIC_KEYS if math.isnan(entry[key])]
         if undefined:
             notes.append(
                 f"{name}: {', '.join(undefined)} undefined (they need good and defective images); "
@@ -342,7 +347,7 @@ def evaluate_scores(
                     name=group.name,
                     labels=labelled["label"].to_numpy(dtype=np.int64),
                     scores=labelled["score"].to_numpy(dtype=np.float64),
-                    examples=[state.examples[key] for key in sorted(state.examples, key=lambda k: k[0])],
+                    examples=list(state.examples.values()),
                     map_max=state.pixel.max_score,
                 )
             )

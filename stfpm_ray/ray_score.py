@@ -359,21 +359,33 @@ def parse_actors(text: str) -> tuple[int, int]:
     return values[0], values[-1]
 
 
+def _actors_argument(text: str) -> tuple[int, int]:
+    try:
+        return parse_actors(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def actor_pool_size(
-    actors: tuple[int, int] | None, gpus_per_actor: float, cpus_per_actor: float, resources: dict[str, float]
+    actors: int | tuple[int, int] | None, gpus_per_actor: float, cpus_per_actor: float, resources: dict[str, float]
 ) -> tuple[int, int]:
-    """The pool size to use: the given one if it leaves CPU for decoding, else the largest that does."""
-    cpus = resources.get("CPU", 0.0)
-    fits_cpu = int((cpus - DECODE_CPUS) // cpus_per_actor) if cpus_per_actor > 0 else 1 << 30
-    if actors is None:
-        most = int(resources.get("GPU", 0.0) // gpus_per_actor) if gpus_per_actor > 0 else fits_cpu
-        return 1, max(1, min(most, fits_cpu))
-    if actors[1] > fits_cpu:
+    """``(min, max)`` actors: the given pool, or 1 up to all that fit while a decoding task still has CPU.
+
+    A pool that leaves no CPU for reading and decoding (or asks for GPUs the cluster lacks) would hang the
+    dataset rather than fail, so it is refused here with the numbers.
+    """
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    fits = int((cpus - DECODE_CPUS) // cpus_per_actor)
+    if gpus_per_actor > 0:
+        fits = min(fits, int(gpus // gpus_per_actor))
+    pool = (1, fits) if actors is None else (actors, actors) if isinstance(actors, int) else actors
+    if fits < 1 or pool[1] > fits:
         raise ValueError(
-            f"{actors[1]} actors x {cpus_per_actor} CPUs leave less than {DECODE_CPUS} of the cluster's {cpus:g} "
-            "CPUs for reading and decoding, and the dataset would hang: lower --actors or --cpus-per-actor"
+            f"{pool[1]} scoring actors x ({cpus_per_actor:g} CPUs, {gpus_per_actor:g} GPUs) do not fit in the "
+            f"cluster's {cpus:g} CPUs and {gpus:g} GPUs with {DECODE_CPUS:g} CPU left for reading and decoding, "
+            "and the dataset would hang: lower --actors, --cpus-per-actor or --gpus-per-actor"
         )
-    return actors
+    return pool
 
 
 def _run_id() -> str:
@@ -436,7 +448,7 @@ def score_images(
     out_dir: str | Path,
     category: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    actors: tuple[int, int] | None = None,
+    actors: int | tuple[int, int] | None = None,
     gpus_per_actor: float = 0.0,
     cpus_per_actor: float = 1.0,
     map_size: int = DEFAULT_MAP_SIZE,
@@ -446,7 +458,7 @@ def score_images(
 ) -> ScoreSummary:
     """Score every image under ``inputs`` into the Parquet dataset ``out_dir``; see the module docstring.
 
-    ``actors`` is ``(min, max)`` (None: 1 to what the cluster holds while leaving a CPU for decoding).
+    ``actors`` is a fixed count or ``(min, max)``; None: 1 up to what the cluster holds next to decoding.
     Connects to Ray with :func:`stfpm_ray.ray_session.init_ray` if it is not initialised yet.
     """
     started = time.time()
@@ -541,7 +553,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--category", help="score every input image with this category's model (plain archives)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per model batch")
     parser.add_argument(
-        "--actors", type=parse_actors, metavar="N|MIN,MAX",
+        "--actors", type=_actors_argument, metavar="N|MIN,MAX",
         help="scoring actors (default: 1 up to the GPUs, or CPUs - 1 without GPUs)",
     )
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per scoring actor (0: CPU)")

@@ -298,6 +298,12 @@ def _tracker_class():
             self.rates: dict[str, list[float]] = {}
             self.last_epoch: dict[str, dict[str, Any]] = {}
 
+        def __getstate__(self) -> dict[str, Any]:
+            # Tune pickles its run config (callbacks included) for Tuner.restore; what lives only on this
+            # driver (the progress function, results so far) is left out: it may not pickle (e.g. print).
+            return {"job": self.job, "out_dir": self.out_dir, "progress": print,
+                    "results": {}, "rates": {}, "last_epoch": {}}
+
         def on_trial_start(self, iteration, trials, trial, **info) -> None:
             self.progress(f"[{trial.config['category']}] started")
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
@@ -110,6 +111,7 @@ def _json_safe(value: object) -> object:
 
 
 def metrics_json(result: dict) -> str:
+    """Strict JSON (no NaN tokens, which many JSON parsers reject): undefined metrics are null."""
     return json.dumps(_json_safe(result), indent=2, allow_nan=False) + "\n"
 
 
@@ -179,7 +181,7 @@ def _figure_data_uri(figure: Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _roc_axes(axes, detail: CategoryDetail, label: str) -> bool:
+def _roc_axes(axes: Axes, detail: CategoryDetail, label: str) -> bool:
     """Draw the image ROC of one category; False when it is undefined (one class only)."""
     fpr, tpr = roc_curve_points(detail.labels, detail.scores) if detail.labels.size else ((), ())
     if len(fpr):
@@ -190,6 +192,8 @@ def _roc_axes(axes, detail: CategoryDetail, label: str) -> bool:
 def _overview_figure(details: list[CategoryDetail], per_category: dict[str, dict]) -> str:
     figure = Figure(figsize=(7.5, 4.2), dpi=100, layout="constrained")
     axes = figure.add_subplot()
+    palette = "tab10" if len(details) <= 10 else "tab20"  # MVTec AD has 15 categories: keep colours distinct
+    axes.set_prop_cycle(color=matplotlib.colormaps[palette].colors)
     for detail in details:
         _roc_axes(axes, detail, f"{detail.name} ({_fmt(per_category[detail.name]['image_auroc'])})")
     axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)

@@ -66,7 +66,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str, str]:
     ``/abs/path``), which is what output rows record and what incremental runs match on.
     """
     if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri), ""
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)), ""
     try:
         filesystem, path = pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
@@ -100,7 +100,7 @@ class OutputFolder:
         if info.type == pafs.FileType.NotFound:
             return []
         if info.type != pafs.FileType.Directory:
-            raise NotADirectoryError(f"{self.uri if path is None else path} exists and is not a folder")
+            raise FileExistsError(f"{self.uri if path is None else path} exists and is not a folder")
         return self.fs.get_file_info(pafs.FileSelector(path or self.root))
 
     def data_files(self) -> list[str]:

@@ -237,10 +237,16 @@ class LocalCluster:
         return f"http://{self.head_ip}:{self._ports['dashboard-port']}"
 
     def env(self) -> dict[str, str]:
-        """Environment of every process that talks to the cluster: token auth, this venv first on PATH."""
+        """Environment of every process that talks to the cluster: token auth, this venv first on PATH.
+
+        ``RAY_API_SERVER_ADDRESS`` pins Ray's state-API clients inside the cluster (Ray Train's placement
+        group cleaner, for one) to this head: left to auto-detection they look for GCS processes on the
+        machine, find the other Ray instances running here, and give up.
+        """
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
         env.update(
             RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0",
+            RAY_API_SERVER_ADDRESS=self.dashboard_url,
             PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PYTHONUNBUFFERED="1",
             **FAST_HEALTH_CHECKS,
         )

@@ -303,10 +303,15 @@ def test_foreign_files_and_bad_arguments_are_refused(tmp_path, trained):
     with pytest.raises(ValueError, match="no checkpoint for category"):
         ray_score.score_images(trained[0], str(tmp_path), tmp_path / "o", category="nope", progress=QUIET)
     # a pool that would take every CPU is refused instead of hanging the dataset
-    with pytest.raises(ValueError, match="would hang"):
-        ray_score.actor_pool_size((2, 2), 0.0, 1.0, {"CPU": 2.0})
+    for actors, gpus, resources in [(2, 0.0, {"CPU": 2.0}), (None, 0.0, {"CPU": 1.0}), (None, 1.0, {"CPU": 8.0})]:
+        with pytest.raises(ValueError, match="would hang"):
+            ray_score.actor_pool_size(actors, gpus, 1.0, resources)
     assert ray_score.actor_pool_size(None, 0.0, 1.0, {"CPU": 2.0}) == (1, 1)
+    assert ray_score.actor_pool_size(None, 0.0, 1.0, {"CPU": 16.0}) == (1, 15)
     assert ray_score.actor_pool_size(None, 1.0, 1.0, {"CPU": 16.0, "GPU": 4.0}) == (1, 4)
+    assert ray_score.actor_pool_size((2, 3), 0.0, 1.0, {"CPU": 8.0}) == (2, 3)
+    with pytest.raises(SystemExit):  # argparse reports the bad value and exits with status 2
+        cli.main(["score", "--checkpoints", "c", "--input", "i", "--out", "o", "--actors", "3,1"])
 
 
 def test_killed_scoring_actor_loses_and_duplicates_nothing(ray_session, trained, tmp_path):

@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from stfpm_ray import cli
+from stfpm_ray import cli, mvtec
 from stfpm_ray.checkpoint import load_checkpoint
 from stfpm_ray.fit import TrainConfig
 from stfpm_ray.images import load_image
 from stfpm_ray.metrics import image_auroc
-from stfpm_ray.mvtec import test_samples
 from stfpm_ray.ray_train import RUN_FILE, train_categories
 
 # The synthetic "tiles" defects are too small to separate at 64 px; "grain" and "weave" are not.
@@ -42,7 +41,7 @@ def pair_run(ray_session, synth_root, tmp_path_factory):
 
 def _scores(folder: Path, root: Path, category: str) -> tuple[np.ndarray, np.ndarray]:
     model, meta = load_checkpoint(folder)
-    samples = test_samples(root, category)
+    samples = mvtec.test_samples(root, category)
     images = torch.from_numpy(np.stack([load_image(s.path, meta.image_size) for s in samples])).permute(0, 3, 1, 2)
     return np.array([s.label for s in samples]), model.predict(images.contiguous())[1].numpy()
 

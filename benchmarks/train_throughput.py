@@ -1,0 +1,127 @@
+"""Training throughput of the Ray Train layer, measured side by side on one machine and the same data.
+
+Figures:
+
+* loop images/s: epochs x training images / time of the epoch loop (train, validate, checkpoint, final
+  threshold and save; no start-up or decoding), for ``stfpm_ray.ray_train`` (one category, one worker with
+  every CPU) and for the core's plain-PyTorch loop (``StudentFitter`` alone, torch on every CPU);
+* concurrency: wall time of ``train_categories`` for N categories at once (one worker with one CPU each)
+  against one category alone with one CPU, start-up included, plus the same ratio for the loop alone.
+
+Targets: Ray Train loop >= 0.9x plain loop; N categories <= 1.25x the wall time of one (N = CPUs).
+
+    python benchmarks/train_throughput.py                           # synthetic data, a few minutes
+    python benchmarks/train_throughput.py --data ../shared/data/mvtec --categories bottle
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stfpm_ray.checkpoint import save_checkpoint
+from stfpm_ray.fit import StudentFitter, TrainConfig, build_meta, prepare_category, seed_everything, validation_scores
+from stfpm_ray.model import STFPM
+from stfpm_ray.mvtec import resolve_categories
+from stfpm_ray.ray_train import CategoryResult, train_categories
+from stfpm_ray.synth import generate_dataset
+from stfpm_ray.teacher import load_teacher
+
+
+def plain_loop(root: Path, category: str, config: TrainConfig, out: Path) -> tuple[float, int]:
+    """The core loop without Ray, timed over the same span as a Ray Train worker's; (seconds, images)."""
+    seed_everything(config.seed)
+    teacher = load_teacher(config.backbone, config.layers, config.weights)
+    train, val, _ = prepare_category(root, category, config)
+    model = STFPM(teacher, config.backbone, config.layers, seed=config.seed)
+    fitter = StudentFitter(model, config, train, val)
+    started = time.perf_counter()
+    for _ in range(config.epochs):
+        fitter.train_epoch()
+        fitter.validate()
+        torch.save(fitter.state_dict(), out / "state.pt")  # what the Ray loop checkpoints every epoch
+    fitter.restore_best()
+    meta = build_meta(category, config, teacher, fitter, validation_scores(model, val, config.batch_size), {})
+    save_checkpoint(out / category, model.student, meta)
+    return time.perf_counter() - started, config.epochs * len(train)
+
+
+def ray_run(root: Path, categories: list[str], config: TrainConfig, out: Path, cpus: float) -> tuple[float, list[CategoryResult]]:
+    started = time.perf_counter()
+    results = train_categories(root, categories, out, config, cpus_per_worker=cpus, progress=lambda line: None)
+    failed = [f"{r.category}: {r.error}" for r in results if not r.ok]
+    if failed:
+        raise SystemExit(f"training failed: {failed}")
+    return time.perf_counter() - started, results
+
+
+def loop_span(results: list[CategoryResult]) -> float:
+    """From the first worker's loop start to the last one's final checkpoint."""
+    return max(r.finished_at for r in results) - min(r.started_at for r in results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="MVTec-layout root (default: synthetic categories)")
+    parser.add_argument("--categories", default=None, help="comma-separated; default: the first N of --data")
+    parser.add_argument("--concurrent", type=int, default=os.cpu_count(), help="N (default: CPU count)")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--train-images", type=int, default=80, help="per synthetic category")
+    args = parser.parse_args()
+    cpus = os.cpu_count() or 1
+
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    work = Path(tempfile.mkdtemp(prefix="train-bench-"))
+    try:
+        if args.data:
+            root = Path(args.data).resolve()
+            categories = resolve_categories(root, args.categories or "all")[: args.concurrent]
+        else:
+            root = work / "data"
+            categories = generate_dataset(root, categories=args.concurrent, size=args.image_size,
+                                          n_train=args.train_images, n_test=2, seed=0)
+        if len(categories) < args.concurrent:
+            raise SystemExit(f"need {args.concurrent} categories, found {categories}")
+        config = TrainConfig(weights="offline", image_size=args.image_size, epochs=args.epochs,
+                             batch_size=args.batch_size)
+        first = categories[0]
+        print(f"machine: {cpus} CPUs, load average {os.getloadavg()[0]:.1f} at start; {args.image_size} px, "
+              f"{args.epochs} epochs, batch {args.batch_size}, categories {categories}")
+
+        torch.set_num_threads(cpus)
+        (work / "plain").mkdir()
+        plain_s, images = plain_loop(root, first, config, work / "plain")
+        _, [ray_all] = ray_run(root, [first], config, work / "ray-all", cpus)
+        ray_loop_s = ray_all.finished_at - ray_all.started_at
+        print("loop images/s, one category, every CPU:")
+        print(f"  plain PyTorch (StudentFitter)   {images / plain_s:8.2f}")
+        print(f"  Ray Train worker                {images / ray_loop_s:8.2f}")
+
+        alone_s, alone = ray_run(root, [first], config, work / "alone", 1)
+        many_s, many = ray_run(root, categories, config, work / "many", 1)
+        n = len(categories)
+        print(f"wall time, one CPU per category (start-up included; loop only in brackets):")
+        print(f"  1 category alone                {alone_s:8.1f} s  ({loop_span(alone):.1f} s)")
+        print(f"  {n} categories at once           {many_s:8.1f} s  ({loop_span(many):.1f} s)")
+        print(f"load average {os.getloadavg()[0]:.1f} at end (other work on the machine skews every figure)")
+        print(f"Ray Train / plain loop:          {(images / ray_loop_s) / (images / plain_s):.2f}x (target >= 0.9)")
+        print(f"{n} at once / 1 alone, wall:      {many_s / alone_s:.2f}x (target <= 1.25)")
+        print(f"{n} at once / 1 alone, loop:      {loop_span(many) / loop_span(alone):.2f}x")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

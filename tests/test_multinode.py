@@ -1,0 +1,173 @@
+"""The jobs on a real multi-node Ray cluster: ``ray job submit`` to a head node, work on worker nodes that
+each have their own network namespace and address (see ``cluster_harness``), and worker nodes lost mid-job.
+
+The head advertises no CPUs, so every training worker, decoding task and scoring actor must run on a worker
+node (as on the cloud cluster of ``cluster.yaml``, whose head only coordinates); the tests also check
+placement by looking for the actor processes inside the worker node's namespace. All nodes see this
+machine's filesystem, which stands in for the shared storage (EFS/NFS) of a real cluster: the data, the
+checkpoints, the Ray Train storage path and the outputs are plain folders under the test's tmp folder.
+
+Losing a node: the worker's ``ray start --block`` process group is killed with SIGKILL (raylet, agents and
+Ray workers die at once, as when a spot instance is reclaimed), then a fresh node joins from a new namespace,
+as the autoscaler would replace it; the job must finish as if nothing had happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cluster_harness import ClusterError, LocalCluster, WorkerNode
+from stfpm_ray.checkpoint import read_meta, save_checkpoint
+from stfpm_ray.fit import TrainConfig, fit_category
+from stfpm_ray.mvtec import discover_categories
+from stfpm_ray.synth import generate_dataset
+
+JOB_TIMEOUT_S = 240
+# Scoring archive size: enough batches that a node can be killed after the first and long before the last.
+ARCHIVE_IMAGES = 1500
+SCORE_BATCH = 8
+TRAIN_EPOCHS = 8
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head node (0 CPUs) and one worker node (2 CPUs) in its own network namespace; stopped at the end."""
+    root = tmp_path_factory.mktemp("cluster")
+    try:
+        with LocalCluster(root, head_cpus=0, worker_cpus=2) as running:
+            yield running
+    except ClusterError as exc:
+        pytest.fail(f"multi-node Ray cluster: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Path:
+    """The 'shared storage' every node reads and writes: data, checkpoints, Ray Train state, outputs."""
+    root = tmp_path_factory.mktemp("shared")
+    generate_dataset(root / "data", categories=2, size=64, n_train=24, n_test=8, seed=0)
+    return root
+
+
+def _wait_for(condition, timeout: float, what: str, cluster: LocalCluster, log_name: str):
+    deadline = time.monotonic() + timeout
+    while (value := condition()) in (None, False, []):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}; job output so far:\n{cluster.job_log(log_name)[-3000:]}")
+        time.sleep(0.1)
+    return value
+
+
+def _replace_node(cluster: LocalCluster, node: WorkerNode) -> WorkerNode:
+    """Kill ``node`` like a lost machine, wait until the head declares it dead, then let a fresh node join."""
+    cluster.kill_worker(node)
+    assert not node.pids(), f"processes survived in {node.namespace}"
+    cluster.wait_node_dead(node)
+    return cluster.add_worker()
+
+
+def test_benchmark_job_runs_on_the_worker_node(cluster, shared):
+    out = shared / "benchmark"
+    categories = discover_categories(shared / "data")
+    result = cluster.submit(
+        ["jobs/benchmark.py", "--data", str(shared / "data"), "--out", str(out), "--epochs", "2",
+         "--image-size", "64", "--batch-size", "8", "--storage-path", str(shared / "ray-benchmark")],
+        JOB_TIMEOUT_S, "benchmark.log",
+    )
+    assert result.returncode == 0, result.output[-4000:]
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert set(metrics["categories"]) == set(categories)
+    for name in categories:
+        entry = metrics["categories"][name]
+        assert entry["n_images"] == len(list((shared / "data" / name / "test").rglob("*.png")))
+        assert 0.0 <= entry["image_auroc"] <= 1.0
+        assert read_meta(out / "checkpoints" / name).training["epochs"] == 2
+    scores = pd.read_parquet(out / "scores")
+    assert len(scores) == scores.path.nunique() == sum(metrics["categories"][n]["n_images"] for n in categories)
+
+
+@pytest.fixture(scope="module")
+def scoring_setup(shared) -> tuple[Path, Path, str]:
+    """A one-epoch checkpoint and a flat archive of ARCHIVE_IMAGES distinct files (hard links to test images)."""
+    category = discover_categories(shared / "data")[0]
+    model, meta = fit_category(shared / "data", category, TrainConfig(image_size=64, epochs=1, batch_size=8,
+                                                                      weights="offline"))
+    save_checkpoint(shared / "score-ckpt" / category, model.student, meta)
+    sources = sorted((shared / "data" / category / "test").rglob("*.png"))
+    archive = shared / "archive"
+    archive.mkdir()
+    for i in range(ARCHIVE_IMAGES):
+        os.link(sources[i % len(sources)], archive / f"img_{i:05d}.png")
+    return shared / "score-ckpt", archive, category
+
+
+def _worker_record(out: Path) -> dict | None:
+    """The progress record of a scoring actor that has finished a batch (written by the actor itself)."""
+    for path in out.glob("_staging-*/_workers/*.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):  # being replaced right now
+            continue
+        if record["batches"] >= 1:
+            return record
+    return None
+
+
+def test_scoring_finishes_exactly_once_after_losing_a_node(cluster, scoring_setup, shared):
+    checkpoints, archive, category = scoring_setup
+    out = shared / "scores-fault"
+    job = cluster.submit_async(
+        ["jobs/score.py", "--checkpoints", str(checkpoints), "--input", str(archive), "--out", str(out),
+         "--category", category, "--batch-size", str(SCORE_BATCH)],
+        "score-fault.log",
+    )
+    node = cluster.workers[-1]
+    record = _wait_for(lambda: _worker_record(out), JOB_TIMEOUT_S, "the first scored batch", cluster, "score-fault.log")
+    assert record["pid"] in node.pids(), "the scoring actor does not run on the worker node"
+    replacement = _replace_node(cluster, node)
+    result = cluster.wait_job(job, JOB_TIMEOUT_S, "score-fault.log")
+    assert result.returncode == 0, result.output[-4000:]
+
+    scores = pd.read_parquet(out)
+    expected = {str(p) for p in archive.iterdir()}
+    assert len(scores) == len(expected) and set(scores.path) == expected  # every image exactly once
+    assert (scores.status == "ok").all()
+    manifest = json.loads(next((out / "_manifests").glob("*.json")).read_text())
+    by_pid = {w["pid"]: w for w in manifest["workers"]}
+    killed = by_pid[record["pid"]]
+    assert 0 < killed["rows"] < len(expected), "the node was not lost in the middle of scoring"
+    assert sum(w["rows"] for w in manifest["workers"]) >= len(expected) - killed["rows"]
+    assert len(by_pid) >= 2, f"no scoring actor restarted on {replacement.name}: {manifest['workers']}"
+
+
+def test_training_resumes_from_its_checkpoint_after_losing_a_node(cluster, shared):
+    category = discover_categories(shared / "data")[0]
+    storage, out = shared / "ray-train-fault", shared / "ckpt-fault"
+    job = cluster.submit_async(
+        ["jobs/train.py", "--data", str(shared / "data"), "--categories", category, "--out", str(out),
+         "--epochs", str(TRAIN_EPOCHS), "--image-size", "64", "--batch-size", "4", "--storage-path", str(storage)],
+        "train-fault.log",
+    )
+    node = cluster.workers[-1]
+    # The driver prints an epoch once Ray Train has registered its checkpoint: from then on it must survive.
+    first_epoch = f"[{category}] epoch 1/{TRAIN_EPOCHS} "
+    _wait_for(lambda: first_epoch in cluster.job_log("train-fault.log"), JOB_TIMEOUT_S, "the first reported epoch",
+              cluster, "train-fault.log")
+    assert any("RayTrainWorker" in title for title in node.process_titles()), "training does not run on the worker node"
+    _replace_node(cluster, node)
+    result = cluster.wait_job(job, JOB_TIMEOUT_S, "train-fault.log")
+    assert result.returncode == 0, result.output[-4000:]
+
+    resumed = [int(m) for m in re.findall(rf"\[{category}\] workers restarted: resuming after epoch (\d+)", result.output)]
+    assert resumed and resumed[0] >= 1, f"training restarted instead of resuming:\n{result.output[-4000:]}"
+    epochs = [int(m) for m in re.findall(rf"\[{category}\] epoch (\d+)/{TRAIN_EPOCHS} ", result.output)]
+    assert epochs.count(1) == 1, f"epoch 1 ran again after the node was lost: {epochs}"
+    assert max(epochs) == TRAIN_EPOCHS and sorted(set(epochs)) == list(range(1, TRAIN_EPOCHS + 1))
+    meta = read_meta(out / category)
+    assert meta.training["epochs"] == TRAIN_EPOCHS
