@@ -61,6 +61,9 @@ from stfpm_ray.teacher import WeightsError, load_teacher
 RUN_FILE = "_run.json"
 DEFAULT_STORAGE_DIR = "_ray"
 STATE_FILE = "train_state.pt"
+# Ray Train's controller collects one report per worker per poll (every 2 s by default) and a worker's next
+# report waits for that: epochs shorter than this are reported (and checkpointed) together.
+REPORT_INTERVAL_S = 2.0
 # What a trial (the Train driver of one category) reserves: it only waits on its controller.
 TRIAL_MEMORY_BYTES = 128 * 2**20
 
@@ -116,6 +119,17 @@ def _report_checkpoint(metrics: dict, write: Callable[[Path], None] | None) -> N
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
+def _rank0_decides(flag: bool, device: torch.device) -> bool:
+    """Rank 0's decision on every rank: reports are collective, so every rank must make the same ones."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    decision = torch.tensor([int(flag)], device=device)
+    dist.broadcast(decision, src=0)
+    return bool(decision.item())
+
+
 def _worker_loop(loop_config: dict[str, Any]) -> str | None:
     """Fit one category's student, resuming from the last reported checkpoint after a restart.
 
@@ -159,20 +173,24 @@ def _worker_loop(loop_config: dict[str, Any]) -> str | None:
         fitter.load_state_dict(state["fitter"])
         started_at, resumed_from = state["started_at"], fitter.epoch
 
+    def write_state(folder: Path) -> None:
+        torch.save({"fitter": fitter.state_dict(), "started_at": started_at}, folder / STATE_FILE)
+
+    # Each report carries the epochs since the previous one ("history"), so the driver prints every epoch.
+    history: list[dict[str, Any]] = []
+    last_report = time.monotonic()
     while fitter.epoch < config.epochs:
-        metrics: dict[str, Any] = {**fitter.train_epoch(), **fitter.validate()}
+        epoch: dict[str, Any] = {**fitter.train_epoch(), **fitter.validate()}
         # Each worker saw 1/world_size of the epoch in the same time: the group's rate is world_size times.
-        metrics.update(
-            epoch=fitter.epoch, epochs=config.epochs, started_at=started_at,
-            images_per_s=metrics["images_per_s"] * world_size,
-        )
-        if resumed_from is not None:
-            metrics["resumed_from"], resumed_from = resumed_from, None
-
-        def write_state(folder: Path) -> None:
-            torch.save({"fitter": fitter.state_dict(), "started_at": started_at}, folder / STATE_FILE)
-
-        _report_checkpoint(metrics, write_state)
+        epoch.update(epoch=fitter.epoch, epochs=config.epochs, images_per_s=epoch["images_per_s"] * world_size)
+        history.append(epoch)
+        due = time.monotonic() - last_report >= REPORT_INTERVAL_S and fitter.epoch < config.epochs
+        if _rank0_decides(due, device):
+            metrics = {**epoch, "history": history, "started_at": started_at}
+            if resumed_from is not None:
+                metrics["resumed_from"], resumed_from = resumed_from, None
+            _report_checkpoint(metrics, write_state)
+            history, last_report = [], time.monotonic()
 
     fitter.restore_best()
     scores = validation_scores(fitter.core, val, config.batch_size, device)
@@ -182,15 +200,19 @@ def _worker_loop(loop_config: dict[str, Any]) -> str | None:
     )
     final = {
         "final": True, "epoch": fitter.epoch, "epochs": config.epochs, "best_epoch": fitter.best_epoch,
-        "best_val_loss": fitter.best_val_loss, "threshold": meta.threshold,
+        "best_val_loss": fitter.best_val_loss, "threshold": meta.threshold, "history": history,
         "started_at": started_at, "finished_at": time.time(),
     }
+    if resumed_from is not None:
+        final["resumed_from"] = resumed_from
     _report_checkpoint(final, lambda folder: save_checkpoint(folder, fitter.core.student, meta))
     return None
 
 
 # --------------------------------------------------------------------------------------------------
 # Trial side: one Tune trial per category drives one TorchTrainer.
+
+FINAL_KEYS = ("epoch", "best_epoch", "best_val_loss", "threshold", "started_at", "finished_at")
 
 
 def _drive_category(tune_config: dict[str, Any], job: _Job) -> dict[str, Any]:
@@ -227,7 +249,8 @@ def _drive_category(tune_config: dict[str, Any], job: _Job) -> dict[str, Any]:
     if result.return_value is not None or result.checkpoint is None:
         return {"category_error": result.return_value or "training ended without a checkpoint",
                 "seconds": time.time() - started}
-    return {**result.metrics, "checkpoint_path": result.checkpoint.path, "seconds": time.time() - started}
+    summary = {key: result.metrics[key] for key in FINAL_KEYS}  # not "history": it was printed already
+    return {**summary, "checkpoint_path": result.checkpoint.path, "seconds": time.time() - started}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,10 +334,11 @@ def _tracker_class():
             category = trial.config["category"]
             if "resumed_from" in result:
                 self.progress(f"[{category}] workers restarted: resuming after epoch {result['resumed_from']}")
-            if "train_loss" in result:
-                self.rates.setdefault(category, []).append(result["images_per_s"])
-                self.last_epoch[category] = result
-                self.progress(format_epoch(category, result))
+            if "history" in result:
+                self.last_epoch[category] = {**result, **result["history"][-1]} if result["history"] else result
+            for epoch in result.get("history", []):
+                self.rates.setdefault(category, []).append(epoch["images_per_s"])
+                self.progress(format_epoch(category, epoch))
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             self.finish(trial.config["category"], trial.last_result or {})

@@ -67,7 +67,7 @@ def require_network_namespaces() -> None:
     """Fail with a clear message where worker nodes cannot get a network namespace of their own."""
     if shutil.which("ip") is None:
         raise ClusterError("the multi-node tests need the `ip` command (iproute2) to create network namespaces")
-    probe = f"stfpm-probe-{os.getpid()}"
+    probe = f"stfpm-{os.getpid()}-probe"
     result = _run("ip", "netns", "add", probe, check=False)
     if result.returncode != 0:
         raise ClusterError(
@@ -78,9 +78,11 @@ def require_network_namespaces() -> None:
 
 
 def _free_subnet() -> str:
-    """A ``10.213.N`` /24 that no interface or route of this host uses yet."""
+    """A ``10.213.N`` /24 that no interface or route of this host uses yet (starting from one picked by pid,
+    so two test runs started at the same moment are unlikely to race for the same one)."""
     used = _run("ip", "-o", "-4", "addr", "show").stdout + _run("ip", "-o", "-4", "route", "show").stdout
-    for n in range(256):
+    for i in range(256):
+        n = (os.getpid() + i) % 256
         if f"{SUBNET_PREFIX}.{n}." not in used:
             return f"{SUBNET_PREFIX}.{n}"
     raise ClusterError(f"no free /24 under {SUBNET_PREFIX}.0.0/16 for the test cluster's bridge")
@@ -148,6 +150,30 @@ def _processes_using(folder: Path) -> list[int]:
     return found
 
 
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def remove_stale_clusters() -> None:
+    """Remove what a test process killed outright (no finalizer ran) left behind: its Ray processes, network
+    namespaces, bridge and temp folder. Everything is named after the creating pid; only dead owners' go."""
+    for folder in Path("/tmp").glob("stfpm-rc-*-*"):
+        owner = folder.name.split("-")[2]
+        if owner.isdigit() and not _alive(int(owner)):
+            _kill(_processes_using(folder))
+            shutil.rmtree(folder, ignore_errors=True)
+    for line in _run("ip", "netns", "list").stdout.splitlines():
+        namespace = line.split()[0] if line.strip() else ""
+        parts = namespace.split("-")
+        if len(parts) == 3 and parts[0] == "stfpm" and parts[1].isdigit() and not _alive(int(parts[1])):
+            _kill([int(pid) for pid in _run("ip", "netns", "pids", namespace, check=False).stdout.split()])
+            _run("ip", "netns", "del", namespace, check=False)
+    for line in _run("ip", "-o", "link", "show", "type", "bridge").stdout.splitlines():
+        name = line.split(":")[1].strip()
+        if name.startswith("stbr") and name[4:].isdigit() and not _alive(int(name[4:])):
+            _run("ip", "link", "del", name, check=False)
+
+
 def _kill_tree(process: subprocess.Popen) -> None:
     """SIGKILL a process we started, its process group and every process below it; then reap it."""
     if process.poll() is None:
@@ -189,8 +215,7 @@ class WorkerNode:
 @dataclass
 class JobResult:
     returncode: int
-    output: str
-    seconds: float
+    output: str  # what `ray job submit` printed: the job's own output, streamed, then its final status
 
 
 @dataclass
@@ -201,7 +226,7 @@ class LocalCluster:
     root: Path
     head_cpus: int = 0
     worker_cpus: int = 2
-    tag: str = field(default_factory=lambda: f"{os.getpid() % 100000}")
+    tag: str = field(default_factory=lambda: str(os.getpid()))  # names what this process creates
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     workers: list[WorkerNode] = field(default_factory=list)
     _head: subprocess.Popen | None = None
@@ -254,8 +279,9 @@ class LocalCluster:
 
     def start(self) -> None:
         require_network_namespaces()
+        remove_stale_clusters()
         # Short paths: Ray's Unix sockets live under the temp dir and socket paths are limited to 107 bytes.
-        self._temp_root = Path(tempfile.mkdtemp(prefix="stfpm-rc-", dir="/tmp"))
+        self._temp_root = Path(tempfile.mkdtemp(prefix=f"stfpm-rc-{self.tag}-", dir="/tmp"))
         self._subnet = _free_subnet()
         self._bridge = f"stbr{self.tag}"
         _run("ip", "link", "add", self._bridge, "type", "bridge")
@@ -277,9 +303,7 @@ class LocalCluster:
             f"--temp-dir={self._temp_root / 'head'}",
         ]
         log = self.root / "head.log"
-        self._head = subprocess.Popen(
-            command, env=self.env(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-        )
+        self._head = _start(command, self.env(), log)
         self._wait(lambda: self.head_ip in self.alive_node_ips(), 90, "the head node to come up", log, self._head)
 
     def add_worker(self) -> WorkerNode:
@@ -297,11 +321,11 @@ class LocalCluster:
                         ("ip", "link", "set", "lo", "up")):
             _run("ip", "netns", "exec", namespace, *command)
         log = self.root / f"worker-{index}.log"
-        process = subprocess.Popen(
+        process = _start(
             ["ip", "netns", "exec", namespace, RAY, "start", "--block", "--disable-usage-stats",
              f"--address={self.gcs_address}", f"--node-ip-address={ip}", f"--num-cpus={self.worker_cpus}",
              f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={self._temp_root / f'worker-{index}'}"],
-            env=self.env(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+            self.env(), log,
         )
         node = WorkerNode(f"worker-{index}", namespace, ip, process, log)
         self.workers.append(node)
@@ -353,20 +377,16 @@ class LocalCluster:
         return self.wait_job(process, timeout, log_name)
 
     def submit_async(self, args: list[str], log_name: str) -> subprocess.Popen:
-        log = self.root / log_name
-        return subprocess.Popen(
-            [RAY, "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO), "--", "python", *args],
-            cwd=REPO, env=self.env(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        command = [RAY, "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO), "--", "python"]
+        return _start([*command, *args], self.env(), self.root / log_name)
 
     def wait_job(self, process: subprocess.Popen, timeout: float, log_name: str) -> JobResult:
-        started = time.monotonic()
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_tree(process)
             raise ClusterError(f"job did not finish within {timeout:.0f} s; last lines:\n{_tail(self.root / log_name)}")
-        return JobResult(process.returncode, (self.root / log_name).read_text(), time.monotonic() - started)
+        return JobResult(process.returncode, (self.root / log_name).read_text())
 
     def job_log(self, log_name: str) -> str:
         path = self.root / log_name
@@ -388,6 +408,13 @@ class LocalCluster:
             _run("ip", "link", "del", self._bridge, check=False)
         if self._temp_root is not None:
             shutil.rmtree(self._temp_root, ignore_errors=True)
+
+
+def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start a process in a session of its own (so its pid names its process group), output to ``log``."""
+    with log.open("w") as handle:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def _tail(path: Path, lines: int = 30) -> str:

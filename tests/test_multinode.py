@@ -31,9 +31,9 @@ from stfpm_ray.synth import generate_dataset
 
 JOB_TIMEOUT_S = 240
 # Scoring archive size: enough batches that a node can be killed after the first and long before the last.
-ARCHIVE_IMAGES = 1500
+ARCHIVE_IMAGES = 800
 SCORE_BATCH = 8
-TRAIN_EPOCHS = 8
+TRAIN_EPOCHS = 6
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +144,17 @@ def test_scoring_finishes_exactly_once_after_losing_a_node(cluster, scoring_setu
     assert 0 < killed["rows"] < len(expected), "the node was not lost in the middle of scoring"
     assert sum(w["rows"] for w in manifest["workers"]) >= len(expected) - killed["rows"]
     assert len(by_pid) >= 2, f"no scoring actor restarted on {replacement.name}: {manifest['workers']}"
+
+    # The nightly job over the same archive and output: only what arrived since is scored and reported.
+    new = [archive / f"night2_{i}.png" for i in range(3)]
+    for i, path in enumerate(new):
+        os.link(archive / f"img_{i:05d}.png", path)
+    result = cluster.submit(["jobs/nightly.py", "--checkpoints", str(checkpoints), "--input", str(archive), "--out",
+                             str(out), "--category", category], JOB_TIMEOUT_S, "nightly.log")
+    assert result.returncode == 0, result.output[-4000:]
+    report = json.loads(max((out / "_reports").glob("nightly-*.json"), key=lambda p: p.stat().st_mtime).read_text())
+    assert (report["scored"], report["categories"][category]["skipped"]) == (len(new), len(expected))
+    assert len(pd.read_parquet(out)) == len(expected) + len(new)
 
 
 def test_training_resumes_from_its_checkpoint_after_losing_a_node(cluster, shared):

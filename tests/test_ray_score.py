@@ -240,11 +240,17 @@ def test_incremental_overwrite_and_refusal(ray_session, trained, synth_root, tmp
 
 
 def test_failure_before_commit_leaves_output_untouched(ray_session, trained, synth_root, tmp_path, monkeypatch):
+    """A run that dies after writing its data but before committing changes nothing readers see; the
+    next run removes its staging folder and scores the same images again."""
     category = trained[1][0]
     inputs, out = tmp_path / "inbox", tmp_path / "out"
     _plain_folder(inputs, synth_root, category, 4)
     ray_score.score_images(trained[0], str(inputs), out, category=category, progress=QUIET)
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def visible() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "_staging-" not in str(p)}
+
+    before = visible()
     _plain_folder(inputs, synth_root, category, 4, start=4)
 
     def crash(*args, **kwargs):
@@ -253,8 +259,16 @@ def test_failure_before_commit_leaves_output_untouched(ray_session, trained, syn
     monkeypatch.setattr(OutputFolder, "commit", crash)
     with pytest.raises(RuntimeError, match="injected"):
         ray_score.score_images(trained[0], str(inputs), out, category=category, incremental=True, progress=QUIET)
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    assert len(pd.read_parquet(out)) == 4
+    assert visible() == before and len(pd.read_parquet(out)) == 4
+    assert len(list(out.glob("_staging-*/*.parquet"))) == 1  # the staged data, invisible to readers
+
+    monkeypatch.undo()
+    messages: list[str] = []
+    summary = ray_score.score_images(
+        trained[0], str(inputs), out, category=category, incremental=True, progress=messages.append
+    )
+    assert any("removing _staging-" in m for m in messages) and not list(out.glob("_staging-*"))
+    assert summary.rows_written == 4 and len(pd.read_parquet(out)) == 8
 
 
 def _staged_run(output: OutputFolder, run_id: str, rows: int) -> None:
