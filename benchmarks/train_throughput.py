@@ -52,7 +52,9 @@ def plain_loop(root: Path, category: str, config: TrainConfig, out: Path) -> tup
     return time.perf_counter() - started, config.epochs * len(train)
 
 
-def ray_run(root: Path, categories: list[str], config: TrainConfig, out: Path, cpus: float) -> tuple[float, list[CategoryResult]]:
+def ray_run(
+    root: Path, categories: list[str], config: TrainConfig, out: Path, cpus: float
+) -> tuple[float, list[CategoryResult]]:
     started = time.perf_counter()
     results = train_categories(root, categories, out, config, cpus_per_worker=cpus, progress=lambda line: None)
     failed = [f"{r.category}: {r.error}" for r in results if not r.ok]
@@ -111,7 +113,7 @@ def main() -> None:
         alone_s, alone = ray_run(root, [first], config, work / "alone", 1)
         many_s, many = ray_run(root, categories, config, work / "many", 1)
         n = len(categories)
-        print(f"wall time, one CPU per category (start-up included; loop only in brackets):")
+        print("wall time, one CPU per category (start-up included; loop only in brackets):")
         print(f"  1 category alone                {alone_s:8.1f} s  ({loop_span(alone):.1f} s)")
         print(f"  {n} categories at once           {many_s:8.1f} s  ({loop_span(many):.1f} s)")
         print(f"load average {os.getloadavg()[0]:.1f} at end (other work on the machine skews every figure)")

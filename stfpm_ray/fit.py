@@ -30,13 +30,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters; the defaults are the official STFPM recipe (SGD 0.4, batch 32, 256 px)."""
+    """Hyper-parameters: the official STFPM recipe (SGD lr 0.4, momentum 0.9, wd 1e-4, batch 32, 256 px).
+
+    Epochs default to 50 rather than the official 100: the best validation epoch keeps the model, and on
+    MVTec AD bottle 50 epochs already reach the paper's figures (see README), at half the cost on CPUs.
+    """
 
     backbone: str = OFFLINE_BACKBONE
     layers: tuple[int, ...] = DEFAULT_LAYERS
     weights: str = "auto"
     image_size: int = 256
-    epochs: int = 100
+    epochs: int = 50
     batch_size: int = 32
     lr: float = 0.4
     momentum: float = 0.9

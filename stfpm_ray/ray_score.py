@@ -85,9 +85,9 @@ DEFAULT_MAP_SIZE = 128
 # Files larger than this are refused unread: 100 MP (the decoder's pixel limit) of uncompressed RGB is
 # 300 MB, so a bigger file is not an inspection image, and reading it whole could exhaust a worker.
 MAX_FILE_BYTES = 512 * 1024 * 1024
-# Images per forward pass on CPU. A large batch's activations fall out of the caches: one core runs the
-# EfficientNet-Lite0 teacher and student at 256 px at about 21 images/s in chunks of 4, 11 in one batch
-# of 32. GPUs take the whole batch.
+# Images per forward pass and torch thread on CPU. A large batch's activations fall out of the caches: one
+# core runs the EfficientNet-Lite0 teacher and student at 256 px at 16-23 images/s in chunks of 4, 11 in
+# one batch of 32. GPUs take the whole batch.
 CPU_CHUNK = 4
 # Rows per Parquet file: 2048 rows of at most 40 KB keep files between a few MB and 80 MB.
 ROWS_PER_FILE = 2048
@@ -293,6 +293,7 @@ class Scorer:
         import torch
 
         torch.set_num_threads(threads)
+        self.threads = threads
         self.folders = checkpoints
         self.map_size = map_size
         self.device = device
@@ -326,7 +327,7 @@ class Scorer:
         model, meta = self._model(category)
         images = np.stack([np.frombuffer(p, dtype=np.uint8).reshape(size, size, 3) for p in pixels])
         batch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        chunk = CPU_CHUNK if self.device == "cpu" else len(batch)
+        chunk = CPU_CHUNK * self.threads if self.device == "cpu" else len(batch)
         results = []
         for start in range(0, len(batch), chunk):
             maps, scores = model.predict(batch[start : start + chunk].to(self.device))

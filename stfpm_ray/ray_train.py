@@ -16,11 +16,14 @@ would starve the workers of a small cluster (on two cores, two trials would hold
 could start).
 
 Each worker runs the core's :class:`~stfpm_ray.fit.StudentFitter` (the same loop as the plain-PyTorch
-``fit_category``). Every epoch rank 0 reports a resumable checkpoint (``StudentFitter.state_dict``); the
-last report is the core checkpoint format itself, which the driver copies from Ray Train storage into
-``CKPT_DIR/<category>/`` through a temporary folder and a rename, so the output never holds half a
-checkpoint, and so multi-node clusters work (the worker's disk is not the driver's; Ray Train storage
-must then be shared, see ``--storage-path``).
+``fit_category``). After every epoch rank 0 reports its metrics with a resumable checkpoint
+(``StudentFitter.state_dict``), except that epochs shorter than ``REPORT_INTERVAL_S`` are reported together:
+Ray Train collects one report per controller poll (2 s), so a report per sub-second epoch (small
+categories, GPUs) would stall the loop; each report carries every epoch since the last one, so the driver
+still prints one line per epoch. The last report is the core checkpoint format itself, which the driver
+copies from Ray Train storage into ``CKPT_DIR/<category>/`` through a temporary folder and a rename: the
+output never holds half a checkpoint, and multi-node clusters work (the worker's disk is not the
+driver's; Ray Train storage must then be shared, see ``--storage-path``).
 
 ``CKPT_DIR/_run.json`` records the run's identity (data root, training config, workers) and its id; the
 id names the Ray Train runs, so ``--resume`` finds the interrupted runs' state and a fresh run never
@@ -72,7 +75,12 @@ Progress = Callable[[str], None]
 
 @dataclass
 class CategoryResult:
-    """Outcome of one category; ``status`` is ``trained``, ``complete`` (kept from before) or ``failed``."""
+    """Outcome of one category; ``status`` is ``trained``, ``complete`` (kept from before) or ``failed``.
+
+    ``started_at``/``finished_at`` (Unix time, NaN when unknown) bound the worker's training loop, first
+    attempt to final checkpoint; ``seconds`` is the category's wall time on the driver, start-up included;
+    ``images_per_s`` is the mean training rate of the epochs this run trained.
+    """
 
     category: str
     ok: bool
@@ -107,11 +115,11 @@ class _Job:
 # Worker side: runs in every Ray Train worker of one category.
 
 
-def _report_checkpoint(metrics: dict, write: Callable[[Path], None] | None) -> None:
+def _report_checkpoint(metrics: dict[str, Any], write: Callable[[Path], object]) -> None:
     """Report on every rank (a barrier); only rank 0 attaches a checkpoint folder filled by ``write``."""
     import ray.train
 
-    if write is None or ray.train.get_context().get_world_rank() != 0:
+    if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="stfpm-ckpt-") as folder:
@@ -288,6 +296,7 @@ def _install_checkpoint(storage_path: str, checkpoint_path: str, target: Path) -
 
 
 def format_epoch(category: str, metrics: dict[str, Any]) -> str:
+    """One progress line per category and epoch."""
     return (
         f"[{category}] epoch {metrics['epoch']}/{metrics['epochs']} train_loss={metrics['train_loss']:.5f} "
         f"val_loss={metrics['val_loss']:.5f} best={metrics['best_val_loss']:.5f}@{metrics['best_epoch']} "

@@ -31,7 +31,7 @@ from stfpm_ray.synth import generate_dataset
 
 JOB_TIMEOUT_S = 240
 # Scoring archive size: enough batches that a node can be killed after the first and long before the last.
-ARCHIVE_IMAGES = 800
+ARCHIVE_IMAGES = 480
 SCORE_BATCH = 8
 TRAIN_EPOCHS = 6
 

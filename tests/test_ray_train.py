@@ -23,7 +23,7 @@ from stfpm_ray.checkpoint import load_checkpoint
 from stfpm_ray.fit import TrainConfig, fit_category
 from stfpm_ray.images import load_image
 from stfpm_ray.metrics import image_auroc
-from stfpm_ray.ray_train import RUN_FILE, train_categories
+from stfpm_ray.ray_train import RUN_FILE, _claim_out_dir, train_categories
 
 # The synthetic "tiles" defects are too small to separate at 64 px; "grain" and "weave" are not.
 PAIR = ["grain", "weave"]
@@ -164,3 +164,16 @@ def test_refuses_a_non_empty_output_folder_without_resume_or_overwrite(synth_roo
     assert cli.main(["train", "--data", str(synth_root), "--out", str(foreign), *TINY, "--overwrite"]) == 2
     assert "not written by" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_empties_the_run_folder_and_resume_keeps_its_run_id(tmp_path):
+    out = tmp_path / "ckpt"
+    identity = {"config": {"epochs": 1}}
+    run_id, storage = _claim_out_dir(out, identity, None, resume=False, overwrite=False)
+    assert storage == str(out / "_ray") and json.loads((out / RUN_FILE).read_text())["run_id"] == run_id
+    (out / "grain").mkdir()
+    assert _claim_out_dir(out, identity, None, resume=True, overwrite=False) == (run_id, storage)
+    with pytest.raises(ValueError, match="its Ray Train state is in"):
+        _claim_out_dir(out, identity, str(tmp_path / "elsewhere"), resume=True, overwrite=False)
+    new_id, _ = _claim_out_dir(out, identity, None, resume=False, overwrite=True)
+    assert new_id != run_id and sorted(p.name for p in out.iterdir()) == [RUN_FILE]
