@@ -1,7 +1,7 @@
 """Scoring image archives with Ray Data: ``stfpm-ray score --checkpoints CKPT_DIR --input PATH --out OUT_DIR``.
 
-Pipeline, shaped by what costs what (decoding a large PNG takes tens of ms of one core, the network wants
-large batches, the object store should carry as few bytes as possible):
+Pipeline, shaped by what costs what (decoding a large PNG takes tens of ms of one core, a GPU wants large
+batches, the object store should carry as few bytes as possible):
 
 1. **List** the inputs on the driver through pyarrow filesystems (local folders, ``s3://``, ``gs://``;
    png/jpg/jpeg/bmp/tif/tiff in any letter case; hidden ``.`` entries skipped) and route every file to a
@@ -26,14 +26,16 @@ Defaults, and why:
 * ``--map-size 128``: pixel metrics want maps of at least 64 px, and a 128x128 16-bit PNG is at most
   32 KB before compression (about 10-20 KB for real maps), so a row stays under 40 KB: a million images
   fit in about 20 GB.
-* Actors take ``--cpus-per-actor 1`` and, without GPUs, at most ``cluster CPUs - 1`` of them run
-  (at least 1): reading and decoding are Ray tasks that need a CPU of their own, and a pool that holds
-  every CPU starves them and the dataset hangs (on a 2-core machine: one actor, one decoding core).
-  With ``--gpus-per-actor`` the pool grows to the number of GPUs the cluster has per actor.
+* Actors take ``--cpus-per-actor 1`` (and as many torch threads), and the pool grows from 1 to as many
+  actors as fit while ``DECODE_CPUS`` stays free (``cluster CPUs - 1`` by default; with
+  ``--gpus-per-actor``, also at most the cluster's GPUs per actor): reading and decoding are Ray tasks
+  that need CPU of their own, and a pool that holds every CPU starves them and the dataset hangs. On a
+  2-core machine that is one single-threaded actor beside the decoding tasks; a pool that cannot leave
+  room for decoding is refused with a message instead of hanging.
 * Fault tolerance: Ray Data creates scoring actors with ``max_restarts=-1`` and ``max_task_retries=-1``, so
-  a scoring process that dies is restarted and its unfinished batches rerun; Parquet files are named by
-  write task, so a rerun replaces rather than duplicates, and the pre-commit check refuses to publish
-  anything but one row per image.
+  a scoring process that dies is restarted and its unfinished batches rerun (the manifest's ``workers``
+  then lists both processes); Parquet files are named by write task, so a retried write replaces rather
+  than duplicates, and the pre-commit check refuses to publish anything but one row per image.
 
 Reading the output (``OUT_DIR`` is the ``--out`` folder; these five lines decode one anomaly map)::
 
@@ -92,9 +94,10 @@ CPU_CHUNK = 4
 # Rows per Parquet file: 2048 rows of at most 40 KB keep files between a few MB and 80 MB.
 ROWS_PER_FILE = 2048
 # What one read-and-decode task reserves; the actor pool is sized to leave at least this free. Decoding
-# one block takes a fraction of a core-second, so half a CPU is enough. A request that differs from the
-# actors' also keeps Ray Data from fusing decoding into the actors (it fuses consecutive map stages whose
-# resource requests are equal), which would serialise decoding with the forward pass.
+# costs less than the forward pass it feeds (about 30 ms of one core per megapixel PNG, against 50-90 ms
+# per image for the model at 256 px), so half a CPU per task keeps decoding ahead of a pool that holds the
+# rest. A request that differs from the actors' also keeps Ray Data from fusing decoding into the actors
+# (it fuses consecutive map stages whose resource requests are equal), which would serialise the two.
 DECODE_CPUS = 0.5
 
 _PLAN_SCHEMA = pa.schema(
@@ -118,6 +121,8 @@ _DECODED_SCHEMA = pa.schema(
 
 @dataclass
 class CategoryCounts:
+    """One category in one run: rows scored, rows written as errors, images skipped as already scored."""
+
     ok: int = 0
     error: int = 0
     skipped: int = 0
@@ -158,14 +163,17 @@ def find_checkpoints(checkpoints: str | Path) -> dict[str, tuple[str, Checkpoint
     root = Path(checkpoints)
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint folder {root} does not exist (train one with `stfpm-ray train`)")
-    folders = [root] if (root / META_FILE).is_file() else sorted(p for p in root.iterdir() if (p / META_FILE).is_file())
+    single = (root / META_FILE).is_file()
+    folders = [root] if single else sorted(p for p in root.iterdir() if (p / META_FILE).is_file())
     if not folders:
         raise FileNotFoundError(f"no checkpoints under {root}: expected {root}/<category>/{META_FILE}")
     found: dict[str, tuple[str, CheckpointMeta]] = {}
     for folder in folders:
         meta = read_meta(folder)
         if meta.category in found:
-            raise ValueError(f"two checkpoints for category {meta.category!r}: {found[meta.category][0]} and {folder}")
+            raise ValueError(
+                f"two checkpoints for category {meta.category!r}: {found[meta.category][0]} and {folder}"
+            )
         found[meta.category] = (str(folder.resolve()), meta)
     return found
 
@@ -483,7 +491,9 @@ def score_images(
     inputs = [inputs] if isinstance(inputs, str) else [str(i) for i in inputs]
     found = find_checkpoints(checkpoints)
     if category is not None and category not in found:
-        raise ValueError(f"no checkpoint for category {category!r} under {checkpoints} (have: {', '.join(sorted(found))})")
+        raise ValueError(
+            f"no checkpoint for category {category!r} under {checkpoints} (have: {', '.join(sorted(found))})"
+        )
     output = OutputFolder(str(out_dir))
     output.recover(progress)
     existing = output.check_mode(incremental, overwrite)
@@ -514,7 +524,9 @@ def score_images(
     progress(f"run {run_id}: {pool[0]}-{pool[1]} scoring actors, batch size {batch_size}, maps {map_size} px")
     staging = output.start_staging(run_id)
     try:
-        _run_pipeline(planned, sources, found, output, staging, batch_size, pool, gpus_per_actor, cpus_per_actor, map_size)
+        _run_pipeline(
+            planned, sources, found, output, staging, batch_size, pool, gpus_per_actor, cpus_per_actor, map_size
+        )
         staged = output.read_staging(staging)
         _check_staged(staged.index, planned)
         for name, tally in counts_by_category(staged.index).items():
@@ -541,7 +553,9 @@ def score_images(
     # From here a failure leaves the commit intent in staging, and the next run finishes the commit.
     summary.manifest = output.commit(run_id, staged, manifest, existing if overwrite else [])
     summary.rows_written, summary.files_written = staged.index.num_rows, len(staged.files)
-    progress(f"wrote {summary.rows_written} rows in {summary.files_written} files to {out_dir} ({summary.seconds:.1f} s)")
+    progress(
+        f"wrote {summary.rows_written} rows in {summary.files_written} files to {out_dir} ({summary.seconds:.1f} s)"
+    )
     return summary
 
 

@@ -194,7 +194,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> str | None:
         history.append(epoch)
         due = time.monotonic() - last_report >= REPORT_INTERVAL_S and fitter.epoch < config.epochs
         if _rank0_decides(due, device):
-            metrics = {**epoch, "history": history, "started_at": started_at}
+            # A tuple: Tune's TensorBoard logger would try to plot a list as a histogram.
+            metrics = {**epoch, "history": tuple(history), "started_at": started_at}
             if resumed_from is not None:
                 metrics["resumed_from"], resumed_from = resumed_from, None
             _report_checkpoint(metrics, write_state)
@@ -208,7 +209,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> str | None:
     )
     final = {
         "final": True, "epoch": fitter.epoch, "epochs": config.epochs, "best_epoch": fitter.best_epoch,
-        "best_val_loss": fitter.best_val_loss, "threshold": meta.threshold, "history": history,
+        "best_val_loss": fitter.best_val_loss, "threshold": meta.threshold, "history": tuple(history),
         "started_at": started_at, "finished_at": time.time(),
     }
     if resumed_from is not None:
@@ -342,7 +343,7 @@ def _tracker_class():
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             category = trial.config["category"]
             if "resumed_from" in result:
-                self.progress(f"[{category}] workers restarted: resuming after epoch {result['resumed_from']}")
+                self.progress(f"[{category}] resumed from its checkpoint after epoch {result['resumed_from']}")
             if "history" in result:
                 self.last_epoch[category] = {**result, **result["history"][-1]} if result["history"] else result
             for epoch in result.get("history", []):
@@ -532,8 +533,8 @@ def _run_trials(categories: list[str], job: _Job, out_dir: Path, progress: Progr
     )
     tuner.fit()
     missing = [c for c in categories if c not in tracker.results]
-    for category in missing:  # a trial Tune never finished (e.g. the run was interrupted)
-        tracker.finish(category, {"category_error": "the trial did not finish"})
+    for category in missing:  # Tune stopped before this trial ended (e.g. Ctrl+C)
+        tracker.finish(category, {"category_error": "interrupted (run again with --resume to continue)"})
     return tracker.results
 
 

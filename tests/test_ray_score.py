@@ -46,7 +46,8 @@ def _png_bomb(side: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    pixels = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
 
 
 def _odd_files() -> dict[str, tuple[bytes, str | None]]:
@@ -111,7 +112,8 @@ def _listed(root: Path) -> set[str]:
 def _plain_folder(target: Path, synth_root: Path, category: str, count: int, start: int = 0) -> list[Path]:
     """``count`` images of ``category`` under distinct names in one flat folder (a plain archive)."""
     target.mkdir(parents=True, exist_ok=True)
-    sources = sorted((synth_root / category).rglob("test/*/*.png")) + sorted((synth_root / category).rglob("train/good/*.png"))
+    folder = synth_root / category
+    sources = sorted(folder.glob("test/*/*.png")) + sorted(folder.glob("train/good/*.png"))
     made = []
     for i in range(start, start + count):
         made.append(target / f"img_{i:03d}.png")
@@ -206,7 +208,8 @@ def test_incremental_overwrite_and_refusal(ray_session, trained, synth_root, tmp
     category = trained[1][0]
     inputs, out = tmp_path / "inbox", tmp_path / "out"
     first = _plain_folder(inputs, synth_root, category, 6)
-    base = ["score", "--checkpoints", str(trained[0]), "--input", str(inputs), "--out", str(out), "--category", category]
+    base = ["score", "--checkpoints", str(trained[0]), "--input", str(inputs), "--out", str(out)]
+    base += ["--category", category]
     assert cli.main([*base, "--batch-size", "4"]) == 0
     assert f"{category}" in capsys.readouterr().out
 
@@ -229,7 +232,9 @@ def test_incremental_overwrite_and_refusal(ray_session, trained, synth_root, tmp
     shutil.copytree(trained[0] / category, changed)
     meta = json.loads((changed / "stfpm.json").read_text())
     (changed / "stfpm.json").write_text(json.dumps({**meta, "model_id": "retrained"}))
-    summary = ray_score.score_images(changed.parent, str(inputs), out, category=category, incremental=True, progress=QUIET)
+    summary = ray_score.score_images(
+        changed.parent, str(inputs), out, category=category, incremental=True, progress=QUIET
+    )
     assert summary.rows_written == 9
     frame = pd.read_parquet(out)
     assert len(frame) == 18 and not frame.duplicated(["path", "model_id"]).any()
@@ -344,7 +349,9 @@ def test_killed_scoring_actor_loses_and_duplicates_nothing(ray_session, trained,
     result: dict = {}
     worker = threading.Thread(
         target=lambda: result.update(
-            summary=ray_score.score_images(slow.parent, str(inputs), out, category=category, batch_size=2, progress=QUIET)
+            summary=ray_score.score_images(
+                slow.parent, str(inputs), out, category=category, batch_size=2, progress=QUIET
+            )
         )
     )
     worker.start()
@@ -366,4 +373,5 @@ def test_killed_scoring_actor_loses_and_duplicates_nothing(ray_session, trained,
     frame = pd.read_parquet(out)
     assert sorted(frame.path) == sorted(str(p) for p in inputs.iterdir()) and (frame.status == "ok").all()
     workers = json.loads(Path(result["summary"].manifest).read_text())["workers"]
-    assert killed in {w["pid"] for w in workers} and len(workers) >= 2  # a restarted process took over
+    assert killed in {w["pid"] for w in workers}
+    assert sum(w["rows"] for w in workers if w["pid"] != killed) > 0  # a restarted process took over
