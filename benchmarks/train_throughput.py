@@ -4,9 +4,10 @@ Figures:
 
 * loop images/s: epochs x training images / time of the epoch loop (train, validate, checkpoint, final
   threshold and save; no start-up or decoding), for ``stfpm_ray.ray_train`` (one category, one worker with
-  every CPU) and for the core's plain-PyTorch loop (``StudentFitter`` alone, torch on every CPU);
+  one CPU) and for the core's plain-PyTorch loop (``StudentFitter`` alone, one torch thread). One thread
+  each: on a machine shared with other work, multi-threaded torch slows down erratically;
 * concurrency: wall time of ``train_categories`` for N categories at once (one worker with one CPU each)
-  against one category alone with one CPU, start-up included, plus the same ratio for the loop alone.
+  against that one category alone, start-up included, plus the same ratio for the loops alone.
 
 Targets: Ray Train loop >= 0.9x plain loop; N categories <= 1.25x the wall time of one (N = CPUs).
 
@@ -45,18 +46,16 @@ def plain_loop(root: Path, category: str, config: TrainConfig, out: Path) -> tup
     for _ in range(config.epochs):
         fitter.train_epoch()
         fitter.validate()
-        torch.save(fitter.state_dict(), out / "state.pt")  # what the Ray loop checkpoints every epoch
     fitter.restore_best()
     meta = build_meta(category, config, teacher, fitter, validation_scores(model, val, config.batch_size), {})
     save_checkpoint(out / category, model.student, meta)
     return time.perf_counter() - started, config.epochs * len(train)
 
 
-def ray_run(
-    root: Path, categories: list[str], config: TrainConfig, out: Path, cpus: float
-) -> tuple[float, list[CategoryResult]]:
+def ray_run(root: Path, categories: list[str], config: TrainConfig, out: Path) -> tuple[float, list[CategoryResult]]:
+    """``train_categories`` with one one-CPU worker per category; (wall seconds, results)."""
     started = time.perf_counter()
-    results = train_categories(root, categories, out, config, cpus_per_worker=cpus, progress=lambda line: None)
+    results = train_categories(root, categories, out, config, cpus_per_worker=1, progress=lambda line: None)
     failed = [f"{r.category}: {r.error}" for r in results if not r.ok]
     if failed:
         raise SystemExit(f"training failed: {failed}")
@@ -101,17 +100,16 @@ def main() -> None:
         print(f"machine: {cpus} CPUs, load average {os.getloadavg()[0]:.1f} at start; {args.image_size} px, "
               f"{args.epochs} epochs, batch {args.batch_size}, categories {categories}")
 
-        torch.set_num_threads(cpus)
+        torch.set_num_threads(1)
         (work / "plain").mkdir()
         plain_s, images = plain_loop(root, first, config, work / "plain")
-        _, [ray_all] = ray_run(root, [first], config, work / "ray-all", cpus)
-        ray_loop_s = ray_all.finished_at - ray_all.started_at
-        print("loop images/s, one category, every CPU:")
+        # N at once runs first: it pays for the cold start of Ray's worker processes, if anyone does.
+        many_s, many = ray_run(root, categories, config, work / "many")
+        alone_s, alone = ray_run(root, [first], config, work / "alone")
+        ray_loop_s = loop_span(alone)
+        print("loop images/s, one category, one CPU:")
         print(f"  plain PyTorch (StudentFitter)   {images / plain_s:8.2f}")
         print(f"  Ray Train worker                {images / ray_loop_s:8.2f}")
-
-        alone_s, alone = ray_run(root, [first], config, work / "alone", 1)
-        many_s, many = ray_run(root, categories, config, work / "many", 1)
         n = len(categories)
         print("wall time, one CPU per category (start-up included; loop only in brackets):")
         print(f"  1 category alone                {alone_s:8.1f} s  ({loop_span(alone):.1f} s)")

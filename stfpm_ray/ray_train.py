@@ -542,31 +542,64 @@ def _run_trials(categories: list[str], job: _Job, out_dir: Path, progress: Progr
 # Command line.
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = TrainConfig()
-    parser.add_argument("--data", required=True, help="dataset root in MVTec AD layout (ROOT/<category>/train/good)")
-    parser.add_argument("--categories", default="all", help="comma-separated category names, or 'all' (default)")
-    parser.add_argument("--out", required=True, help="checkpoint folder CKPT_DIR; one subfolder per category")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per category (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
-    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="default %(default)s")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="SGD learning rate (default %(default)s)")
-    parser.add_argument("--backbone", default=defaults.backbone, help="timm backbone (default %(default)s)")
-    parser.add_argument("--weights", default=defaults.weights,
-                        help="teacher weights: auto|offline|hub|file:PATH (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
+# Flags that set TrainConfig fields: (flag, field, type, help).
+_CONFIG_FLAGS = (
+    ("--epochs", "epochs", int, "epochs per category"),
+    ("--batch-size", "batch_size", int, "images per SGD step (split across a category's workers)"),
+    ("--image-size", "image_size", int, "model input side in pixels, a multiple of 32"),
+    ("--lr", "lr", float, "SGD learning rate"),
+    ("--backbone", "backbone", str, "timm backbone of teacher and student"),
+    ("--weights", "weights", str, "teacher weights: auto|offline|hub|file:PATH"),
+    ("--seed", "seed", int, "seed of the validation split, student init and batch order"),
+)
+
+
+def add_training_options(parser: argparse.ArgumentParser, demo_defaults: dict[str, Any] | None = None) -> None:
+    """The training and resource flags, shared with ``stfpm-ray benchmark``.
+
+    Config flags default to None, meaning TrainConfig's default (or, in a command with ``demo_defaults``,
+    the demo's), so that a caller can tell a value the user chose from a default.
+    """
+    defaults, demo = TrainConfig(), demo_defaults or {}
+    for flag, field, kind, text in _CONFIG_FLAGS:
+        default = f"{getattr(defaults, field)}" + (f"; demo: {demo[field]}" if field in demo else "")
+        parser.add_argument(flag, type=kind, default=None, help=f"{text} (default {default})")
     parser.add_argument("--workers-per-category", type=int, default=1,
-                        help="Ray Train workers per category; more than 1 trains data-parallel (DDP)")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="default %(default)s")
+                        help="Ray Train workers per category; more than 1 trains data-parallel (DDP) "
+                             "(default %(default)s)")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0,
+                        help="CPUs (and torch threads) per worker (default %(default)s)")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0,
                         help="GPUs per worker, fractions allowed (default %(default)s)")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
     parser.add_argument("--storage-path", default=None,
                         help="Ray Train run state, a local folder or URI (default CKPT_DIR/_ray); "
                              "multi-node clusters need storage every node reaches (NFS, s3://, gs://)")
     parser.add_argument("--max-failures", type=int, default=2,
                         help="restarts of a category's workers from its last checkpoint (default %(default)s)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from the flags of :func:`add_training_options`; unset flags keep TrainConfig's defaults."""
+    chosen = {field: getattr(args, field) for _, field, _, _ in _CONFIG_FLAGS if getattr(args, field) is not None}
+    return TrainConfig(**chosen)
+
+
+def resource_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`train_categories` set by the resource flags."""
+    return {
+        "workers_per_category": args.workers_per_category, "cpus_per_worker": args.cpus_per_worker,
+        "gpus_per_worker": args.gpus_per_worker, "storage_path": args.storage_path,
+        "max_failures": args.max_failures,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="dataset root in MVTec AD layout (ROOT/<category>/train/good)")
+    parser.add_argument("--categories", default="all", help="comma-separated category names, or 'all' (default)")
+    parser.add_argument("--out", required=True, help="checkpoint folder CKPT_DIR; one subfolder per category")
+    add_training_options(parser)
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
                       help="finish the run in CKPT_DIR: skip complete categories, resume the others")
@@ -575,15 +608,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit code 0 only if every category has a checkpoint."""
-    config = TrainConfig(
-        backbone=args.backbone, weights=args.weights, image_size=args.image_size, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-    )
     categories = resolve_categories(args.data, args.categories)
     results = train_categories(
-        args.data, categories, args.out, config,
-        workers_per_category=args.workers_per_category, cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker, storage_path=args.storage_path, max_failures=args.max_failures,
-        resume=args.resume, overwrite=args.overwrite, address=args.address,
+        args.data, categories, args.out, config_from_args(args), resume=args.resume, overwrite=args.overwrite,
+        address=args.address, **resource_options(args),
     )
     return 0 if all(r.ok for r in results) else 1
