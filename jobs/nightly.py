@@ -147,9 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(args.address)
     try:
         nightly(
-            args.checkpoints, args.input, args.out, top=args.top, category=args.category, batch_size=args.batch_size,
-            actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
-            map_size=args.map_size,
+            args.checkpoints, args.input, args.out, top=args.top, category=args.category,
+            **ray_score.scoring_options(args),
         )
     except USER_ERRORS as exc:
         print(f"jobs/nightly.py: error: {exc}", file=sys.stderr)

@@ -575,15 +575,10 @@ def _check_staged(index: pa.Table, planned: list[pa.Table]) -> None:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoints", required=True, metavar="CKPT_DIR", help="folder of <category>/ checkpoints")
-    parser.add_argument(
-        "--input", required=True, nargs="+", metavar="PATH_OR_URI",
-        help="image folders or files, local or s3://, gs:// (an MVTec-layout root routes images to categories)",
-    )
-    parser.add_argument("--out", required=True, metavar="OUT_DIR", help="Parquet dataset folder (local or URI)")
-    parser.add_argument("--category", help="score every input image with this category's model (plain archives)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per model batch")
+def add_scoring_options(parser: argparse.ArgumentParser, batch_size_flag: str = "--batch-size") -> None:
+    """Model and resource flags, shared with ``stfpm-ray benchmark`` (which renames the batch flag)."""
+    parser.add_argument(batch_size_flag, type=int, default=DEFAULT_BATCH_SIZE, dest="score_batch_size",
+                        help="images per scoring batch (default %(default)s)")
     parser.add_argument(
         "--actors", type=_actors_argument, metavar="N|MIN,MAX",
         help="scoring actors (default: 1 up to the GPUs, or CPUs - 1 without GPUs)",
@@ -593,6 +588,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--map-size", type=int, default=DEFAULT_MAP_SIZE, help="stored anomaly map side in pixels (default 128)"
     )
+
+
+def scoring_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of :func:`score_images` from the flags of :func:`add_scoring_options`."""
+    return {
+        "batch_size": args.score_batch_size, "actors": args.actors, "gpus_per_actor": args.gpus_per_actor,
+        "cpus_per_actor": args.cpus_per_actor, "map_size": args.map_size,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoints", required=True, metavar="CKPT_DIR", help="folder of <category>/ checkpoints")
+    parser.add_argument(
+        "--input", required=True, nargs="+", metavar="PATH_OR_URI",
+        help="image folders or files, local or s3://, gs:// (an MVTec-layout root routes images to categories)",
+    )
+    parser.add_argument("--out", required=True, metavar="OUT_DIR", help="Parquet dataset folder (local or URI)")
+    parser.add_argument("--category", help="score every input image with this category's model (plain archives)")
+    add_scoring_options(parser)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--incremental", action="store_true",
@@ -608,9 +622,8 @@ def run(args: argparse.Namespace) -> int:
 
         init_ray(args.address)
     summary = score_images(
-        args.checkpoints, args.input, args.out, category=args.category, batch_size=args.batch_size,
-        actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
-        map_size=args.map_size, incremental=args.incremental, overwrite=args.overwrite,
+        args.checkpoints, args.input, args.out, category=args.category, incremental=args.incremental,
+        overwrite=args.overwrite, **scoring_options(args),
     )
     print(summary.table())
     return 0

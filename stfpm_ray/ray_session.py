@@ -29,4 +29,5 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     log.info("starting a local Ray instance (use --address to join a cluster)")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    # The dashboard (on 127.0.0.1) also serves the state API that Ray Train polls for progress.
+    ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)

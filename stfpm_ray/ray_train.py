@@ -517,8 +517,9 @@ def _run_trials(categories: list[str], job: _Job, out_dir: Path, progress: Progr
 
     init_ray(address)
     concurrency = _concurrency(ray.cluster_resources(), job.workers, job.cpus_per_worker, job.gpus_per_worker)
-    progress(f"training {len(categories)} categories, {min(concurrency, len(categories))} at a time, "
-             f"{job.workers} worker(s) each; run {job.run_id}, Ray Train state in {job.storage_path}")
+    progress(f"training {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}, "
+             f"{min(concurrency, len(categories))} at a time, {job.workers} worker(s) each; "
+             f"run {job.run_id}, Ray Train state in {job.storage_path}")
     tracker = _tracker_class()(job, out_dir, progress)
     trainable = tune.with_resources(tune.with_parameters(_drive_category, job=job),
                                     {"memory": TRIAL_MEMORY_BYTES})
