@@ -235,6 +235,7 @@ class LocalCluster:
     _bridge: str | None = None
     _subnet: str = ""
     _temp_root: Path | None = None
+    _clients: list[subprocess.Popen] = field(default_factory=list)  # `ray job submit` processes
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -378,7 +379,8 @@ class LocalCluster:
 
     def submit_async(self, args: list[str], log_name: str) -> subprocess.Popen:
         command = [RAY, "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO), "--", "python"]
-        return _start([*command, *args], self.env(), self.root / log_name)
+        self._clients.append(_start([*command, *args], self.env(), self.root / log_name))
+        return self._clients[-1]
 
     def wait_job(self, process: subprocess.Popen, timeout: float, log_name: str) -> JobResult:
         try:
@@ -395,7 +397,10 @@ class LocalCluster:
     # ------------------------------------------------------------------------------------------ teardown
 
     def close(self) -> None:
-        """Stop every process this cluster started (workers first), delete namespaces, bridge and temp files."""
+        """Stop every process this cluster started (job clients, workers, head), delete namespaces, bridge and
+        temp files."""
+        for client in self._clients:
+            _kill_tree(client)
         for node in self.workers:
             self.kill_worker(node)
         if self._head is not None:

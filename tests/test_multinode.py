@@ -81,6 +81,8 @@ def test_benchmark_job_runs_on_the_worker_node(cluster, shared):
         JOB_TIMEOUT_S, "benchmark.log",
     )
     assert result.returncode == 0, result.output[-4000:]
+    worker_ip = re.escape(cluster.workers[-1].ip)
+    assert re.search(rf"\(RayTrainWorker pid=\d+, ip={worker_ip}\)", result.output), "training ran elsewhere"
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert set(metrics["categories"]) == set(categories)
     for name in categories:
