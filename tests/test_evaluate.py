@@ -22,6 +22,7 @@ from sklearn.metrics import roc_auc_score
 from stfpm_ray import cli
 from stfpm_ray.evaluate import evaluate_scores
 from stfpm_ray.images import load_mask
+from stfpm_ray.score_output import SCHEMA
 from stfpm_ray.mapcodec import decode_map, encode_map
 from stfpm_ray.metrics import aupro_exact, f1_max
 from stfpm_ray.report import PAPER_STFPM
@@ -30,24 +31,6 @@ MAP_SIZE = 32
 IMAGE_SIZE = 64
 NEW_MODEL, OLD_MODEL = "a1b2c3d4e5f60718", "0f0f0f0f0f0f0f0f"
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
-SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),
-        ("category", pa.string()),
-        ("score", pa.float32()),
-        ("score_norm", pa.float32()),
-        ("is_anomalous", pa.bool_()),
-        ("label", pa.int8()),
-        ("defect", pa.string()),
-        ("mask_path", pa.string()),
-        ("anomaly_map", pa.binary()),
-        ("map_scale", pa.float32()),
-        ("model_id", pa.string()),
-        ("scored_at", pa.timestamp("us", tz="UTC")),
-        ("status", pa.string()),
-        ("error", pa.string()),
-    ]
-)
 
 
 def _row(path, category, label, mask_path, anomaly_map, score, model, when, defect=None) -> dict:
