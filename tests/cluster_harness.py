@@ -333,10 +333,16 @@ class LocalCluster:
         self._wait(lambda: ip in self.alive_node_ips(), 90, f"{node.name} ({ip}) to join", log, process)
         return node
 
-    def kill_worker(self, node: WorkerNode) -> None:
-        """Lose a node as a machine would: SIGKILL its ``ray start`` group, then anything left in its namespace."""
+    def kill_worker(self, node: WorkerNode, timeout: float = 10) -> None:
+        """Lose a node as a machine would: SIGKILL its ``ray start`` group, then anything left in its namespace
+        until nothing is (a process forked while the others were being killed needs a second round)."""
         _kill_tree(node.process)
-        _kill(node.pids())
+        deadline = time.monotonic() + timeout
+        while survivors := node.pids():
+            if time.monotonic() > deadline:
+                raise ClusterError(f"processes {survivors} survive SIGKILL in namespace {node.namespace}")
+            _kill(survivors)
+            time.sleep(0.1)
 
     def wait_node_dead(self, node: WorkerNode, timeout: float = 60) -> None:
         self._wait(lambda: node.ip not in self.alive_node_ips(), timeout, f"the head to notice {node.name} died",
