@@ -515,12 +515,12 @@ def score_images(
         return summary
     progress(f"{len(files)} images: {sum(b.num_rows for b in planned)} to score, {skipped} already scored (skipped)")
 
-    from stfpm_ray.ray_session import init_ray
+    from stfpm_ray.ray_session import cluster_capacity, init_ray
 
     init_ray()
     import ray
 
-    pool = actor_pool_size(actors, gpus_per_actor, cpus_per_actor, ray.cluster_resources())
+    pool = actor_pool_size(actors, gpus_per_actor, cpus_per_actor, cluster_capacity())
     progress(f"run {run_id}: {pool[0]}-{pool[1]} scoring actors, batch size {batch_size}, maps {map_size} px")
     staging = output.start_staging(run_id)
     try:

@@ -31,3 +31,23 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     log.info("starting a local Ray instance (use --address to join a cluster)")
     # The dashboard (on 127.0.0.1) also serves the state API that Ray Train polls for progress.
     ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def cluster_capacity() -> dict[str, float]:
+    """Resources the cluster has now or can grow to, for sizing pools and concurrency.
+
+    An autoscaling cluster (``cluster.yaml``: GPU workers from 0) has no GPU when a job starts; sizing from
+    ``ray.cluster_resources()`` alone would refuse the job before the autoscaler could add a node. Ray Train
+    sizes itself from the autoscaler's configured maximum in the same way.
+    """
+    capacity = dict(ray.cluster_resources())
+    try:
+        from ray._private.state import state
+
+        maximum = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # the autoscaler's view is optional; a static cluster has none
+        log.debug("no autoscaler configuration; sizing from current cluster resources", exc_info=True)
+        maximum = {}
+    for key, value in maximum.items():
+        capacity[key] = max(capacity.get(key, 0.0), float(value))
+    return capacity

@@ -58,7 +58,7 @@ from stfpm_ray.fit import (
 )
 from stfpm_ray.model import STFPM
 from stfpm_ray.mvtec import DatasetError, resolve_categories
-from stfpm_ray.ray_session import init_ray
+from stfpm_ray.ray_session import cluster_capacity, init_ray
 from stfpm_ray.teacher import WeightsError, load_teacher
 
 RUN_FILE = "_run.json"
@@ -516,7 +516,7 @@ def _run_trials(categories: list[str], job: _Job, out_dir: Path, progress: Progr
     from ray import tune
 
     init_ray(address)
-    concurrency = _concurrency(ray.cluster_resources(), job.workers, job.cpus_per_worker, job.gpus_per_worker)
+    concurrency = _concurrency(cluster_capacity(), job.workers, job.cpus_per_worker, job.gpus_per_worker)
     progress(f"training {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}, "
              f"{min(concurrency, len(categories))} at a time, {job.workers} worker(s) each; "
              f"run {job.run_id}, Ray Train state in {job.storage_path}")
