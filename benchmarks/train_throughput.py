@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--categories", default=None, help="comma-separated; default: the first N of --data")
     parser.add_argument("--concurrent", type=int, default=os.cpu_count(), help="N (default: CPU count)")
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--train-images", type=int, default=80, help="per synthetic category")
     args = parser.parse_args()

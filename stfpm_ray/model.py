@@ -15,7 +15,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stfpm_ray.inference_graph import optimize_for_inference
 from stfpm_ray.teacher import Teacher, create_features
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """``auto`` is bf16 on GPUs that support it and fp32 elsewhere.
+
+    bf16 runs the networks' convolutions in bfloat16 (autocast) while distances and maps stay float32;
+    scores move by about 1% (see README), which tensor-core GPUs repay several times over. CPUs with
+    AVX512-BF16 or AMX are about 2x faster with it too, but CPU scoring stays exact unless asked.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    on_gpu = torch.device(device).type == "cuda"
+    return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def feature_distance(teacher_feature: Tensor, student_feature: Tensor) -> Tensor:
@@ -91,9 +110,27 @@ class STFPM(nn.Module):
                 teacher_features = list(self.teacher(x))
         return teacher_features, list(self.student(x))
 
+    def for_inference(self) -> "STFPM":
+        """Fold BatchNorm into convolutions and drop unused blocks, in teacher and student; scoring only.
+
+        About 1.6x faster on CPU at the same scores (float rounding aside). The student cannot be trained
+        afterwards. A teacher already rewritten (shared between the students of several categories) is
+        kept as it is, so it stays shared.
+        """
+        self.eval()
+        self.teacher = optimize_for_inference(self.teacher)
+        self.student = optimize_for_inference(self.student)
+        return self.to(memory_format=torch.channels_last)
+
     @torch.inference_mode()
-    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Anomaly maps at the input size (N, H, W) and image scores (N,)."""
-        teacher_features, student_features = self(images)
+    def predict(self, images: Tensor, precision: str = "fp32") -> tuple[Tensor, Tensor]:
+        """Anomaly maps at the input size (N, H, W) and image scores (N,), float32.
+
+        ``precision`` is ``fp32`` or ``bf16`` (see :func:`resolve_precision`).
+        """
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"predict runs fp32 or bf16, got {precision!r} (resolve 'auto' first)")
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            teacher_features, student_features = self(images)
         maps = anomaly_map(teacher_features, student_features, tuple(images.shape[-2:]))
         return maps, maps.flatten(1).amax(dim=1)

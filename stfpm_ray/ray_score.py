@@ -15,9 +15,11 @@ batches, the object store should carry as few bytes as possible):
    the object store. A file that cannot be read or decoded (empty, truncated, not an image,
    decompression bomb, vanished) becomes an error row with a message; it never fails the job.
 3. **Score** in an actor pool: each actor loads the teacher once and the student of each category it is
-   sent, runs each batch (whole on a GPU, in chunks of ``CPU_CHUNK`` images on CPU, which is faster there),
-   resizes each map to ``map_size`` with area interpolation and encodes it with :mod:`stfpm_ray.mapcodec`
-   in the actor, so float maps never enter the object store either.
+   sent, both rewritten for inference (:mod:`stfpm_ray.inference_graph`: BatchNorm folded, unused blocks
+   dropped), runs each batch (whole on a GPU, copied from page-locked memory, in bf16 by default; in
+   chunks of ``CPU_CHUNK`` images on CPU, which is faster there, in fp32 by default), resizes each map to
+   ``map_size`` with area interpolation and encodes it with :mod:`stfpm_ray.mapcodec` in the actor, so
+   float maps never enter the object store either.
 4. **Write** Parquet into a staging folder, check it (exactly one row per image), then commit it into
    ``OUT_DIR`` atomically with a manifest (:mod:`stfpm_ray.score_output`).
 
@@ -54,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import socket
 import time
 import uuid
@@ -88,15 +91,15 @@ DEFAULT_MAP_SIZE = 128
 # 300 MB, so a bigger file is not an inspection image, and reading it whole could exhaust a worker.
 MAX_FILE_BYTES = 512 * 1024 * 1024
 # Images per forward pass and torch thread on CPU. A large batch's activations fall out of the caches: one
-# core runs the EfficientNet-Lite0 teacher and student at 256 px at 16-23 images/s in chunks of 4, 11 in
-# one batch of 32. GPUs take the whole batch.
+# core runs the rewritten EfficientNet-Lite0 teacher and student at 256 px at about 35 images/s in chunks
+# of 1-4 and 25 in one batch of 32. GPUs take the whole batch.
 CPU_CHUNK = 4
 # Rows per Parquet file: 2048 rows of at most 40 KB keep files between a few MB and 80 MB.
 ROWS_PER_FILE = 2048
 # What one read-and-decode task reserves; the actor pool is sized to leave at least this free. Decoding
-# costs less than the forward pass it feeds (about 30 ms of one core per megapixel PNG, against 50-90 ms
-# per image for the model at 256 px), so half a CPU per task keeps decoding ahead of a pool that holds the
-# rest. A request that differs from the actors' also keeps Ray Data from fusing decoding into the actors
+# costs less than the forward pass it feeds on CPU (about 20 ms of one core per megapixel PNG, against
+# 25-30 ms per image for the rewritten model at 256 px), so half a CPU per task keeps decoding ahead of a
+# pool that holds the rest. A request that differs from the actors' also keeps Ray Data from fusing decoding into the actors
 # (it fuses consecutive map stages whose resource requests are equal), which would serialise the two.
 DECODE_CPUS = 0.5
 
@@ -297,10 +300,16 @@ class Scorer:
         threads: int,
         output: OutputFolder,
         staging: str,
+        precision: str = "auto",
     ) -> None:
         import torch
 
+        from stfpm_ray.model import resolve_precision
+
         torch.set_num_threads(threads)
+        if device == "cuda":
+            torch.backends.cudnn.benchmark = True  # one input size per category: pick the fastest kernels once
+        self.precision = resolve_precision(precision, device)
         self.threads = threads
         self.folders = checkpoints
         self.map_size = map_size
@@ -309,7 +318,7 @@ class Scorer:
         self.teachers: dict[tuple, Any] = {}
         self.output, self.staging = output, staging
         self.record = {
-            "host": socket.gethostname(), "pid": os.getpid(), "device": device,
+            "host": socket.gethostname(), "pid": os.getpid(), "device": device, "precision": self.precision,
             "started_at": datetime.now(timezone.utc).isoformat(), "batches": 0, "rows": 0,
         }
         self.output.record_worker(staging, self.record)
@@ -317,13 +326,17 @@ class Scorer:
     def _model(self, category: str) -> tuple[Any, CheckpointMeta]:
         if category not in self.models:
             from stfpm_ray.checkpoint import load_checkpoint, read_meta
+            from stfpm_ray.inference_graph import optimize_for_inference
             from stfpm_ray.teacher import load_teacher
 
             meta = read_meta(self.folders[category])
             key = (meta.backbone, tuple(meta.layers), meta.teacher_source)
             if key not in self.teachers:
-                self.teachers[key] = load_teacher(*key)
-            self.models[category] = load_checkpoint(self.folders[category], self.teachers[key], self.device)
+                teacher = load_teacher(*key)
+                teacher.network = optimize_for_inference(teacher.network)
+                self.teachers[key] = teacher
+            model, meta = load_checkpoint(self.folders[category], self.teachers[key], self.device)
+            self.models[category] = (model.for_inference(), meta)
         return self.models[category]
 
     def _score(self, category: str, pixels: list[bytes], size: int) -> list[tuple[float, float, bool, bytes, float]]:
@@ -334,11 +347,13 @@ class Scorer:
 
         model, meta = self._model(category)
         images = np.stack([np.frombuffer(p, dtype=np.uint8).reshape(size, size, 3) for p in pixels])
-        batch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        batch = torch.from_numpy(images).permute(0, 3, 1, 2)  # NCHW view in channels_last order: no copy
+        if self.device == "cuda":  # page-locked memory lets the copy run asynchronously
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
         chunk = CPU_CHUNK * self.threads if self.device == "cpu" else len(batch)
         results = []
         for start in range(0, len(batch), chunk):
-            maps, scores = model.predict(batch[start : start + chunk].to(self.device))
+            maps, scores = model.predict(batch[start : start + chunk], self.precision)
             small = F.interpolate(maps.unsqueeze(1), size=(self.map_size, self.map_size), mode="area").squeeze(1)
             for score, anomaly_map in zip(scores.float().cpu().tolist(), small.float().cpu().numpy()):
                 png, scale = encode_map(anomaly_map)
@@ -367,6 +382,7 @@ class Scorer:
                 out[name].append(values[name])
         self.record["batches"] += 1
         self.record["rows"] += len(rows)
+        self.record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         self.output.record_worker(self.staging, self.record)
         return pa.table(out, schema=SCHEMA)
 
@@ -443,6 +459,7 @@ def _run_pipeline(
     gpus_per_actor: float,
     cpus_per_actor: float,
     map_size: int,
+    precision: str,
 ) -> None:
     import ray
 
@@ -460,6 +477,7 @@ def _run_pipeline(
             "threads": max(1, round(cpus_per_actor)),
             "output": output,
             "staging": staging,
+            "precision": precision,
         },
         udf_modifying_row_count=False,
     )
@@ -476,6 +494,7 @@ def score_images(
     gpus_per_actor: float = 0.0,
     cpus_per_actor: float = 1.0,
     map_size: int = DEFAULT_MAP_SIZE,
+    precision: str = "auto",
     incremental: bool = False,
     overwrite: bool = False,
     progress: Progress = print,
@@ -483,11 +502,15 @@ def score_images(
     """Score every image under ``inputs`` into the Parquet dataset ``out_dir``; see the module docstring.
 
     ``actors`` is a fixed count or ``(min, max)``; None: 1 up to what the cluster holds next to decoding.
+    ``precision`` is ``auto`` (bf16 on GPUs, fp32 on CPUs), ``fp32`` or ``bf16``.
     Connects to Ray with :func:`stfpm_ray.ray_session.init_ray` if it is not initialised yet.
     """
     started = time.time()
     if batch_size < 1 or map_size < 8 or gpus_per_actor < 0 or cpus_per_actor <= 0:
         raise ValueError("batch size must be >= 1, map size >= 8, GPUs per actor >= 0 and CPUs per actor > 0")
+    from stfpm_ray.model import resolve_precision
+
+    resolve_precision(precision, "cpu")  # refuses an unknown precision before any work starts
     inputs = [inputs] if isinstance(inputs, str) else [str(i) for i in inputs]
     found = find_checkpoints(checkpoints)
     if category is not None and category not in found:
@@ -525,7 +548,8 @@ def score_images(
     staging = output.start_staging(run_id)
     try:
         _run_pipeline(
-            planned, sources, found, output, staging, batch_size, pool, gpus_per_actor, cpus_per_actor, map_size
+            planned, sources, found, output, staging, batch_size, pool, gpus_per_actor, cpus_per_actor, map_size,
+            precision,
         )
         staged = output.read_staging(staging)
         _check_staged(staged.index, planned)
@@ -543,6 +567,7 @@ def score_images(
             "model_ids": {name: meta.model_id for name, (_, meta) in sorted(found.items())},
             "map_size": map_size,
             "batch_size": batch_size,
+            "precision": precision,
             "rows": staged.index.num_rows,
             "counts": {name: vars(c) for name, c in sorted(counts.items())},
             "workers": output.worker_records(staging),
@@ -577,6 +602,8 @@ def _check_staged(index: pa.Table, planned: list[pa.Table]) -> None:
 
 def add_scoring_options(parser: argparse.ArgumentParser, batch_size_flag: str = "--batch-size") -> None:
     """Model and resource flags, shared with ``stfpm-ray benchmark`` (which renames the batch flag)."""
+    from stfpm_ray.model import PRECISIONS
+
     parser.add_argument(batch_size_flag, type=int, default=DEFAULT_BATCH_SIZE, dest="score_batch_size",
                         help="images per scoring batch (default %(default)s)")
     parser.add_argument(
@@ -588,13 +615,17 @@ def add_scoring_options(parser: argparse.ArgumentParser, batch_size_flag: str = 
     parser.add_argument(
         "--map-size", type=int, default=DEFAULT_MAP_SIZE, help="stored anomaly map side in pixels (default 128)"
     )
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="auto",
+        help="network precision: auto (bf16 on GPUs, fp32 on CPUs), fp32, or bf16 (also fast on AVX512-BF16/AMX CPUs)",
+    )
 
 
 def scoring_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of :func:`score_images` from the flags of :func:`add_scoring_options`."""
     return {
         "batch_size": args.score_batch_size, "actors": args.actors, "gpus_per_actor": args.gpus_per_actor,
-        "cpus_per_actor": args.cpus_per_actor, "map_size": args.map_size,
+        "cpus_per_actor": args.cpus_per_actor, "map_size": args.map_size, "precision": args.precision,
     }
 
 

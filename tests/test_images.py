@@ -53,16 +53,24 @@ def test_cmyk_jpeg():
     assert np.abs(out.astype(int)[..., 0] - GRADIENT).mean() < 8
 
 
-def test_exif_rotation_applied():
+@pytest.mark.parametrize(("fmt", "options"), [("JPEG", {"quality": 95}), ("PNG", {})])
+def test_exif_rotation_applied(fmt, options):
     # a wide image whose EXIF says "rotate 90": decoded content must be the rotated one
     array = np.zeros((32, 64, 3), dtype=np.uint8)
     array[:, :32] = 255  # left half white
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 CW on display
-    data = _encode(Image.fromarray(array), "JPEG", quality=95, exif=exif)
+    data = _encode(Image.fromarray(array), fmt, exif=exif, **options)
     out = decode_image(data, 32)
     # after rotation the white half is on top
     assert out[:16].mean() > 200 and out[16:].mean() < 55
+
+
+def test_rgb_png_fast_path_gives_pillows_pixels():
+    # 8-bit RGB PNGs go through libpng; the pixels must be exactly those of Pillow's own decoder
+    array = np.random.default_rng(1).integers(0, 256, (90, 70, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(array).resize((48, 48), Image.Resampling.BILINEAR))
+    assert np.array_equal(decode_image(_encode(Image.fromarray(array)), 48), expected)
 
 
 @pytest.mark.parametrize(

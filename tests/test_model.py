@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stfpm_ray.model import STFPM, anomaly_map, feature_distance, stfpm_loss
+from stfpm_ray.model import STFPM, anomaly_map, feature_distance, resolve_precision, stfpm_loss
 from stfpm_ray.teacher import load_teacher
 
 
@@ -94,3 +94,20 @@ def test_student_init_is_seeded():
     c = STFPM(teacher, "tf_efficientnet_lite0", (1, 2, 3), seed=4).student.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_precision_auto_is_exact_on_cpu_and_unknown_names_are_refused():
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_bf16_predict_stays_close_to_fp32(model):
+    model.eval()
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    maps, scores = model.predict(images)
+    bf16_maps, bf16_scores = model.predict(images, "bf16")
+    assert bf16_maps.dtype == torch.float32  # distances and maps are computed in float32 either way
+    assert torch.allclose(bf16_scores, scores, rtol=0.05, atol=0)
+    assert not torch.equal(bf16_maps, maps)  # the networks did run in bfloat16

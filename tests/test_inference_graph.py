@@ -1,0 +1,76 @@
+"""The inference rewrite (BatchNorm folding, unused blocks dropped) keeps scores and refuses what it cannot fold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from stfpm_ray.inference_graph import drop_unused_blocks, fold_batchnorm, optimize_for_inference
+from stfpm_ray.model import STFPM
+from stfpm_ray.teacher import DEFAULT_LAYERS, OFFLINE_BACKBONE, create_features, load_teacher
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_teacher(OFFLINE_BACKBONE, DEFAULT_LAYERS, "offline")
+
+
+def test_efficientnet_loses_every_batchnorm_and_its_unused_blocks(teacher) -> None:
+    network = create_features(OFFLINE_BACKBONE, DEFAULT_LAYERS)
+    network.load_state_dict(teacher.network.state_dict())
+    network.eval()
+    assert fold_batchnorm(network) > 20
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in network.modules())
+    assert drop_unused_blocks(network) == 2  # levels 1-3 end at block 4 of 0-6
+    assert drop_unused_blocks(network) == 0
+
+
+def test_networks_without_a_block_sequence_keep_their_layout() -> None:
+    network = create_features("resnet18", DEFAULT_LAYERS)
+    assert drop_unused_blocks(network) == 0
+
+
+def test_for_inference_keeps_maps_and_scores(teacher) -> None:
+    model = STFPM(teacher, OFFLINE_BACKBONE, DEFAULT_LAYERS, seed=3).eval()
+    # give the student's BatchNorms non-trivial statistics, as training does
+    for module in model.student.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 3, 96, 96), dtype=np.uint8))
+    maps, scores = model.predict(images)
+    fast = STFPM(teacher, OFFLINE_BACKBONE, DEFAULT_LAYERS)
+    fast.student.load_state_dict(model.student.state_dict())
+    fast_maps, fast_scores = fast.for_inference().predict(images)
+    assert torch.allclose(fast_scores, scores, rtol=1e-4, atol=0)
+    assert float((fast_maps - maps).abs().max()) <= 1e-4 * float(maps.abs().max())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+
+
+def test_a_rewritten_teacher_is_shared_not_copied(teacher) -> None:
+    # scoring actors rewrite the teacher once and hand it to every category's model
+    shared = optimize_for_inference(teacher.network)
+    assert optimize_for_inference(shared) is shared
+
+
+class _NormBeforeConv(nn.Module):
+    """Registers conv then norm but runs them the other way round: folding would be wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.norm = nn.BatchNorm2d(3)
+        self.norm.running_mean.fill_(0.3)
+        self.norm.running_var.fill_(2.0)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.conv(self.norm(x))]
+
+
+def test_a_fold_that_changes_features_is_refused_with_a_warning() -> None:
+    network = _NormBeforeConv()
+    with pytest.warns(RuntimeWarning, match="folding BatchNorm changed features"):
+        assert optimize_for_inference(network) is network
+    assert isinstance(network.norm, nn.BatchNorm2d)
