@@ -56,7 +56,7 @@ class Files(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         try:
-            return torch.from_numpy(load_image(self.paths[index], self.size)).permute(2, 0, 1)
+            return torch.from_numpy(np.array(load_image(self.paths[index], self.size))).permute(2, 0, 1)
         except ImageDecodeError:
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8)
 
@@ -133,7 +133,7 @@ def main() -> None:
         print("quality (test images):")
         quality(model, root, category, size, device, batch)
 
-        sources = [Path(s.path) for s in test_samples(root, category)]
+        sources = [Path(s.path).resolve() for s in test_samples(root, category)]
         paths = [sources[i % len(sources)] for i in range(args.images)]
         n = len(paths)
         print(f"scoring {n} files ({len(sources)} distinct):")
