@@ -125,7 +125,8 @@ def main() -> None:
         model, meta = fit_category(root, category, config, device=device)
         seconds = time.perf_counter() - started
         images_seen = meta.training.get("train_images", 0) * args.epochs
-        print(f"  wall {seconds:.0f} s (decode and teacher cache included); best epoch {meta.training.get('best_epoch')}"
+        print(f"  wall {seconds:.0f} s (decode and teacher cache included); "
+              f"best epoch {meta.training.get('best_epoch')}"
               + (f"; {images_seen / meta.training['seconds']:.0f} images/s in the epoch loop" if images_seen else ""))
         save_checkpoint(work / "ckpt" / category, model.student, meta)
         model.for_inference()

@@ -26,7 +26,9 @@ from stfpm_ray.model import STFPM
 from stfpm_ray.mvtec import test_samples
 
 
-def run(model: STFPM, images: torch.Tensor, batch_size: int, precision: str, device: str) -> tuple[np.ndarray, np.ndarray, float]:
+def run(
+    model: STFPM, images: torch.Tensor, batch_size: int, precision: str, device: str
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Maps and scores of every image, and images/s of the best of two passes."""
     best = float("inf")
     for _ in range(2):

@@ -6,7 +6,8 @@ Figures (images per second over whole runs, start-up included):
   scoring flags given); run on all images and on the first half, whose difference gives the rate a long
   run sustains once its processes have started;
 * single process: a plain loop over the core, batch by batch (read, decode, resize, forward, area-resize
-  and encode the maps) with the same batch size and the same inference rewrite (``STFPM.for_inference``); shown twice, with ``model.predict`` on the whole batch
+  and encode the maps) with the same batch size and the same inference rewrite (``STFPM.for_inference``);
+  shown twice, with ``model.predict`` on the whole batch
   and with the forward in chunks of ``CPU_CHUNK`` images as the pipeline's CPU actors run it;
 * seed approach: the seed notebook's evaluation loop (torch DataLoader with batch size 1, full-resolution
   decode then resize, teacher and student called separately, one full-size float64 map kept per image);
@@ -214,7 +215,8 @@ def main() -> None:
               "stages on the same CPUs, 1 / (1/decode + 1/model))")
         print(f"peak memory per scoring actor:       {max(peaks):.0f} MB ({len(peaks)} actors, last pipeline run)")
         map_bytes = pc.mean(pc.binary_length(pq.read_table(out, columns=["anomaly_map"])["anomaly_map"])).as_py()
-        print(f"Parquet bytes per image:             {parquet / manifest['rows'] / 1e3:.1f} KB (target <= 40, maps included; "
+        print(f"Parquet bytes per image:             {parquet / manifest['rows'] / 1e3:.1f} KB "
+              "(target <= 40, maps included; "
               f"repeated images compress together, the maps alone average {map_bytes / 1e3:.1f} KB)")
     finally:
         ray.shutdown()

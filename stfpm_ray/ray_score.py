@@ -99,8 +99,9 @@ ROWS_PER_FILE = 2048
 # What one read-and-decode task reserves; the actor pool is sized to leave at least this free. Decoding
 # costs less than the forward pass it feeds on CPU (about 20 ms of one core per megapixel PNG, against
 # 25-30 ms per image for the rewritten model at 256 px), so half a CPU per task keeps decoding ahead of a
-# pool that holds the rest. A request that differs from the actors' also keeps Ray Data from fusing decoding into the actors
-# (it fuses consecutive map stages whose resource requests are equal), which would serialise the two.
+# pool that holds the rest. A request that differs from the actors' also keeps Ray Data from fusing
+# decoding into the actors (it fuses consecutive map stages whose resource requests are equal), which
+# would serialise the two.
 DECODE_CPUS = 0.5
 
 _PLAN_SCHEMA = pa.schema(

@@ -13,8 +13,8 @@ else starts with ``_``, which both readers skip:
   folder without ``_commit.json`` belongs to a run that died before committing and is deleted. Only one
   run may write to an ``OUT_DIR`` at a time: a new run treats every other staging folder as abandoned.
 * ``_staging-<run_id>/_workers/<host>-<pid>.json`` is kept up to date by each scoring actor process
-  (batches and rows done, peak resident memory), so the manifest records which processes did the work and a restarted actor
-  shows up as a second process.
+  (batches and rows done, peak resident memory), so the manifest records which processes did the work
+  and a restarted actor shows up as a second process.
 """
 
 from __future__ import annotations
