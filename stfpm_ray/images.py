@@ -42,9 +42,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def _is_plain_rgb_png(image: Image.Image, data: bytes) -> bool:
     """An 8-bit RGB PNG without an EXIF chunk, which libpng decodes to exactly Pillow's pixels.
 
-    The chunk test is a byte search (asking Pillow would decode the image); a false hit only costs speed.
+    Bit depth and colour type are read from the IHDR chunk, which the PNG format fixes at bytes 24 and 25
+    (Pillow reports 16-bit RGB as mode RGB too). The EXIF test is a byte search (asking Pillow would
+    decode the image); a false hit only costs speed.
     """
-    return image.format == "PNG" and image.mode == "RGB" and b"eXIf" not in data
+    return image.format == "PNG" and data[24:26] == b"\x08\x02" and b"eXIf" not in data
 
 
 @functools.cache

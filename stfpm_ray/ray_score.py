@@ -286,6 +286,9 @@ def decode_batch(batch: pa.Table, sources: list[tuple[pafs.FileSystem, str]]) ->
         except OSError as exc:  # pyarrow's I/O errors: missing, vanished, unreadable files
             pixels.append(None)
             errors[i] = f"cannot read file: {exc}"
+        except Exception as exc:  # a decoder bug on one odd file must not fail the night's job
+            pixels.append(None)
+            errors[i] = f"unexpected error while decoding: {type(exc).__name__}: {exc}"
     columns = {name: batch.column(name) for name in _DECODED_SCHEMA.names if name not in ("error", "pixels")}
     return pa.table({**columns, "error": errors, "pixels": pixels}, schema=_DECODED_SCHEMA)
 

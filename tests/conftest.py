@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 
 SHARED_BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec" / "bottle"
+
+
+def handmade_png(width: int, height: int, bit_depth: int, scanlines: bytes) -> bytes:
+    """An RGB PNG written chunk by chunk, for files Pillow cannot write (16-bit RGB, lying headers)."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(scanlines)) + chunk(b"IEND", b"")
+
+
+def png_rgb16(array: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG of an (H, W, 3) uint16 array; Pillow reads these as 8-bit RGB."""
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in array)
+    return handmade_png(array.shape[1], array.shape[0], 16, rows)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+from conftest import png_rgb16
 from PIL import Image
 
 from stfpm_ray.images import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, load_image, load_mask
@@ -64,6 +65,20 @@ def test_exif_rotation_applied(fmt, options):
     out = decode_image(data, 32)
     # after rotation the white half is on top
     assert out[:16].mean() > 200 and out[16:].mean() < 55
+
+
+def test_sixteen_bit_rgb_png_decodes_like_pillow():
+    array = np.random.default_rng(2).integers(0, 65536, (40, 50, 3)).astype(np.uint16)
+    data = png_rgb16(array)
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
+    assert np.array_equal(decode_image(data, 32), expected)
+
+
+@pytest.mark.parametrize("options", [{"transparency": (1, 2, 3)}, {"interlace": 1}], ids=["tRNS", "interlaced"])
+def test_rgb_png_variants_decode_like_pillow(options):
+    data = _encode(Image.fromarray(NOISE), **options)
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
+    assert np.array_equal(decode_image(data, 32), expected)
 
 
 def test_rgb_png_fast_path_gives_pillows_pixels():

@@ -8,10 +8,8 @@ import os
 import re
 import shutil
 import signal
-import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import handmade_png, png_rgb16
 from PIL import Image
 
 from stfpm_ray import cli, ray_score
@@ -42,12 +41,7 @@ def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
 
 def _png_bomb(side: int) -> bytes:
     """A valid PNG header claiming side x side pixels: tiny file, 30 GB if decoded."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    pixels = chunk(b"IDAT", zlib.compress(b"\0" * 64))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
+    return handmade_png(side, side, 8, b"\0" * 64)
 
 
 def _odd_files() -> dict[str, tuple[bytes, str | None]]:
@@ -64,6 +58,7 @@ def _odd_files() -> dict[str, tuple[bytes, str | None]]:
         "text.png": (b"this is a text file, not an image\n", "not a readable image"),
         "bomb.png": (_png_bomb(100_000), "decompression bomb"),
         "sixteen.png": (_encode(Image.fromarray((gradient.astype(np.uint16) * 257))), None),
+        "sixteen_rgb.png": (png_rgb16(rgb.astype(np.uint16) * 257), None),
         "gray.png": (_encode(Image.fromarray(gradient)), None),
         "rgba.png": (_encode(Image.fromarray(np.dstack([rgb, gradient]))), None),
         "palette.png": (_encode(Image.fromarray(rgb).convert("P")), None),
@@ -375,3 +370,20 @@ def test_killed_scoring_actor_loses_and_duplicates_nothing(ray_session, trained,
     workers = json.loads(Path(result["summary"].manifest).read_text())["workers"]
     assert killed in {w["pid"] for w in workers}
     assert sum(w["rows"] for w in workers if w["pid"] != killed) > 0  # a restarted process took over
+
+
+def test_an_unexpected_decoder_error_becomes_an_error_row(trained, synth_root, tmp_path, monkeypatch):
+    images = _plain_folder(tmp_path / "plain", synth_root, trained[1][0], 2)
+    files, sources = ray_score.list_images([str(tmp_path / "plain")])
+    [block], _ = ray_score.plan(files, ray_score.find_checkpoints(trained[0]), trained[1][0], {}, 8)
+    decode, broken = ray_score.decode_image, images[0].read_bytes()
+
+    def decoder_with_a_bug(data: bytes, size: int) -> np.ndarray:
+        if data == broken:
+            raise TypeError("a decoder bug")
+        return decode(data, size)
+
+    monkeypatch.setattr(ray_score, "decode_image", decoder_with_a_bug)
+    decoded = ray_score.decode_batch(block, sources)
+    errors = {Path(p).name: e for p, e in zip(decoded["path"].to_pylist(), decoded["error"].to_pylist())}
+    assert errors == {images[0].name: "unexpected error while decoding: TypeError: a decoder bug", images[1].name: None}
