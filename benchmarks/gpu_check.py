@@ -5,8 +5,8 @@ when Ray is importable, the Ray scoring pipeline runs on the same images as well
 
 1. train: ``fit_category`` on the device (teacher features cached, as ``stfpm-ray train`` does), wall time
    and images/s;
-2. quality: image and pixel AUROC on the category's test images, fp32 and bf16, and the largest relative
-   change of an image score under bf16;
+2. quality: ``precision_check.compare`` on the category's test images (image and pixel AUROC, score
+   change and model-only speed of the networks as trained, rewritten for inference, and in bf16);
 3. scoring of ``--images`` files (test images repeated):
    * decode-only ceiling: read + decode + resize in one process per CPU, no model;
    * model-only ceiling: forward + map + area resize to the stored map size on pre-decoded pinned batches;
@@ -31,16 +31,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 
 from stfpm_ray.checkpoint import save_checkpoint
 from stfpm_ray.fit import TrainConfig, fit_category
-from stfpm_ray.images import ImageDecodeError, load_image, load_mask
+from stfpm_ray.images import ImageDecodeError, load_image
 from stfpm_ray.mapcodec import encode_map
-from stfpm_ray.model import STFPM
+from stfpm_ray.model import STFPM, shrink_maps
 from stfpm_ray.mvtec import test_samples
 from stfpm_ray.synth import generate_dataset
+
+from precision_check import compare  # the sibling script (run as benchmarks/gpu_check.py)
 
 MAP_SIZE = 128
 
@@ -75,26 +75,10 @@ def rate(label: str, count: int, run: Callable[[], object], device: str) -> floa
 
 def score_batch(model: STFPM, batch: torch.Tensor, precision: str, encode: bool) -> None:
     maps, _ = model.predict(batch, precision)
-    small = F.interpolate(maps.unsqueeze(1), size=(MAP_SIZE, MAP_SIZE), mode="area").squeeze(1).cpu().numpy()
+    small = shrink_maps(maps, MAP_SIZE).cpu().numpy()
     if encode:
         for anomaly_map in small:
             encode_map(anomaly_map)
-
-
-def quality(model: STFPM, root: Path, category: str, size: int, device: str, batch: int) -> None:
-    samples = test_samples(root, category)
-    images = torch.from_numpy(np.stack([load_image(s.path, size) for s in samples])).permute(0, 3, 1, 2)
-    labels = np.array([s.label for s in samples])
-    masks = np.stack([load_mask(s.mask_path, size) for s in samples]).ravel()
-    scores = {}
-    for precision in ("fp32", "bf16"):
-        outputs = [model.predict(images[i : i + batch].to(device), precision) for i in range(0, len(images), batch)]
-        maps = torch.cat([m for m, _ in outputs]).cpu().numpy()
-        scores[precision] = torch.cat([s for _, s in outputs]).cpu().numpy()
-        print(f"  {precision}: image AUROC {roc_auc_score(labels, scores[precision]):.4f}, "
-              f"pixel AUROC {roc_auc_score(masks, maps.ravel()):.4f}")
-    change = np.abs(scores["bf16"] - scores["fp32"]) / np.abs(scores["fp32"])
-    print(f"  bf16 image scores vs fp32: max relative change {change.max():.1e}, mean {change.mean():.1e}")
 
 
 def main() -> None:
@@ -129,10 +113,9 @@ def main() -> None:
               f"best epoch {meta.training.get('best_epoch')}"
               + (f"; {images_seen / meta.training['seconds']:.0f} images/s in the epoch loop" if images_seen else ""))
         save_checkpoint(work / "ckpt" / category, model.student, meta)
-        model.for_inference()
 
-        print("quality (test images):")
-        quality(model, root, category, size, device, batch)
+        print("quality and model paths (test images):")
+        compare(model, root, category, size, batch, device)  # leaves the model rewritten for inference
 
         sources = [Path(s.path).resolve() for s in test_samples(root, category)]
         paths = [sources[i % len(sources)] for i in range(args.images)]

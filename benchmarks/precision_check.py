@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,6 +47,28 @@ def run(
     return torch.cat(maps).numpy(), torch.cat(scores).numpy(), len(images) / best
 
 
+def compare(model: STFPM, root: str | Path, category: str, size: int, batch_size: int, device: str) -> None:
+    """Print the table of the three paths on the category's test images; leaves ``model`` rewritten."""
+    samples = test_samples(root, category)
+    images = torch.from_numpy(np.stack([load_image(s.path, size) for s in samples])).permute(0, 3, 1, 2)
+    labels = np.array([s.label for s in samples])
+    masks = np.stack([load_mask(s.mask_path, size) for s in samples]).ravel()
+    print(f"{category}: {len(samples)} test images at {size} px, device {device}, "
+          f"batch {batch_size}, torch {torch.get_num_threads()} threads")
+
+    as_trained = run(model.eval(), images, batch_size, "fp32", device)
+    model.for_inference()
+    paths = {"fp32 as trained": as_trained,
+             "fp32 rewritten": run(model, images, batch_size, "fp32", device),
+             "bf16 rewritten": run(model, images, batch_size, "bf16", device)}
+    reference = as_trained[1]
+    print(f"{'path':<18} {'image AUROC':>11} {'pixel AUROC':>11} {'max dev':>9} {'mean dev':>9} {'images/s':>9}")
+    for name, (maps, scores, rate) in paths.items():
+        deviation = np.abs(scores - reference) / np.abs(reference)
+        print(f"{name:<18} {roc_auc_score(labels, scores):>11.4f} {roc_auc_score(masks, maps.ravel()):>11.4f} "
+              f"{deviation.max():>9.1e} {deviation.mean():>9.1e} {rate:>9.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="one category's checkpoint folder")
@@ -55,25 +78,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, meta = load_checkpoint(args.checkpoint, device=args.device)
-    samples = test_samples(args.data, meta.category)
-    size = meta.image_size
-    images = torch.from_numpy(np.stack([load_image(s.path, size) for s in samples])).permute(0, 3, 1, 2)
-    labels = np.array([s.label for s in samples])
-    masks = np.stack([load_mask(s.mask_path, size) for s in samples]).ravel()
-    print(f"{meta.category}: {len(samples)} test images at {size} px, device {args.device}, "
-          f"batch {args.batch_size}, torch {torch.get_num_threads()} threads")
-
-    as_trained = run(model, images, args.batch_size, "fp32", args.device)
-    model.for_inference()
-    paths = {"fp32 as trained": as_trained,
-             "fp32 rewritten": run(model, images, args.batch_size, "fp32", args.device),
-             "bf16 rewritten": run(model, images, args.batch_size, "bf16", args.device)}
-    reference = as_trained[1]
-    print(f"{'path':<18} {'image AUROC':>11} {'pixel AUROC':>11} {'max dev':>9} {'mean dev':>9} {'images/s':>9}")
-    for name, (maps, scores, rate) in paths.items():
-        deviation = np.abs(scores - reference) / np.abs(reference)
-        print(f"{name:<18} {roc_auc_score(labels, scores):>11.4f} {roc_auc_score(masks, maps.ravel()):>11.4f} "
-              f"{deviation.max():>9.1e} {deviation.mean():>9.1e} {rate:>9.1f}")
+    compare(model, args.data, meta.category, meta.image_size, args.batch_size, args.device)
 
 
 if __name__ == "__main__":

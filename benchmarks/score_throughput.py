@@ -46,7 +46,7 @@ from stfpm_ray.checkpoint import load_checkpoint, save_checkpoint
 from stfpm_ray.fit import TrainConfig, fit_category
 from stfpm_ray.images import load_image
 from stfpm_ray.mapcodec import encode_map
-from stfpm_ray.model import STFPM, resolve_precision
+from stfpm_ray.model import STFPM, resolve_precision, shrink_maps
 from stfpm_ray.mvtec import test_samples
 from stfpm_ray.synth import generate_dataset
 
@@ -88,7 +88,7 @@ def timed(label: str, count: int, run: Callable[[], object]) -> float:
 def forward_and_encode(model: STFPM, images: torch.Tensor, chunk: int, map_size: int, precision: str) -> None:
     for start in range(0, len(images), chunk):
         maps, _ = model.predict(images[start : start + chunk], precision)
-        small = F.interpolate(maps.unsqueeze(1), size=(map_size, map_size), mode="area").squeeze(1)
+        small = shrink_maps(maps, map_size)
         for anomaly_map in small.numpy():
             encode_map(anomaly_map)
 

@@ -62,6 +62,12 @@ def anomaly_map(
     return result.squeeze(1)
 
 
+def shrink_maps(maps: Tensor, size: int) -> Tensor:
+    """Full-size maps (N, H, W) reduced to ``size`` x ``size`` for storage, by area averaging: every stored
+    pixel is the mean of the pixels it covers, so a small defect keeps its mass instead of being skipped."""
+    return F.interpolate(maps.unsqueeze(1), size=(size, size), mode="area").squeeze(1)
+
+
 class STFPM(nn.Module):
     """Teacher and student feature pyramids behind one input normalisation.
 

@@ -345,9 +345,9 @@ class Scorer:
 
     def _score(self, category: str, pixels: list[bytes], size: int) -> list[tuple[float, float, bool, bytes, float]]:
         import torch
-        import torch.nn.functional as F
 
         from stfpm_ray.mapcodec import encode_map
+        from stfpm_ray.model import shrink_maps
 
         model, meta = self._model(category)
         images = np.stack([np.frombuffer(p, dtype=np.uint8).reshape(size, size, 3) for p in pixels])
@@ -358,7 +358,7 @@ class Scorer:
         results = []
         for start in range(0, len(batch), chunk):
             maps, scores = model.predict(batch[start : start + chunk], self.precision)
-            small = F.interpolate(maps.unsqueeze(1), size=(self.map_size, self.map_size), mode="area").squeeze(1)
+            small = shrink_maps(maps, self.map_size)
             for score, anomaly_map in zip(scores.float().cpu().tolist(), small.float().cpu().numpy()):
                 png, scale = encode_map(anomaly_map)
                 results.append((score, meta.normalize(score), score > meta.threshold, png, scale))
