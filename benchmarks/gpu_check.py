@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stfpm_ray.checkpoint import save_checkpoint
-from stfpm_ray.fit import TrainConfig, fit_category
-from stfpm_ray.images import ImageDecodeError, load_image
-from stfpm_ray.mapcodec import encode_map
-from stfpm_ray.model import STFPM, shrink_maps
-from stfpm_ray.mvtec import test_samples
-from stfpm_ray.synth import generate_dataset
+from stfpm_ray.core.checkpoint import save_checkpoint
+from stfpm_ray.core.fit import TrainConfig, fit_category
+from stfpm_ray.data.images import ImageDecodeError, load_image
+from stfpm_ray.store.mapcodec import encode_map
+from stfpm_ray.core.model import STFPM, shrink_maps
+from stfpm_ray.data.mvtec import test_samples
+from stfpm_ray.data.synth import generate_dataset
 
 from precision_check import compare  # the sibling script (run as benchmarks/gpu_check.py)
 
@@ -144,7 +144,7 @@ def main() -> None:
             score_batch(model, b.to(device, non_blocking=True), "bf16", encode=True) for b in loader
         ], device)
         if importlib.util.find_spec("ray") is not None:
-            from stfpm_ray import ray_score
+            from stfpm_ray.ray import score as ray_score
 
             archive = work / "archive"
             archive.mkdir()

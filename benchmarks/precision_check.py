@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from stfpm_ray.checkpoint import load_checkpoint
-from stfpm_ray.images import load_image, load_mask
-from stfpm_ray.model import STFPM
-from stfpm_ray.mvtec import test_samples
+from stfpm_ray.core.checkpoint import load_checkpoint
+from stfpm_ray.data.images import load_image, load_mask
+from stfpm_ray.core.model import STFPM
+from stfpm_ray.data.mvtec import test_samples
 
 
 def run(

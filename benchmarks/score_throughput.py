@@ -2,7 +2,7 @@
 
 Figures (images per second over whole runs, start-up included):
 
-* pipeline: ``stfpm_ray.ray_score.score_images``, files to committed Parquet, default settings (or the
+* pipeline: ``stfpm_ray.ray.score.score_images``, files to committed Parquet, default settings (or the
   scoring flags given); run on all images and on the first half, whose difference gives the rate a long
   run sustains once its processes have started;
 * single process: a plain loop over the core, batch by batch (read, decode, resize, forward, area-resize
@@ -41,14 +41,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stfpm_ray import ray_score
-from stfpm_ray.checkpoint import load_checkpoint, save_checkpoint
-from stfpm_ray.fit import TrainConfig, fit_category
-from stfpm_ray.images import load_image
-from stfpm_ray.mapcodec import encode_map
-from stfpm_ray.model import STFPM, resolve_precision, shrink_maps
-from stfpm_ray.mvtec import test_samples
-from stfpm_ray.synth import generate_dataset
+from stfpm_ray.ray import score as ray_score
+from stfpm_ray.core.checkpoint import load_checkpoint, save_checkpoint
+from stfpm_ray.core.fit import TrainConfig, fit_category
+from stfpm_ray.data.images import load_image
+from stfpm_ray.store.mapcodec import encode_map
+from stfpm_ray.core.model import STFPM, resolve_precision, shrink_maps
+from stfpm_ray.data.mvtec import test_samples
+from stfpm_ray.data.synth import generate_dataset
 
 
 def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:

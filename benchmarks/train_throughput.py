@@ -3,7 +3,7 @@
 Figures:
 
 * loop images/s: epochs x training images / time of the epoch loop (train, validate, checkpoint, final
-  threshold and save; no start-up or decoding), for ``stfpm_ray.ray_train`` (one category, one worker with
+  threshold and save; no start-up or decoding), for ``stfpm_ray.ray.train`` (one category, one worker with
   one CPU) and for the core's plain-PyTorch loop (``StudentFitter`` alone, one torch thread). One thread
   each: on a machine shared with other work, multi-threaded torch slows down erratically;
 * concurrency: wall time of ``train_categories`` for N categories at once (one worker with one CPU each)
@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from stfpm_ray.checkpoint import save_checkpoint
-from stfpm_ray.fit import StudentFitter, TrainConfig, build_meta, prepare_category, seed_everything, validation_scores
-from stfpm_ray.model import STFPM
-from stfpm_ray.mvtec import resolve_categories
-from stfpm_ray.ray_train import CategoryResult, train_categories
-from stfpm_ray.synth import generate_dataset
-from stfpm_ray.teacher import load_teacher
+from stfpm_ray.core.checkpoint import save_checkpoint
+from stfpm_ray.core.fit import StudentFitter, TrainConfig, build_meta, prepare_category, seed_everything, validation_scores
+from stfpm_ray.core.model import STFPM
+from stfpm_ray.data.mvtec import resolve_categories
+from stfpm_ray.ray.train import CategoryResult, train_categories
+from stfpm_ray.data.synth import generate_dataset
+from stfpm_ray.core.teacher import load_teacher
 
 
 def plain_loop(root: Path, category: str, config: TrainConfig, out: Path) -> tuple[float, int]:

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.dataset as pads  # noqa: E402
 
-from stfpm_ray import ray_score  # noqa: E402
+from stfpm_ray.ray import score as ray_score  # noqa: E402
 from stfpm_ray.cli import USER_ERRORS  # noqa: E402
-from stfpm_ray.score_output import resolve  # noqa: E402
+from stfpm_ray.store.scores import resolve  # noqa: E402
 
 REPORTS = "_reports"
 DEFAULT_TOP = 20
@@ -111,7 +111,7 @@ def nightly(
 ) -> tuple[dict[str, Any], str]:
     """Score what is new under ``inputs`` into ``out_dir`` (incrementally), then report; returns (report, path).
 
-    ``score_options`` are those of :func:`stfpm_ray.ray_score.score_images` except the output mode.
+    ``score_options`` are those of :func:`stfpm_ray.ray.score.score_images` except the output mode.
     """
     if top < 0:
         raise ValueError(f"--top must be >= 0, got {top}")
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     if args.address:
-        from stfpm_ray.ray_session import init_ray
+        from stfpm_ray.ray.session import init_ray
 
         init_ray(args.address)
     try:

@@ -44,7 +44,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """Three small synthetic categories (64 px), generated once per session."""
-    from stfpm_ray.synth import generate_dataset
+    from stfpm_ray.data.synth import generate_dataset
 
     root = tmp_path_factory.mktemp("synth")
     generate_dataset(root, categories=3, size=64, n_train=16, n_test=10, seed=0)

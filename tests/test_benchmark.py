@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from stfpm_ray import cli
-from stfpm_ray.synth import generate_dataset
+from stfpm_ray.data.synth import generate_dataset
 
 
 def test_benchmark_on_fifteen_synthetic_categories(ray_session, tmp_path):

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from stfpm_ray.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, read_meta, save_checkpoint
-from stfpm_ray.model import STFPM
-from stfpm_ray.teacher import load_teacher
+from stfpm_ray.core.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, read_meta, save_checkpoint
+from stfpm_ray.core.model import STFPM
+from stfpm_ray.core.teacher import load_teacher
 
 LAYERS = (1, 2, 3)
 

@@ -20,12 +20,12 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from stfpm_ray import cli
-from stfpm_ray.evaluate import evaluate_scores
-from stfpm_ray.images import load_mask
-from stfpm_ray.score_output import SCHEMA
-from stfpm_ray.mapcodec import decode_map, encode_map
-from stfpm_ray.metrics import aupro_exact, f1_max
-from stfpm_ray.report import PAPER_STFPM
+from stfpm_ray.evaluate.evaluation import evaluate_scores
+from stfpm_ray.data.images import load_mask
+from stfpm_ray.store.scores import SCHEMA
+from stfpm_ray.store.mapcodec import decode_map, encode_map
+from stfpm_ray.evaluate.metrics import aupro_exact, f1_max
+from stfpm_ray.evaluate.report import PAPER_STFPM
 
 MAP_SIZE = 32
 IMAGE_SIZE = 64

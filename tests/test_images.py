@@ -9,8 +9,8 @@ import pytest
 from conftest import png_rgb16
 from PIL import Image
 
-from stfpm_ray.images import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, load_image, load_mask
-from stfpm_ray.mapcodec import decode_map, encode_map
+from stfpm_ray.data.images import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, load_image, load_mask
+from stfpm_ray.store.mapcodec import decode_map, encode_map
 
 
 def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from stfpm_ray.inference_graph import drop_unused_blocks, fold_batchnorm, optimize_for_inference
-from stfpm_ray.model import STFPM
-from stfpm_ray.teacher import DEFAULT_LAYERS, OFFLINE_BACKBONE, create_features, load_teacher
+from stfpm_ray.core.inference_graph import drop_unused_blocks, fold_batchnorm, optimize_for_inference
+from stfpm_ray.core.model import STFPM
+from stfpm_ray.core.teacher import DEFAULT_LAYERS, OFFLINE_BACKBONE, create_features, load_teacher
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from stfpm_ray.metrics import PixelMetrics, aupro_exact, f1_max, image_auroc, roc_curve_points
+from stfpm_ray.evaluate.metrics import PixelMetrics, aupro_exact, f1_max, image_auroc, roc_curve_points
 
 
 def realistic_maps(seed: int, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:

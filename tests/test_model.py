@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stfpm_ray.model import STFPM, anomaly_map, feature_distance, resolve_precision, stfpm_loss
-from stfpm_ray.teacher import load_teacher
+from stfpm_ray.core.model import STFPM, anomaly_map, feature_distance, resolve_precision, stfpm_loss
+from stfpm_ray.core.teacher import load_teacher
 
 
 def _hand_case():

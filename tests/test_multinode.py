@@ -25,9 +25,9 @@ import pytest
 
 from cluster_harness import ClusterError, JobResult, LocalCluster, WorkerNode
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-from stfpm_ray.checkpoint import read_meta
-from stfpm_ray.mvtec import discover_categories
-from stfpm_ray.synth import generate_dataset
+from stfpm_ray.core.checkpoint import read_meta
+from stfpm_ray.data.mvtec import discover_categories
+from stfpm_ray.data.synth import generate_dataset
 
 JOB_TIMEOUT_S = 240
 # Scoring archive size: enough batches that a node can be killed after the first and long before the last.

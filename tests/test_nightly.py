@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from stfpm_ray.checkpoint import save_checkpoint
-from stfpm_ray.fit import TrainConfig, fit_category
-from stfpm_ray.images import load_image
-from stfpm_ray.mvtec import discover_categories
+from stfpm_ray.core.checkpoint import save_checkpoint
+from stfpm_ray.core.fit import TrainConfig, fit_category
+from stfpm_ray.data.images import load_image
+from stfpm_ray.data.mvtec import discover_categories
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "nightly.py"
 QUIET = lambda message: None  # noqa: E731

@@ -11,9 +11,9 @@ import torch
 from conftest import SHARED_BOTTLE
 from sklearn.metrics import roc_auc_score
 
-from stfpm_ray.fit import TrainConfig, fit_category
-from stfpm_ray.images import load_image, load_mask
-from stfpm_ray.mvtec import test_samples as mvtec_test_samples
+from stfpm_ray.core.fit import TrainConfig, fit_category
+from stfpm_ray.data.images import load_image, load_mask
+from stfpm_ray.data.mvtec import test_samples as mvtec_test_samples
 
 
 def test_bottle_128_reaches_paper_level_auroc():

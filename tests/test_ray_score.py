@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from conftest import handmade_png, png_rgb16
 from PIL import Image
 
-from stfpm_ray import cli, ray_score
-from stfpm_ray.checkpoint import load_checkpoint, save_checkpoint
-from stfpm_ray.fit import TrainConfig, fit_category
-from stfpm_ray.images import load_image
-from stfpm_ray.mvtec import discover_categories, sample_for
-from stfpm_ray.score_output import COMMIT_FILE, SCHEMA, OutputFolder
-from stfpm_ray.teacher import load_teacher
+from stfpm_ray import cli
+from stfpm_ray.ray import score as ray_score
+from stfpm_ray.core.checkpoint import load_checkpoint, save_checkpoint
+from stfpm_ray.core.fit import TrainConfig, fit_category
+from stfpm_ray.data.images import load_image
+from stfpm_ray.data.mvtec import discover_categories, sample_for
+from stfpm_ray.store.scores import COMMIT_FILE, SCHEMA, OutputFolder
+from stfpm_ray.core.teacher import load_teacher
 
 QUIET = lambda message: None  # noqa: E731
 

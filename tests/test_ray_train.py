@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from stfpm_ray import cli, mvtec
-from stfpm_ray.checkpoint import load_checkpoint
-from stfpm_ray.fit import TrainConfig, fit_category
-from stfpm_ray.images import load_image
-from stfpm_ray.metrics import image_auroc
-from stfpm_ray.ray_train import RUN_FILE, _claim_out_dir, train_categories
+from stfpm_ray import cli
+from stfpm_ray.data import mvtec
+from stfpm_ray.core.checkpoint import load_checkpoint
+from stfpm_ray.core.fit import TrainConfig, fit_category
+from stfpm_ray.data.images import load_image
+from stfpm_ray.evaluate.metrics import image_auroc
+from stfpm_ray.ray.train import RUN_FILE, _claim_out_dir, train_categories
 
 # The synthetic "tiles" defects are too small to separate at 64 px; "grain" and "weave" are not.
 PAIR = ["grain", "weave"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stfpm_ray.synth import CATEGORY_KINDS, category_names, defect_types, generate_dataset, render_sample
+from stfpm_ray.data.synth import CATEGORY_KINDS, category_names, defect_types, generate_dataset, render_sample
 
 SMALL = dict(size=32, n_train=3, n_test=6)
 

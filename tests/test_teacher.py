@@ -8,8 +8,8 @@ from conftest import SHARED_BOTTLE
 import torch
 from safetensors.torch import save_file
 
-from stfpm_ray.images import load_image
-from stfpm_ray.teacher import (
+from stfpm_ray.data.images import load_image
+from stfpm_ray.core.teacher import (
     OFFLINE_SHA256,
     WeightsError,
     WeightsSource,

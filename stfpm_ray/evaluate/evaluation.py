@@ -6,17 +6,17 @@ bounded whatever the number of rows:
 1. the small columns (path, category, score, label, ...) of every row are read at once (a few hundred
    bytes per row) and give the counts, the image metrics and the choice of model per category;
 2. the anomaly maps are then streamed in record batches of a few dozen rows, filtered by category and
-   label, and folded into one :class:`~stfpm_ray.metrics.PixelMetrics` per category (three fixed-size
+   label, and folded into one :class:`~stfpm_ray.evaluate.metrics.PixelMetrics` per category (three fixed-size
    histograms, 1.5 MiB). Up to ``CATEGORIES_PER_PASS`` categories share one pass, because a filter on
    ``category`` cannot skip row groups that mix categories, so a pass per category would read and
    decompress every map once per category.
 
 Measured on this project's 2-core machine: 15 categories x 1,000 maps of 256x256 (1.4 GiB of Parquet in
 15 files of mixed categories) evaluate with a peak RSS of 1.0 GiB, flat over the pass; streamed pixel AUROC
-and AUPRO differed from sklearn and :func:`~stfpm_ray.metrics.aupro_exact` by < 1e-8 on a 1,000-map category.
+and AUPRO differed from sklearn and :func:`~stfpm_ray.evaluate.metrics.aupro_exact` by < 1e-8 on a 1,000-map category.
 
 Pixel metrics are computed at the stored map resolution (``map_size``, 128x128 by default), with masks
-reduced to it by :func:`stfpm_ray.images.load_mask`, not at the image resolution: the report says so.
+reduced to it by :func:`stfpm_ray.data.images.load_mask`, not at the image resolution: the report says so.
 The binning of ``PixelMetrics`` is not exact; its guaranteed error bounds are reported beside the values.
 
 Row accounting per category: ``n_images = n_good + n_defective + n_unlabeled + n_errors`` over the rows of
@@ -37,9 +37,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from stfpm_ray import metrics, report
-from stfpm_ray.images import load_mask
-from stfpm_ray.mapcodec import decode_map
+from stfpm_ray.evaluate import metrics, report
+from stfpm_ray.data.images import load_mask
+from stfpm_ray.store.mapcodec import decode_map
 
 AUPRO_FPR_LIMIT = 0.3
 # Examples shown per category and side (highest-scored good, lowest-scored defective).

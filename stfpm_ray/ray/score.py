@@ -6,22 +6,22 @@ batches, the object store should carry as few bytes as possible):
 1. **List** the inputs on the driver through pyarrow filesystems (local folders, ``s3://``, ``gs://``;
    png/jpg/jpeg/bmp/tif/tiff in any letter case; hidden ``.`` entries skipped) and route every file to a
    category: ``--category`` for a plain archive folder, otherwise the MVTec layout
-   (:func:`stfpm_ray.mvtec.sample_for`: category, label and defect from the path, mask from
+   (:func:`stfpm_ray.data.mvtec.sample_for`: category, label and defect from the path, mask from
    ``ground_truth``). Listing on the driver, rather than inside ``read_binary_files``, lets a nightly
    ``--incremental`` run drop already-scored files before a single byte of them is read. Only paths
    enter the dataset, a block per ``batch_size`` files.
 2. **Read and decode** in CPU tasks: each file is read through its filesystem and decoded to uint8 at the
-   checkpoint's image size (:func:`stfpm_ray.images.decode_image`), so full-resolution pixels never enter
+   checkpoint's image size (:func:`stfpm_ray.data.images.decode_image`), so full-resolution pixels never enter
    the object store. A file that cannot be read or decoded (empty, truncated, not an image,
    decompression bomb, vanished) becomes an error row with a message; it never fails the job.
 3. **Score** in an actor pool: each actor loads the teacher once and the student of each category it is
-   sent, both rewritten for inference (:mod:`stfpm_ray.inference_graph`: BatchNorm folded, unused blocks
+   sent, both rewritten for inference (:mod:`stfpm_ray.core.inference_graph`: BatchNorm folded, unused blocks
    dropped), runs each batch (whole on a GPU, copied from page-locked memory, in bf16 by default; in
    chunks of ``CPU_CHUNK`` images on CPU, which is faster there, in fp32 by default), resizes each map to
-   ``map_size`` with area interpolation and encodes it with :mod:`stfpm_ray.mapcodec` in the actor, so
+   ``map_size`` with area interpolation and encodes it with :mod:`stfpm_ray.store.mapcodec` in the actor, so
    float maps never enter the object store either.
 4. **Write** Parquet into a staging folder, check it (exactly one row per image), then commit it into
-   ``OUT_DIR`` atomically with a manifest (:mod:`stfpm_ray.score_output`).
+   ``OUT_DIR`` atomically with a manifest (:mod:`stfpm_ray.store.scores`).
 
 Defaults, and why:
 
@@ -71,9 +71,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from stfpm_ray.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
-from stfpm_ray.mvtec import sample_for
-from stfpm_ray.score_output import (
+from stfpm_ray.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
+from stfpm_ray.data.mvtec import sample_for
+from stfpm_ray.store.scores import (
     SCHEMA,
     OutputFolder,
     Progress,
@@ -83,7 +83,7 @@ from stfpm_ray.score_output import (
 )
 
 if TYPE_CHECKING:  # torch is imported where a model is needed, so decode workers never load it
-    from stfpm_ray.checkpoint import CheckpointMeta
+    from stfpm_ray.core.checkpoint import CheckpointMeta
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAP_SIZE = 128
@@ -162,7 +162,7 @@ class ScoreSummary:
 
 def find_checkpoints(checkpoints: str | Path) -> dict[str, tuple[str, CheckpointMeta]]:
     """``{category: (folder, meta)}`` from ``CKPT_DIR/<category>/`` (or one checkpoint folder itself)."""
-    from stfpm_ray.checkpoint import META_FILE, read_meta
+    from stfpm_ray.core.checkpoint import META_FILE, read_meta
 
     root = Path(checkpoints)
     if not root.is_dir():
@@ -308,7 +308,7 @@ class Scorer:
     ) -> None:
         import torch
 
-        from stfpm_ray.model import resolve_precision
+        from stfpm_ray.core.model import resolve_precision
 
         torch.set_num_threads(threads)
         if device == "cuda":
@@ -329,9 +329,9 @@ class Scorer:
 
     def _model(self, category: str) -> tuple[Any, CheckpointMeta]:
         if category not in self.models:
-            from stfpm_ray.checkpoint import load_checkpoint, read_meta
-            from stfpm_ray.inference_graph import optimize_for_inference
-            from stfpm_ray.teacher import load_teacher
+            from stfpm_ray.core.checkpoint import load_checkpoint, read_meta
+            from stfpm_ray.core.inference_graph import optimize_for_inference
+            from stfpm_ray.core.teacher import load_teacher
 
             meta = read_meta(self.folders[category])
             key = (meta.backbone, tuple(meta.layers), meta.teacher_source)
@@ -346,8 +346,8 @@ class Scorer:
     def _score(self, category: str, pixels: list[bytes], size: int) -> list[tuple[float, float, bool, bytes, float]]:
         import torch
 
-        from stfpm_ray.mapcodec import encode_map
-        from stfpm_ray.model import shrink_maps
+        from stfpm_ray.store.mapcodec import encode_map
+        from stfpm_ray.core.model import shrink_maps
 
         model, meta = self._model(category)
         images = np.stack([np.frombuffer(p, dtype=np.uint8).reshape(size, size, 3) for p in pixels])
@@ -507,12 +507,12 @@ def score_images(
 
     ``actors`` is a fixed count or ``(min, max)``; None: 1 up to what the cluster holds next to decoding.
     ``precision`` is ``auto`` (bf16 on GPUs, fp32 on CPUs), ``fp32`` or ``bf16``.
-    Connects to Ray with :func:`stfpm_ray.ray_session.init_ray` if it is not initialised yet.
+    Connects to Ray with :func:`stfpm_ray.ray.session.init_ray` if it is not initialised yet.
     """
     started = time.time()
     if batch_size < 1 or map_size < 8 or gpus_per_actor < 0 or cpus_per_actor <= 0:
         raise ValueError("batch size must be >= 1, map size >= 8, GPUs per actor >= 0 and CPUs per actor > 0")
-    from stfpm_ray.model import resolve_precision
+    from stfpm_ray.core.model import resolve_precision
 
     resolve_precision(precision, "cpu")  # refuses an unknown precision before any work starts
     inputs = [inputs] if isinstance(inputs, str) else [str(i) for i in inputs]
@@ -542,7 +542,7 @@ def score_images(
         return summary
     progress(f"{len(files)} images: {sum(b.num_rows for b in planned)} to score, {skipped} already scored (skipped)")
 
-    from stfpm_ray.ray_session import cluster_capacity, init_ray
+    from stfpm_ray.ray.session import cluster_capacity, init_ray
 
     init_ray()
     import ray
@@ -606,7 +606,7 @@ def _check_staged(index: pa.Table, planned: list[pa.Table]) -> None:
 
 def add_scoring_options(parser: argparse.ArgumentParser, batch_size_flag: str = "--batch-size") -> None:
     """Model and resource flags, shared with ``stfpm-ray benchmark`` (which renames the batch flag)."""
-    from stfpm_ray.model import PRECISIONS
+    from stfpm_ray.core.model import PRECISIONS
 
     parser.add_argument(batch_size_flag, type=int, default=DEFAULT_BATCH_SIZE, dest="score_batch_size",
                         help="images per scoring batch (default %(default)s)")
@@ -653,7 +653,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.address:
-        from stfpm_ray.ray_session import init_ray
+        from stfpm_ray.ray.session import init_ray
 
         init_ray(args.address)
     summary = score_images(

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stfpm_ray.inference_graph import optimize_for_inference
-from stfpm_ray.teacher import Teacher, create_features
+from stfpm_ray.core.inference_graph import optimize_for_inference
+from stfpm_ray.core.teacher import Teacher, create_features
 
 
 PRECISIONS = ("auto", "fp32", "bf16")

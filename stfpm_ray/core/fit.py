@@ -1,6 +1,6 @@
 """Fitting one student in plain PyTorch: data split, epochs, model selection, threshold.
 
-The Ray Train layer (``stfpm_ray.ray_train``) drives the same :class:`StudentFitter`, so a category trained
+The Ray Train layer (``stfpm_ray.ray.train``) drives the same :class:`StudentFitter`, so a category trained
 with or without Ray follows one code path. Model selection and the threshold use only the held-out
 defect-free validation images, never test labels.
 """
@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stfpm_ray.checkpoint import CheckpointMeta
-from stfpm_ray.images import ImageDecodeError, load_image
-from stfpm_ray.model import STFPM, stfpm_loss
-from stfpm_ray.mvtec import DatasetError, train_images
-from stfpm_ray.teacher import DEFAULT_LAYERS, OFFLINE_BACKBONE, Teacher, load_teacher
+from stfpm_ray.core.checkpoint import CheckpointMeta
+from stfpm_ray.data.images import ImageDecodeError, load_image
+from stfpm_ray.core.model import STFPM, stfpm_loss
+from stfpm_ray.data.mvtec import DatasetError, train_images
+from stfpm_ray.core.teacher import DEFAULT_LAYERS, OFFLINE_BACKBONE, Teacher, load_teacher
 
 log = logging.getLogger(__name__)
 

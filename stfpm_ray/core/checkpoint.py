@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from stfpm_ray.model import STFPM
-from stfpm_ray.teacher import Teacher, load_teacher
+from stfpm_ray.core.model import STFPM
+from stfpm_ray.core.teacher import Teacher, load_teacher
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "student.safetensors"

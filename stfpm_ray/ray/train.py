@@ -15,7 +15,7 @@ A trial only waits on its Train controller, so it reserves a little memory and n
 would starve the workers of a small cluster (on two cores, two trials would hold both and no worker
 could start).
 
-Each worker runs the core's :class:`~stfpm_ray.fit.StudentFitter` (the same loop as the plain-PyTorch
+Each worker runs the core's :class:`~stfpm_ray.core.fit.StudentFitter` (the same loop as the plain-PyTorch
 ``fit_category``). After every epoch rank 0 reports its metrics with a resumable checkpoint
 (``StudentFitter.state_dict``), except that epochs shorter than ``REPORT_INTERVAL_S`` are reported together:
 Ray Train collects one report per controller poll (2 s), so a report per sub-second epoch (small
@@ -47,8 +47,8 @@ from typing import Any
 
 import torch
 
-from stfpm_ray.checkpoint import META_FILE, CheckpointError, read_meta, save_checkpoint
-from stfpm_ray.fit import (
+from stfpm_ray.core.checkpoint import META_FILE, CheckpointError, read_meta, save_checkpoint
+from stfpm_ray.core.fit import (
     StudentFitter,
     TrainConfig,
     build_meta,
@@ -56,10 +56,10 @@ from stfpm_ray.fit import (
     seed_everything,
     validation_scores,
 )
-from stfpm_ray.model import STFPM
-from stfpm_ray.mvtec import DatasetError, resolve_categories
-from stfpm_ray.ray_session import cluster_capacity, init_ray
-from stfpm_ray.teacher import WeightsError, load_teacher
+from stfpm_ray.core.model import STFPM
+from stfpm_ray.data.mvtec import DatasetError, resolve_categories
+from stfpm_ray.ray.session import cluster_capacity, init_ray
+from stfpm_ray.core.teacher import WeightsError, load_teacher
 
 RUN_FILE = "_run.json"
 DEFAULT_STORAGE_DIR = "_ray"

@@ -28,8 +28,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from scipy import ndimage
 
-from stfpm_ray.images import ImageDecodeError, load_image
-from stfpm_ray.metrics import roc_curve_points
+from stfpm_ray.data.images import ImageDecodeError, load_image
+from stfpm_ray.evaluate.metrics import roc_curve_points
 
 PAPER_SOURCE = (
     "Official STFPM on MVTec AD (Wang et al. 2021, 'Student-Teacher Feature Pyramid Matching for Anomaly "
@@ -55,7 +55,7 @@ PAPER_STFPM: dict[str, tuple[float, float]] = {
     "zipper": (0.961, 0.985),
 }
 PIXEL_METRICS_NOTE = (
-    "Pixel AUROC and AUPRO are streamed through fixed 65,536-bin histograms (stfpm_ray.metrics.PixelMetrics: "
+    "Pixel AUROC and AUPRO are streamed through fixed 65,536-bin histograms (stfpm_ray.evaluate.metrics.PixelMetrics: "
     "1.5 MiB per category whatever the number of images). They equal the exact metrics with scores inside "
     "one bin treated as tied; *_max_binning_error are guaranteed bounds on the difference (measured errors "
     "are far smaller, about 1e-6)."

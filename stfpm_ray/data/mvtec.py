@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from stfpm_ray.images import IMAGE_EXTENSIONS
+from stfpm_ray.data.images import IMAGE_EXTENSIONS
 
 
 class DatasetError(ValueError):

@@ -15,11 +15,11 @@ import sys
 from stfpm_ray import __version__
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("stfpm_ray.synth", "write a synthetic MVTec-layout dataset (for demos and tests)"),
-    "train": ("stfpm_ray.ray_train", "train one student per category with Ray Train, categories in parallel"),
-    "score": ("stfpm_ray.ray_score", "score an image archive with Ray Data into Parquet"),
-    "evaluate": ("stfpm_ray.evaluate", "per-category metrics and an HTML report from scoring Parquet"),
-    "benchmark": ("stfpm_ray.benchmark", "train, score and evaluate every category of a dataset root"),
+    "synth": ("stfpm_ray.data.synth", "write a synthetic MVTec-layout dataset (for demos and tests)"),
+    "train": ("stfpm_ray.ray.train", "train one student per category with Ray Train, categories in parallel"),
+    "score": ("stfpm_ray.ray.score", "score an image archive with Ray Data into Parquet"),
+    "evaluate": ("stfpm_ray.evaluate.evaluation", "per-category metrics and an HTML report from scoring Parquet"),
+    "benchmark": ("stfpm_ray.ray.benchmark", "train, score and evaluate every category of a dataset root"),
 }
 
 # Errors that mean "the user's input is wrong": shown as one line, not a traceback.

@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from stfpm_ray import ray_score, ray_train
-from stfpm_ray.evaluate import evaluate_scores
-from stfpm_ray.mvtec import resolve_categories
-from stfpm_ray.report import metrics_json
-from stfpm_ray.ray_session import init_ray
-from stfpm_ray.synth import generate_dataset
+from stfpm_ray.ray import score as ray_score, train as ray_train
+from stfpm_ray.evaluate.evaluation import evaluate_scores
+from stfpm_ray.data.mvtec import resolve_categories
+from stfpm_ray.evaluate.report import metrics_json
+from stfpm_ray.ray.session import init_ray
+from stfpm_ray.data.synth import generate_dataset
 
 # The embedded demo: small enough for two CPU cores, large enough for meaningful AUROC.
 DEMO_DATA = {"categories": 3, "size": 128, "n_train": 40, "n_test": 20, "seed": 0}
