@@ -32,17 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stfpm_ray.core.checkpoint import save_checkpoint
+from stfpm_ray.core.checkpoint import CheckpointMeta, save_checkpoint
 from stfpm_ray.core.fit import TrainConfig, fit_category
+from stfpm_ray.core.model import STFPM
+from stfpm_ray.core.score import DEFAULT_MAP_SIZE as MAP_SIZE, ScoreSettings, score_batch
 from stfpm_ray.data.images import ImageDecodeError, load_image
-from stfpm_ray.store.mapcodec import encode_map
-from stfpm_ray.core.model import STFPM, shrink_maps
 from stfpm_ray.data.mvtec import test_samples
 from stfpm_ray.data.synth import generate_dataset
+from stfpm_ray.progress import quiet
 
 from precision_check import compare  # the sibling script (run as benchmarks/gpu_check.py)
 
-MAP_SIZE = 128
 
 
 class Files(torch.utils.data.Dataset):
@@ -73,12 +73,11 @@ def rate(label: str, count: int, run: Callable[[], object], device: str) -> floa
     return per_second
 
 
-def score_batch(model: STFPM, batch: torch.Tensor, precision: str, encode: bool) -> None:
-    maps, _ = model.predict(batch, precision)
-    small = shrink_maps(maps, MAP_SIZE).cpu().numpy()
-    if encode:
-        for anomaly_map in small:
-            encode_map(anomaly_map)
+def score_all(model: STFPM, meta: CheckpointMeta, batches, precision: str, device: str) -> None:
+    """The core's scoring step on every batch (forward, map, PNG encoding, normalise, threshold)."""
+    settings = ScoreSettings(map_size=MAP_SIZE, precision=precision)
+    for batch in batches:
+        score_batch(model, meta, batch.to(device, non_blocking=True), settings)
 
 
 def main() -> None:
@@ -106,7 +105,7 @@ def main() -> None:
         print(f"train: {category}, {args.epochs} epochs")
         started = time.perf_counter()
         config = TrainConfig(image_size=size, epochs=args.epochs, weights="offline")
-        model, meta = fit_category(root, category, config, device=device)
+        model, meta, _ = fit_category(root, category, config, device=device)
         seconds = time.perf_counter() - started
         images_seen = meta.training.get("train_images", 0) * args.epochs
         print(f"  wall {seconds:.0f} s (decode and teacher cache included); "
@@ -132,28 +131,26 @@ def main() -> None:
             batches = [b.pin_memory() for b in batches]
         results = {"decode": decode}
         for precision in ("fp32", "bf16"):
-            results[f"model {precision}"] = rate(f"model-only ceiling, {precision} (forward + map)", n, lambda: [
-                score_batch(model, b.to(device, non_blocking=True), precision, encode=False) for b in batches
-            ], device)
+            results[f"model {precision}"] = rate(f"model-only ceiling, {precision} (forward + map + PNG)", n,
+                                                 lambda: score_all(model, meta, batches, precision, device), device)
         loader = torch.utils.data.DataLoader(
             Files(paths, size), batch_size=batch, num_workers=max(1, cpus - 1), pin_memory=device == "cuda",
             persistent_workers=True, prefetch_factor=4,
         )
         next(iter(loader))  # start the workers
-        results["core"] = rate("core end to end (DataLoader decode, bf16 model, PNG maps)", n, lambda: [
-            score_batch(model, b.to(device, non_blocking=True), "bf16", encode=True) for b in loader
-        ], device)
+        results["core"] = rate("core end to end (DataLoader decode, bf16 model, PNG maps)", n,
+                               lambda: score_all(model, meta, loader, "bf16", device), device)
         if importlib.util.find_spec("ray") is not None:
-            from stfpm_ray.ray import score as ray_score
+            from stfpm_ray.ray.score import ScoringOptions, score_images  # optional on GPU images
 
             archive = work / "archive"
             archive.mkdir()
             for i, path in enumerate(paths):
                 os.symlink(path, archive / f"{i:06d}{path.suffix}")
             gpus = 1.0 if device == "cuda" else 0.0
-            results["pipeline"] = rate("Ray pipeline (files -> Parquet)", n, lambda: ray_score.score_images(
-                work / "ckpt", str(archive), work / "scores", category=category, batch_size=batch,
-                gpus_per_actor=gpus, progress=lambda message: None), device)
+            results["pipeline"] = rate("Ray pipeline (files -> Parquet)", n, lambda: score_images(
+                work / "ckpt", str(archive), work / "scores", ScoringOptions(batch_size=batch, gpus_per_actor=gpus),
+                category=category, progress=quiet), device)
         else:
             print("  Ray pipeline: skipped, ray is not installed here")
         best = max(results.get("pipeline", 0.0), results["core"])

@@ -41,14 +41,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stfpm_ray.ray import score as ray_score
-from stfpm_ray.core.checkpoint import load_checkpoint, save_checkpoint
+import ray
+
+from stfpm_ray.cli.options import add_scoring_options, scoring_options
+from stfpm_ray.core.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from stfpm_ray.core.fit import TrainConfig, fit_category
+from stfpm_ray.core.model import STFPM, resolve_precision
+from stfpm_ray.core.score import CPU_CHUNK, ScoreSettings, load_scoring_model, score_batch
 from stfpm_ray.data.images import load_image
-from stfpm_ray.store.mapcodec import encode_map
-from stfpm_ray.core.model import STFPM, resolve_precision, shrink_maps
 from stfpm_ray.data.mvtec import test_samples
 from stfpm_ray.data.synth import generate_dataset
+from stfpm_ray.progress import quiet
+from stfpm_ray.ray import score as ray_score
 
 
 def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
@@ -60,7 +64,7 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
         category = generate_dataset(root, categories=1, size=args.synth_size, n_train=40, n_test=40, seed=0)[0]
     config = TrainConfig(image_size=args.image_size, epochs=1, batch_size=8, weights="offline")
     started = time.perf_counter()
-    model, meta = fit_category(root, category, config)
+    model, meta, _ = fit_category(root, category, config)
     save_checkpoint(work / "ckpt" / category, model.student, meta)
     print(f"checkpoint: {category}, {args.image_size} px, 1 epoch in {time.perf_counter() - started:.0f} s")
     sources = [Path(s.path) for s in test_samples(root, category)]
@@ -85,22 +89,18 @@ def timed(label: str, count: int, run: Callable[[], object]) -> float:
     return rate
 
 
-def forward_and_encode(model: STFPM, images: torch.Tensor, chunk: int, map_size: int, precision: str) -> None:
-    for start in range(0, len(images), chunk):
-        maps, _ = model.predict(images[start : start + chunk], precision)
-        small = shrink_maps(maps, map_size)
-        for anomaly_map in small.numpy():
-            encode_map(anomaly_map)
+def score_decoded(model: STFPM, meta: CheckpointMeta, images: torch.Tensor, chunk: int, map_size: int,
+                  precision: str) -> None:
+    score_batch(model, meta, images, ScoreSettings(map_size=map_size, precision=precision, chunk=chunk))
 
 
 def single_process(
     paths: list[Path], ckpt: Path, batch_size: int, chunk: int, map_size: int, precision: str
 ) -> None:
-    model, meta = load_checkpoint(ckpt)
-    model.for_inference()
+    model, meta = load_scoring_model(str(ckpt))
     for i in range(0, len(paths), batch_size):
         images = np.stack([load_image(p, meta.image_size) for p in paths[i : i + batch_size]])
-        forward_and_encode(model, torch.from_numpy(images).permute(0, 3, 1, 2), chunk, map_size, precision)
+        score_decoded(model, meta, torch.from_numpy(images).permute(0, 3, 1, 2), chunk, map_size, precision)
 
 
 def seed_approach(paths: list[Path], ckpt: Path) -> None:
@@ -142,11 +142,9 @@ def main() -> None:
     parser.add_argument("--data", help="an MVTec category folder (default: a synthetic one)")
     parser.add_argument("--synth-size", type=int, default=768, help="side of synthetic images in pixels")
     parser.add_argument("--image-size", type=int, default=256, help="model input size")
-    ray_score.add_scoring_options(parser)  # the pipeline's own flags; the loops share batch, map size, precision
+    add_scoring_options(parser)  # the pipeline's own flags; the loops share batch, map size, precision
     parser.add_argument("--repeat", type=int, default=1, help="rounds; the best rate of each approach counts")
     args = parser.parse_args()
-
-    import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -156,13 +154,13 @@ def main() -> None:
         archive, ckpt_dir, category = prepare(args, work)
         ckpt = ckpt_dir / category
         paths = sorted(archive.iterdir())
-        options = ray_score.scoring_options(args)
-        n, batch, chunk, precision = len(paths), options["batch_size"], ray_score.CPU_CHUNK, args.precision
+        options = scoring_options(args)
+        n, batch, chunk, precision = len(paths), options.batch_size, CPU_CHUNK, args.precision
         precision = resolve_precision(precision, "cpu")
         print(f"machine: {os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads; batch size {batch}, "
               f"{precision}; pipeline options {options}")
         decoded = torch.from_numpy(np.stack([load_image(p, args.image_size) for p in paths])).permute(0, 3, 1, 2)
-        model = load_checkpoint(ckpt)[0].for_inference()
+        model, meta = load_scoring_model(str(ckpt))
         half = work / "half"
         half.mkdir()
         for path in paths[: n // 2]:
@@ -170,8 +168,7 @@ def main() -> None:
 
         def pipeline(folder: Path) -> Callable[[], object]:
             return lambda: ray_score.score_images(
-                ckpt_dir, str(folder), out, category=category, overwrite=True, progress=lambda message: None,
-                **options,
+                ckpt_dir, str(folder), out, options, category=category, overwrite=True, progress=quiet,
             )
 
         runs: dict[str, tuple[str, Callable[[], object]]] = {
@@ -183,8 +180,8 @@ def main() -> None:
             "seed": ("seed approach (batch 1, full-size float maps)", lambda: seed_approach(paths, ckpt)),
             "decode": ("decode-only ceiling (Ray tasks, every CPU)", lambda: decode_only(
                 archive, ckpt_dir, category, batch)),
-            "model": (f"model-only ceiling (chunks of {chunk}, every CPU)", lambda: forward_and_encode(
-                model, decoded, chunk, args.map_size, precision)),
+            "model": (f"model-only ceiling (chunks of {chunk}, every CPU)", lambda: score_decoded(
+                model, meta, decoded, chunk, args.map_size, precision)),
         }
         out = work / "out"
         rates: dict[str, float] = {}

@@ -4,7 +4,7 @@ Figures:
 
 * loop images/s: epochs x training images / time of the epoch loop (train, validate, checkpoint, final
   threshold and save; no start-up or decoding), for ``stfpm_ray.ray.train`` (one category, one worker with
-  one CPU) and for the core's plain-PyTorch loop (``StudentFitter`` alone, one torch thread). One thread
+  one CPU) and for the core's fit recipe without Ray (``fit_category``, one torch thread). One thread
   each: on a machine shared with other work, multi-threaded torch slows down erratically;
 * concurrency: wall time of ``train_categories`` for N categories at once (one worker with one CPU each)
   against that one category alone, start-up included, plus the same ratio for the loops alone.
@@ -29,36 +29,28 @@ from pathlib import Path
 
 import torch
 
+import ray
+
 from stfpm_ray.core.checkpoint import save_checkpoint
-from stfpm_ray.core.fit import StudentFitter, TrainConfig, build_meta, prepare_category, seed_everything, validation_scores
-from stfpm_ray.core.model import STFPM
+from stfpm_ray.core.fit import TrainConfig, fit_category
 from stfpm_ray.data.mvtec import resolve_categories
-from stfpm_ray.ray.train import CategoryResult, train_categories
 from stfpm_ray.data.synth import generate_dataset
-from stfpm_ray.core.teacher import load_teacher
+from stfpm_ray.progress import quiet
+from stfpm_ray.ray.train import CategoryResult, TrainResources, train_categories
 
 
 def plain_loop(root: Path, category: str, config: TrainConfig, out: Path) -> tuple[float, int]:
-    """The core loop without Ray, timed over the same span as a Ray Train worker's; (seconds, images)."""
-    seed_everything(config.seed)
-    teacher = load_teacher(config.backbone, config.layers, config.weights)
-    train, val, _ = prepare_category(root, category, config)
-    model = STFPM(teacher, config.backbone, config.layers, seed=config.seed)
-    fitter = StudentFitter(model, config, train, val)
-    started = time.perf_counter()
-    for _ in range(config.epochs):
-        fitter.train_epoch()
-        fitter.validate()
-    fitter.restore_best()
-    meta = build_meta(category, config, teacher, fitter, validation_scores(model, val, config.batch_size), {})
+    """The core fit recipe without Ray, timed over the same span as a Ray Train worker's: from the start of the
+    epoch loop to the saved checkpoint (no start-up or decoding); (seconds, images)."""
+    model, meta, fitter = fit_category(root, category, config)
     save_checkpoint(out / category, model.student, meta)
-    return time.perf_counter() - started, config.epochs * len(train)
+    return time.time() - fitter.started_at, config.epochs * len(fitter.train_images)
 
 
 def ray_run(root: Path, categories: list[str], config: TrainConfig, out: Path) -> tuple[float, list[CategoryResult]]:
     """``train_categories`` with one one-CPU worker per category; (wall seconds, results)."""
     started = time.perf_counter()
-    results = train_categories(root, categories, out, config, cpus_per_worker=1, progress=lambda line: None)
+    results = train_categories(root, categories, out, config, TrainResources(cpus_per_worker=1), progress=quiet)
     failed = [f"{r.category}: {r.error}" for r in results if not r.ok]
     if failed:
         raise SystemExit(f"training failed: {failed}")
@@ -82,8 +74,6 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="rounds; the best time of each approach counts")
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
-
-    import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
@@ -122,7 +112,7 @@ def main() -> None:
             print(f"figures are the best of {args.repeat} rounds per approach")
         ray_loop_s = loop_span(alone)
         print("loop images/s, one category, one CPU:")
-        print(f"  plain PyTorch (StudentFitter)   {images / plain_s:8.2f}")
+        print(f"  plain PyTorch (fit_category)    {images / plain_s:8.2f}")
         print(f"  Ray Train worker                {images / ray_loop_s:8.2f}")
         n = len(categories)
         print("wall time, one CPU per category (start-up included; loop only in brackets):")

@@ -61,7 +61,7 @@ def test_corrupt_training_image_is_skipped_with_a_message(tmp_path, synth_root, 
     (good / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     Image.fromarray(np.full((64, 64, 4), 200, dtype=np.uint8)).save(good / "rgba.png")
     config = TrainConfig(image_size=64, epochs=1, batch_size=4, weights="offline", val_fraction=0.5)
-    _, meta = fit_category(root, category, config)
+    _, meta, _ = fit_category(root, category, config)
     skipped = meta.training["skipped_images"]
     assert len(skipped) == 1 and "broken.png" in skipped[0]
     assert meta.training["train_images"] + meta.training["val_images"] == 7
@@ -70,7 +70,7 @@ def test_corrupt_training_image_is_skipped_with_a_message(tmp_path, synth_root, 
 def test_plain_training_separates_defects(synth_root):
     category = discover_categories(synth_root)[0]
     config = TrainConfig(image_size=64, epochs=20, batch_size=8, weights="offline", lr=0.4)
-    model, meta = fit_category(synth_root, category, config)
+    model, meta, _ = fit_category(synth_root, category, config)
     assert meta.threshold > 0 and meta.training["best_epoch"] >= 1
     samples = mvtec.test_samples(synth_root, category)
     images = torch.from_numpy(np.stack([load_image(s.path, 64) for s in samples])).permute(0, 3, 1, 2)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stfpm_ray.core.model import STFPM, anomaly_map, feature_distance, resolve_precision, stfpm_loss
+from stfpm_ray.core.anomaly_map import anomaly_map, feature_distance
+from stfpm_ray.core.model import STFPM, resolve_precision, stfpm_loss
 from stfpm_ray.core.teacher import load_teacher
 
 

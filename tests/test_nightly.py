@@ -44,7 +44,7 @@ def setup(tmp_path_factory, synth_root):
     """
     category = discover_categories(synth_root)[0]
     base = tmp_path_factory.mktemp("nightly")
-    model, meta = fit_category(synth_root, category, TrainConfig(image_size=64, epochs=1, batch_size=8, weights="offline"))
+    model, meta, _ = fit_category(synth_root, category, TrainConfig(image_size=64, epochs=1, batch_size=8, weights="offline"))
     archive = base / "archive"
     shutil.copytree(synth_root / category / "test", archive / category / "test")
     noise = base / "noise.png"

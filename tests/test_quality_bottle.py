@@ -18,7 +18,7 @@ from stfpm_ray.data.mvtec import test_samples as mvtec_test_samples
 
 def test_bottle_128_reaches_paper_level_auroc():
     size = 128
-    model, meta = fit_category(SHARED_BOTTLE.parent, "bottle", TrainConfig(image_size=size, epochs=20, weights="offline"))
+    model, meta, _ = fit_category(SHARED_BOTTLE.parent, "bottle", TrainConfig(image_size=size, epochs=20, weights="offline"))
     samples = mvtec_test_samples(SHARED_BOTTLE.parent, "bottle")
     images = torch.from_numpy(np.stack([load_image(s.path, size) for s in samples])).permute(0, 3, 1, 2)
     maps, scores = zip(*(model.predict(images[i : i + 32]) for i in range(0, len(images), 32)))

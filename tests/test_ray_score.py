@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -24,6 +26,9 @@ from PIL import Image
 
 from stfpm_ray import cli
 from stfpm_ray.ray import score as ray_score
+from stfpm_ray.evaluate.evaluation import evaluate_scores
+from stfpm_ray.ray.score import ScoringOptions
+from stfpm_ray.store.fs import register_filesystem
 from stfpm_ray.core.checkpoint import load_checkpoint, save_checkpoint
 from stfpm_ray.core.fit import TrainConfig, fit_category
 from stfpm_ray.data.images import load_image
@@ -79,7 +84,7 @@ def trained(tmp_path_factory, synth_root) -> tuple[Path, list[str]]:
     config = TrainConfig(image_size=64, epochs=2, batch_size=8, weights="offline")
     teacher = load_teacher(config.backbone, config.layers, config.weights)
     for name in categories[:2]:
-        model, meta = fit_category(synth_root, name, config, teacher=teacher)
+        model, meta, _ = fit_category(synth_root, name, config, teacher=teacher)
         save_checkpoint(folder / name, model.student, meta)
     return folder, categories
 
@@ -120,7 +125,7 @@ def _plain_folder(target: Path, synth_root: Path, category: str, count: int, sta
 @pytest.fixture(scope="module")
 def archive_run(ray_session, trained, archive, tmp_path_factory):
     out = tmp_path_factory.mktemp("scores") / "out"
-    summary = ray_score.score_images(trained[0], str(archive), out, batch_size=8, progress=QUIET)
+    summary = ray_score.score_images(trained[0], str(archive), out, ScoringOptions(batch_size=8), progress=QUIET)
     return out, summary
 
 
@@ -346,7 +351,7 @@ def test_killed_scoring_actor_loses_and_duplicates_nothing(ray_session, trained,
     worker = threading.Thread(
         target=lambda: result.update(
             summary=ray_score.score_images(
-                slow.parent, str(inputs), out, category=category, batch_size=2, progress=QUIET
+                slow.parent, str(inputs), out, ScoringOptions(batch_size=2), category=category, progress=QUIET
             )
         )
     )
@@ -388,3 +393,23 @@ def test_an_unexpected_decoder_error_becomes_an_error_row(trained, synth_root, t
     decoded = ray_score.decode_batch(block, sources)
     errors = {Path(p).name: e for p, e in zip(decoded["path"].to_pylist(), decoded["error"].to_pylist())}
     assert errors == {images[0].name: "unexpected error while decoding: TypeError: a decoder bug", images[1].name: None}
+
+
+def test_an_mvtec_root_behind_a_pyarrow_filesystem_keeps_masks_and_pixel_metrics(
+    ray_session, trained, synth_root, tmp_path
+):
+    """An ``s3://``-style root: every path is ``scheme://...`` text, read through a pyarrow filesystem."""
+    category = trained[1][0]
+    register_filesystem("mvtec-test", pafs.SubTreeFileSystem(str(synth_root), pafs.LocalFileSystem()))
+    results = {}
+    for name, source in (("local", str(synth_root / category / "test")), ("uri", f"mvtec-test://{category}/test")):
+        ray_score.score_images(trained[0], source, tmp_path / name / "scores", progress=QUIET)
+        results[name] = evaluate_scores(tmp_path / name / "scores", tmp_path / name / "report", progress=QUIET)
+    frame = pd.read_parquet(tmp_path / "uri" / "scores")
+    defective = frame[frame.label == 1]
+    assert len(defective) and defective.mask_path.str.startswith(f"mvtec-test://{category}/ground_truth/").all()
+    local, uri = results["local"]["categories"][category], results["uri"]["categories"][category]
+    assert not math.isnan(uri["pixel_auroc"]) and not math.isnan(uri["aupro"])
+    assert (uri["pixel_auroc"], uri["aupro"], uri["image_auroc"]) == (
+        local["pixel_auroc"], local["aupro"], local["image_auroc"]
+    )

@@ -24,7 +24,7 @@ from stfpm_ray.core.checkpoint import load_checkpoint
 from stfpm_ray.core.fit import TrainConfig, fit_category
 from stfpm_ray.data.images import load_image
 from stfpm_ray.evaluate.metrics import image_auroc
-from stfpm_ray.ray.train import RUN_FILE, _claim_out_dir, train_categories
+from stfpm_ray.ray.train import RUN_FILE, TrainResources, _claim_out_dir, train_categories
 
 # The synthetic "tiles" defects are too small to separate at 64 px; "grain" and "weave" are not.
 PAIR = ["grain", "weave"]
@@ -36,7 +36,7 @@ TINY = ["--weights", "offline", "--image-size", "64", "--batch-size", "8", "--ep
 def pair_run(ray_session, synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt")
     lines: list[str] = []
-    results = train_categories(synth_root, PAIR, out, CONFIG, cpus_per_worker=1, progress=lines.append)
+    results = train_categories(synth_root, PAIR, out, CONFIG, TrainResources(cpus_per_worker=1), progress=lines.append)
     return out, results, lines
 
 
@@ -142,7 +142,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, synth_root,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _, plain = fit_category(synth_root, "grain", config)
+        _, plain, _ = fit_category(synth_root, "grain", config)
     finally:
         torch.set_num_threads(threads)
     assert result.best_val_loss == pytest.approx(plain.training["best_val_loss"], abs=1e-4)

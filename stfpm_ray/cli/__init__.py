@@ -1,29 +1,35 @@
 """The ``stfpm-ray`` command line: synth, train, score, evaluate, benchmark.
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; the
-same modules back the ``jobs/*.py`` entry points used with ``ray job submit``. Modules are imported only
-when their command runs, so ``stfpm-ray synth --help`` does not pay for importing Ray.
+Each verb is a module of this package exposing ``SUMMARY``, ``add_arguments(parser)`` and ``run(args) -> int``;
+the ``jobs/*.py`` entry points for ``ray job submit`` call :func:`main` with their verb. A verb's module is
+imported when that verb runs (a dispatch table), so ``stfpm-ray synth --help`` does not load Ray.
+
+A :class:`~stfpm_ray.errors.StfpmError` (wrong input, settings or output folder) is printed as one line with
+exit code 2; anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from stfpm_ray import __version__
+from stfpm_ray.cli.console import setup_logging
+from stfpm_ray.errors import StfpmError
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("stfpm_ray.data.synth", "write a synthetic MVTec-layout dataset (for demos and tests)"),
-    "train": ("stfpm_ray.ray.train", "train one student per category with Ray Train, categories in parallel"),
-    "score": ("stfpm_ray.ray.score", "score an image archive with Ray Data into Parquet"),
-    "evaluate": ("stfpm_ray.evaluate.evaluation", "per-category metrics and an HTML report from scoring Parquet"),
-    "benchmark": ("stfpm_ray.ray.benchmark", "train, score and evaluate every category of a dataset root"),
+VERBS = ("synth", "train", "score", "evaluate", "benchmark")
+SUMMARIES = {
+    "synth": "write a synthetic MVTec-layout dataset (for demos and tests)",
+    "train": "train one student per category with Ray Train, categories in parallel",
+    "score": "score an image archive with Ray Data into Parquet",
+    "evaluate": "per-category metrics and an HTML report from scoring Parquet",
+    "benchmark": "train, score and evaluate every category of a dataset root",
 }
 
-# Errors that mean "the user's input is wrong": shown as one line, not a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError)
+
+def _verb(name: str):
+    return importlib.import_module(f"stfpm_ray.cli.{name}")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -34,26 +40,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"stfpm-ray {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module_name, summary) in COMMANDS.items():
-        child = sub.add_parser(name, help=summary, description=summary)
+    for name in VERBS:
+        child = sub.add_parser(name, help=SUMMARIES[name], description=SUMMARIES[name])
         if command in (None, name):
-            importlib.import_module(module_name).add_arguments(child)
+            _verb(name).add_arguments(child)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = next((arg for arg in argv if arg in COMMANDS), None)
+    command = next((arg for arg in argv if arg in VERBS), None)
     args = build_parser(command).parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    module = importlib.import_module(COMMANDS[args.command][0])
+    setup_logging(args.verbose)
     try:
-        return int(module.run(args) or 0)
-    except USER_ERRORS as exc:
+        return int(_verb(args.command).run(args) or 0)
+    except StfpmError as exc:
         print(f"stfpm-ray {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

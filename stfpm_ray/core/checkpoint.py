@@ -20,13 +20,14 @@ from safetensors.torch import load_file, save_file
 
 from stfpm_ray.core.model import STFPM
 from stfpm_ray.core.teacher import Teacher, load_teacher
+from stfpm_ray.errors import UserError
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "student.safetensors"
 META_FILE = "stfpm.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint folder that is missing, of another format, or made for another teacher."""
 
 

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,7 @@ class StudentFitter:
         self.best_epoch = -1
         self.best_state: dict[str, Tensor] | None = None
         self._teacher_cache: list[Tensor] | None = None
+        self.started_at = time.time()
 
     def _teacher_features(self, index: Tensor) -> list[Tensor] | None:
         if not self.config.cache_teacher:
@@ -252,31 +254,64 @@ def prepare_category(root: str | Path, category: str, config: TrainConfig) -> tu
     return train, val, bad_train + bad_val
 
 
+class FitResult(NamedTuple):
+    """A trained category: the best-epoch model (eval mode), its checkpoint metadata, and the fitter."""
+
+    model: STFPM
+    meta: CheckpointMeta
+    fitter: StudentFitter
+
+
+EpochHook = Callable[[StudentFitter, dict], None]
+
+
 def fit_category(
     root: str | Path,
     category: str,
     config: TrainConfig,
     teacher: Teacher | None = None,
-    device: str = "cpu",
-    on_epoch: Callable[[dict], None] | None = None,
-) -> tuple[STFPM, CheckpointMeta]:
-    """Train one category's student without Ray and return the best-epoch model with its metadata."""
+    device: str | torch.device = "cpu",
+    on_epoch: EpochHook | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+    resume: dict | None = None,
+    extra_meta: dict | None = None,
+) -> FitResult:
+    """The one recipe for fitting a category: seed, teacher, data, fitter, epochs, best epoch, calibration, meta.
+
+    ``on_epoch(fitter, metrics)`` runs after every epoch (the Ray Train worker reports from it);
+    ``wrap_model`` wraps the model for data-parallel training; ``resume`` is a state written by
+    :func:`resume_state`, from which the epochs continue. Raises :class:`DatasetError` or ``WeightsError``
+    before training starts when the data or the teacher cannot be had.
+    """
     seed_everything(config.seed)
-    teacher = teacher or load_teacher(config.backbone, config.layers, config.weights)
     train, val, problems = prepare_category(root, category, config)
+    teacher = teacher or load_teacher(config.backbone, config.layers, config.weights)
     for problem in problems:
         log.warning("skipped unreadable training image %s", problem)
-    model = STFPM(teacher, config.backbone, config.layers, seed=config.seed).to(device)
-    fitter = StudentFitter(model, config, train, val, device=device)
-    started = time.perf_counter()
-    for _ in range(config.epochs):
-        metrics = {"category": category, "epoch": fitter.epoch + 1, **fitter.train_epoch(), **fitter.validate()}
+    model: nn.Module = STFPM(teacher, config.backbone, config.layers, seed=config.seed).to(device)
+    if wrap_model is not None:
+        model = wrap_model(model)
+    fitter = StudentFitter(model, config, train, val, device=device, rank=rank, world_size=world_size)
+    started_at = time.time()
+    if resume is not None:
+        fitter.load_state_dict(resume["fitter"])
+        started_at = resume["started_at"]
+    fitter.started_at = started_at
+    while fitter.epoch < config.epochs:
+        metrics: dict = {"category": category, **fitter.train_epoch(), **fitter.validate()}
+        # Each worker saw 1/world_size of the epoch in the same time: the group's rate is world_size times.
+        metrics.update(epoch=fitter.epoch, epochs=config.epochs, images_per_s=metrics["images_per_s"] * world_size)
         if on_epoch:
-            on_epoch(metrics)
+            on_epoch(fitter, metrics)
     fitter.restore_best()
-    scores = validation_scores(model, val, config.batch_size, device)
-    meta = build_meta(
-        category, config, teacher, fitter, scores,
-        {"seconds": time.perf_counter() - started, "skipped_images": problems},
-    )
-    return model, meta
+    scores = validation_scores(fitter.core, val, config.batch_size, device)
+    extra = {"seconds": time.time() - started_at, "skipped_images": problems, **(extra_meta or {})}
+    return FitResult(fitter.core, build_meta(category, config, teacher, fitter, scores, extra), fitter)
+
+
+def resume_state(fitter: StudentFitter) -> dict:
+    """What :func:`fit_category` needs to continue after a crash (the fitter's state and its start time)."""
+    return {"fitter": fitter.state_dict(), "started_at": fitter.started_at}

@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import timm
+from safetensors.torch import load_file
 import torch
 from torch import nn
+
+from stfpm_ray.errors import StfpmError, UserError
 
 OFFLINE_BACKBONE = "tf_efficientnet_lite0"
 OFFLINE_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
@@ -39,7 +42,7 @@ _STEM_HEAD_RENAMES = {
 }
 
 
-class WeightsError(RuntimeError):
+class WeightsError(StfpmError, RuntimeError):
     """Teacher weights cannot be obtained or do not fit the backbone; the message says what to do."""
 
 
@@ -121,8 +124,6 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"teacher weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -138,7 +139,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def create_features(backbone: str, layers: tuple[int, ...], pretrained: bool = False) -> nn.Module:
     """A timm ``features_only`` network returning the feature maps of ``layers``."""
     if backbone not in timm.list_models():
-        raise ValueError(f"unknown timm backbone {backbone!r} (see timm.list_models())")
+        raise UserError(f"unknown timm backbone {backbone!r} (see timm.list_models())")
     try:
         return timm.create_model(backbone, pretrained=pretrained, features_only=True, out_indices=layers)
     except Exception as exc:
@@ -148,7 +149,7 @@ def create_features(backbone: str, layers: tuple[int, ...], pretrained: bool = F
                 "Offline? Pass --weights file:PATH with a local state dict in timm naming, or use the "
                 f"packaged teacher: --backbone {OFFLINE_BACKBONE} --weights offline"
             ) from exc
-        raise ValueError(f"backbone {backbone!r} cannot return features {list(layers)}: {exc}") from exc
+        raise UserError(f"backbone {backbone!r} cannot return features {list(layers)}: {exc}") from exc
 
 
 def _load_into(features: nn.Module, state_dict: dict[str, torch.Tensor], origin: str) -> None:

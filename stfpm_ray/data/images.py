@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from stfpm_ray.errors import StfpmError
+from stfpm_ray.store.fs import read_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Larger images are refused before decoding: a 100 MP image is ~300 MB of RGB and no inspection camera
@@ -24,7 +26,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_IMAGE_PIXELS = 100_000_000
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(StfpmError, ValueError):
     """A file that cannot be turned into an image; the message is meant for an error row."""
 
 
@@ -112,7 +114,7 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 def load_image(path: str | Path, size: int) -> np.ndarray:
     """Read and decode one image file; see :func:`decode_image`."""
     try:
-        data = Path(path).read_bytes()
+        data = read_bytes(path)
     except OSError as exc:
         raise ImageDecodeError(f"cannot read {path}: {exc.strerror or exc}") from None
     return decode_image(data, size)
@@ -126,6 +128,6 @@ def load_mask(path: str | Path | None, size: int) -> np.ndarray:
     """
     if path is None:
         return np.zeros((size, size), dtype=bool)
-    with Image.open(path) as mask:
+    with Image.open(io.BytesIO(read_bytes(path))) as mask:
         binary = Image.fromarray((np.asarray(mask.convert("L")) > 0).astype(np.uint8) * 255)
     return np.asarray(binary.resize((size, size), Image.Resampling.BOX)) >= 128

@@ -7,13 +7,17 @@ category, label, defect and mask.
 
 from __future__ import annotations
 
+import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
 from stfpm_ray.data.images import IMAGE_EXTENSIONS
+from stfpm_ray.errors import UserError
+from stfpm_ray.store.fs import is_file
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A data folder that does not have the expected layout; the message says what is missing."""
 
 
@@ -77,13 +81,18 @@ def train_images(root: str | Path, category: str) -> list[Path]:
     return images
 
 
-def mask_path_for(image: Path) -> Path | None:
-    """Ground-truth mask of an MVTec test image, or None for good images and missing masks."""
-    defect = image.parent.name
-    if defect == "good":
+def mask_path_for(image: str | Path) -> str | None:
+    """Ground-truth mask of an MVTec test image, or None for good images and missing masks.
+
+    Works on local paths and URIs alike (``s3://bucket/mvtec/bottle/test/broken_large/000.png``): the mask's
+    name is derived from the path as text and its existence checked through :mod:`stfpm_ray.store.fs`.
+    """
+    parts = str(image).replace(os.sep, "/").split("/")
+    if len(parts) < 4 or parts[-2] == "good":
         return None
-    mask = image.parents[2] / "ground_truth" / defect / f"{image.stem}_mask.png"
-    return mask if mask.is_file() else None
+    stem = posixpath.splitext(parts[-1])[0]
+    mask = "/".join([*parts[:-3], "ground_truth", parts[-2], f"{stem}_mask.png"])
+    return mask if is_file(mask) else None
 
 
 def sample_for(path: str | Path, category: str | None = None) -> Sample:
@@ -92,20 +101,18 @@ def sample_for(path: str | Path, category: str | None = None) -> Sample:
     Outside the test layout only the category is known: ``category`` if given, else the folder above
     ``train``/``test`` when the path has one, else the parent folder's name.
     """
-    image = Path(path)
-    parts = image.parts
+    parts = str(path).replace(os.sep, "/").rstrip("/").split("/")
     if len(parts) >= 4 and parts[-3] == "test":
         defect = parts[-2]
-        mask = mask_path_for(image)
         return Sample(
             path=str(path),
             category=category or parts[-4],
             label=0 if defect == "good" else 1,
             defect=defect,
-            mask_path=str(mask) if mask else None,
+            mask_path=mask_path_for(path),
         )
     if category is None:
-        category = parts[-4] if len(parts) >= 4 and parts[-3] == "train" else image.parent.name
+        category = parts[-4] if len(parts) >= 4 and parts[-3] == "train" else (parts[-2] if len(parts) >= 2 else "")
     return Sample(path=str(path), category=category)
 
 

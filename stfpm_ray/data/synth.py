@@ -14,7 +14,6 @@ training or test images were asked for, and the same arguments give byte-identic
 
 from __future__ import annotations
 
-import argparse
 import math
 import shutil
 from collections.abc import Callable
@@ -557,21 +556,3 @@ def generate_dataset(
 
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", help="folder to write the MVTec-layout dataset into")
-    parser.add_argument("--categories", type=int, default=3, help="number of categories (default 3; 15 like MVTec AD)")
-    parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    parser.add_argument("--train", type=int, default=40, help="defect-free training images per category (default 40)")
-    parser.add_argument("--test", type=int, default=20, help="test images per category, ~40%% good (default 20)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
-
-
-def run(args: argparse.Namespace) -> int:
-    names = generate_dataset(
-        args.out, categories=args.categories, size=args.size, n_train=args.train, n_test=args.test,
-        seed=args.seed, progress=print,
-    )
-    print(f"wrote {len(names)} categories to {args.out}: {', '.join(names)}")
-    return 0

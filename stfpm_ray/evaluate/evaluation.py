@@ -11,10 +11,6 @@ bounded whatever the number of rows:
    ``category`` cannot skip row groups that mix categories, so a pass per category would read and
    decompress every map once per category.
 
-Measured on this project's 2-core machine: 15 categories x 1,000 maps of 256x256 (1.4 GiB of Parquet in
-15 files of mixed categories) evaluate with a peak RSS of 1.0 GiB, flat over the pass; streamed pixel AUROC
-and AUPRO differed from sklearn and :func:`~stfpm_ray.evaluate.metrics.aupro_exact` by < 1e-8 on a 1,000-map category.
-
 Pixel metrics are computed at the stored map resolution (``map_size``, 128x128 by default), with masks
 reduced to it by :func:`stfpm_ray.data.images.load_mask`, not at the image resolution: the report says so.
 The binning of ``PixelMetrics`` is not exact; its guaranteed error bounds are reported beside the values.
@@ -25,9 +21,8 @@ the evaluated model. Unlabelled rows (label null) count but enter no metric; err
 
 from __future__ import annotations
 
-import argparse
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +32,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from stfpm_ray.evaluate import metrics, report
 from stfpm_ray.data.images import load_mask
+from stfpm_ray.errors import InputNotFoundError, StfpmError, UserError
+from stfpm_ray.evaluate import metrics, report
+from stfpm_ray.progress import Progress, log_progress, quiet
+from stfpm_ray.store.fs import is_dir, resolve
 from stfpm_ray.store.mapcodec import decode_map
 
 AUPRO_FPR_LIMIT = 0.3
@@ -55,7 +53,6 @@ COUNT_KEYS = ("n_images", "n_good", "n_defective", "n_unlabeled", "n_errors")
 SMALL_COLUMNS = ("path", "category", "score", "label", "defect", "mask_path", "map_scale", "model_id", "status")
 REQUIRED_COLUMNS = (*SMALL_COLUMNS, "anomaly_map", "scored_at")
 
-Progress = Callable[[str], None]
 RowKey = tuple[str, int]  # (path, scored_at in microseconds): identifies a row across the two reads
 
 
@@ -86,17 +83,18 @@ class PixelPass:
 def open_scores(scores_dir: str | Path) -> ds.Dataset:
     """The scoring output as a pyarrow dataset, or a clear error when it is missing, empty or foreign."""
     location = str(scores_dir)
-    if "://" not in location and not Path(location).exists():
-        raise FileNotFoundError(f"scores folder {location} does not exist (write one with `stfpm-ray score`)")
+    where = resolve(location)
+    if not is_dir(where):
+        raise InputNotFoundError(f"scores folder {location} does not exist (write one with `stfpm-ray score`)")
     try:
-        dataset = ds.dataset(location, format="parquet", partitioning="hive")
+        dataset = ds.dataset(where.path, filesystem=where.filesystem, format="parquet", partitioning="hive")
     except pa.ArrowInvalid as exc:
-        raise ValueError(f"cannot read the Parquet files in {location}: {exc}") from None
+        raise UserError(f"cannot read the Parquet files in {location}: {exc}") from None
     if not dataset.files:
-        raise ValueError(f"no Parquet files in {location}: expected the output folder of `stfpm-ray score`")
+        raise UserError(f"no Parquet files in {location}: expected the output folder of `stfpm-ray score`")
     missing = [name for name in REQUIRED_COLUMNS if name not in dataset.schema.names]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{location} lacks column(s) {', '.join(missing)}: is it the output of `stfpm-ray score`?"
         )
     return dataset
@@ -111,7 +109,7 @@ def read_index(dataset: ds.Dataset) -> pd.DataFrame:
     """The small columns of every row, plus ``ts`` (scored_at in microseconds)."""
     table = dataset.to_table(columns=[*SMALL_COLUMNS, "scored_at"])
     if table.num_rows == 0:
-        raise ValueError("the scores folder holds Parquet files but no rows")
+        raise UserError("the scores folder holds Parquet files but no rows")
     frame = table.drop_columns(["scored_at"]).to_pandas()
     frame["ts"] = _timestamps_us(table.column("scored_at"))
     return frame
@@ -127,7 +125,7 @@ def _choose_model(name: str, frame: pd.DataFrame, wanted: set[str] | None, notes
     if wanted is not None:
         chosen = [model for model in newest.index if model in wanted]
         if len(chosen) > 1:
-            raise ValueError(f"--model-id names {len(chosen)} models of category {name!r}: {', '.join(chosen)}")
+            raise UserError(f"--model-id names {len(chosen)} models of category {name!r}: {', '.join(chosen)}")
         return chosen[0] if chosen else None
     if newest.empty:
         return None
@@ -152,7 +150,7 @@ def select_rows(index: pd.DataFrame, model_ids: Sequence[str] | None, notes: lis
         if unknown:
             known = index.dropna(subset=["model_id"]).groupby("model_id")["category"].first()
             listing = ", ".join(f"{model} ({category})" for model, category in known.items()) or "none"
-            raise ValueError(f"model id(s) {', '.join(unknown)} not in the scores; ids there: {listing}")
+            raise UserError(f"model id(s) {', '.join(unknown)} not in the scores; ids there: {listing}")
     uncategorised = int(index["category"].isna().sum())
     if uncategorised:
         notes.append(f"{uncategorised} rows without a category were left out.")
@@ -168,7 +166,7 @@ def select_rows(index: pd.DataFrame, model_ids: Sequence[str] | None, notes: lis
             notes.append(f"{name}: {len(rows) - len(unique)} repeated rows of the same image; the newest counts.")
         selected.append(CategoryRows(str(name), model, unique.reset_index(drop=True)))
     if not selected:
-        raise ValueError("no category to evaluate in the scores")
+        raise UserError("no category to evaluate in the scores")
     return selected
 
 
@@ -188,8 +186,8 @@ def _max_map_value(labelled: pd.DataFrame) -> float:
 def _read_mask(category: str, mask_path: str, image_path: str, size: int) -> np.ndarray:
     try:
         return load_mask(mask_path, size)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{category}: cannot read the ground-truth mask {mask_path} of {image_path}: {exc}") from None
+    except (OSError, StfpmError) as exc:
+        raise UserError(f"{category}: cannot read the ground-truth mask {mask_path} of {image_path}: {exc}") from None
 
 
 def _map_batches(dataset: ds.Dataset, row_filter: pc.Expression) -> Iterator[pa.RecordBatch]:
@@ -234,7 +232,7 @@ def _add_row(row: dict, key: RowKey, state: PixelPass, is_example: bool) -> None
     anomaly_map = decode_map(row["anomaly_map"], row["map_scale"])
     height, width = anomaly_map.shape
     if height != width:
-        raise ValueError(f"{row['category']}: anomaly map of {row['path']} is {height}x{width}, not square")
+        raise UserError(f"{row['category']}: anomaly map of {row['path']} is {height}x{width}, not square")
     state.map_sizes.add(height)
     mask = _read_mask(row["category"], row["mask_path"], row["path"], height) if row["mask_path"] else None
     if row["label"] == 1 and mask is None:
@@ -257,9 +255,9 @@ def category_metrics(group: CategoryRows, state: PixelPass, notes: list[str]) ->
         try:
             image_auroc, (f1, threshold) = metrics.image_auroc(labels, scores), metrics.f1_max(labels, scores)
         except ValueError as exc:  # e.g. a NaN score in an 'ok' row: say which category
-            raise ValueError(f"{group.name}: {exc}") from None
+            raise UserError(f"{group.name}: {exc}") from None
     if len(state.map_sizes) > 1:
-        raise ValueError(
+        raise UserError(
             f"{group.name}: anomaly maps of several sizes {sorted(state.map_sizes)}; "
             "pixel metrics need one resolution: rescore with one map size or pass --model-id"
         )
@@ -319,14 +317,14 @@ def evaluate_scores(
     scores_dir: str | Path,
     report_dir: str | Path,
     model_id: str | Sequence[str] | None = None,
-    progress: Progress | None = print,
+    progress: Progress | None = log_progress,
 ) -> dict:
     """Compute per-category and mean metrics, write metrics.json, metrics.csv and report.html; return the dict.
 
     ``model_id`` (one id or several, one per category) picks the evaluated models; by default each
     category's most recently scored model is used and a note says when there was a choice.
     """
-    say = progress or (lambda message: None)
+    say = progress or quiet
     dataset = open_scores(scores_dir)
     index = read_index(dataset)
     say(f"read {len(index)} rows from {len(dataset.files)} Parquet file(s) in {scores_dir}")
@@ -368,19 +366,3 @@ def evaluate_scores(
         say(f"note: {note}")
     say(f"wrote {', '.join(str(path) for path in paths)}")
     return result
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scores", required=True, help="output folder of `stfpm-ray score` (Parquet)")
-    parser.add_argument("--out", required=True, help="report folder: metrics.json, metrics.csv, report.html")
-    parser.add_argument(
-        "--model-id",
-        action="append",
-        metavar="ID",
-        help="evaluate this model (repeat for several categories); default: each category's newest model",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    evaluate_scores(args.scores, args.out, model_id=args.model_id)
-    return 0

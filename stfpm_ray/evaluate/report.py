@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import jinja2
 import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
@@ -30,6 +28,8 @@ from scipy import ndimage
 
 from stfpm_ray.data.images import ImageDecodeError, load_image
 from stfpm_ray.evaluate.metrics import roc_curve_points
+from stfpm_ray.progress import fixed_width_table
+from stfpm_ray.store.fs import resolve, write_text_atomic
 
 PAPER_SOURCE = (
     "Official STFPM on MVTec AD (Wang et al. 2021, 'Student-Teacher Feature Pyramid Matching for Anomaly "
@@ -144,20 +144,16 @@ def _table_rows(result: dict) -> list[tuple[str, dict, tuple[float, float] | Non
 
 def format_table(result: dict) -> str:
     """The per-category table as fixed-width text, for the terminal and job logs."""
-    header = (
-        f"{'category':<16}{'img AUROC':>10}{'(paper)':>9}{'pix AUROC':>11}{'(paper)':>9}{'AUPRO':>8}"
-        f"{'F1-max':>8}{'good':>7}{'defect':>8}{'unlab':>7}{'errors':>8}"
-    )
-    lines = [header, "-" * len(header)]
+    header = ("category", "img AUROC", "(paper)", "pix AUROC", "(paper)", "AUPRO", "F1-max", "good", "defect",
+              "unlab", "errors")
+    rows = []
     for name, entry, paper in _table_rows(result):
         paper_image, paper_pixel = paper if paper else (None, None)
-        lines.append(
-            f"{name:<16}{_fmt(entry['image_auroc']):>10}{_fmt(paper_image):>9}{_fmt(entry['pixel_auroc']):>11}"
-            f"{_fmt(paper_pixel):>9}{_fmt(entry['aupro']):>8}{_fmt(entry['image_f1_max']):>8}"
-            f"{entry['n_good']:>7}{entry['n_defective']:>8}{entry['n_unlabeled']:>7}{entry['n_errors']:>8}"
-        )
-    lines.append(f"pixel metrics at the stored map resolution: {_resolution(result)}")
-    return "\n".join(lines)
+        rows.append((name, _fmt(entry["image_auroc"]), _fmt(paper_image), _fmt(entry["pixel_auroc"]),
+                     _fmt(paper_pixel), _fmt(entry["aupro"]), _fmt(entry["image_f1_max"]), entry["n_good"],
+                     entry["n_defective"], entry["n_unlabeled"], entry["n_errors"]))
+    table = fixed_width_table(header, rows, rule=True)
+    return f"{table}\npixel metrics at the stored map resolution: {_resolution(result)}"
 
 
 def _resolution(result: dict) -> str:
@@ -250,136 +246,60 @@ def _example_tile(example: Example, map_max: float) -> tuple[str, str | None]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# HTML
+# HTML: templates/report.html.j2, autoescaped
 
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d1d1f; margin: 24px auto;
-       max-width: 1320px; padding: 0 16px; line-height: 1.45; }
-h1 { margin-bottom: 4px; } h2 { margin-top: 36px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
-h3 { font-size: 1rem; margin: 18px 0 6px; }
-.meta, .source, .notes, figcaption, .muted { color: #555; font-size: 0.9rem; }
-table { border-collapse: collapse; font-size: 0.88rem; margin: 8px 0; }
-th, td { padding: 5px 9px; border-bottom: 1px solid #e4e4e4; text-align: right; white-space: nowrap; }
-th { background: #f2f4f7; position: sticky; top: 0; }
-td:first-child, th:first-child { text-align: left; }
-tr:nth-child(even) td { background: #fafafa; }
-tr.mean td { font-weight: 600; border-top: 2px solid #bbb; background: #fff; }
-td.paper, th.paper { color: #777; }
-code { font-size: 0.85em; }
-img.figure { max-width: 100%; height: auto; }
-.examples { display: flex; flex-wrap: wrap; gap: 14px; }
-.examples figure { margin: 0; max-width: 330px; }
-.examples img { height: 150px; image-rendering: auto; border: 1px solid #ccc; }
-figcaption { word-break: break-all; }
-"""
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("stfpm_ray.evaluate", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+)
 
 
-def _e(value: object) -> str:
-    return html.escape(str(value))
-
-
-def _summary_table(result: dict) -> str:
-    head = (
-        "<tr><th>category</th><th>image AUROC</th><th class='paper'>paper</th><th>pixel AUROC</th>"
-        "<th class='paper'>paper</th><th>AUPRO</th><th>F1-max</th><th>F1 threshold</th><th>good</th>"
-        "<th>defective</th><th>unlabeled</th><th>errors</th><th>model</th></tr>"
-    )
-    body = []
-    rows = _table_rows(result)
-    for index, (name, entry, paper) in enumerate(rows):
-        paper_image, paper_pixel = paper if paper else (None, None)
-        is_mean = index == len(rows) - 1
-        label = _e(name) if is_mean else f"<a href='#cat-{_e(name)}'>{_e(name)}</a>"
-        body.append(
-            f"<tr{' class=mean' if is_mean else ''}><td>{label}</td><td>{_fmt(entry['image_auroc'])}</td>"
-            f"<td class='paper'>{_fmt(paper_image)}</td><td>{_fmt(entry['pixel_auroc'])}</td>"
-            f"<td class='paper'>{_fmt(paper_pixel)}</td><td>{_fmt(entry['aupro'])}</td>"
-            f"<td>{_fmt(entry['image_f1_max'])}</td><td>{_fmt(entry['image_f1_threshold'], 4)}</td>"
-            f"<td>{entry['n_good']}</td><td>{entry['n_defective']}</td><td>{entry['n_unlabeled']}</td>"
-            f"<td>{entry['n_errors']}</td><td><code>{_e(entry['model_id'] or '')}</code></td></tr>"
-        )
-    return f"<table>{head}{''.join(body)}</table>"
-
-
-def _examples_html(title: str, examples: list[Example], map_max: float) -> str:
-    if not examples:
-        return f"<h3>{_e(title)}</h3><p class='muted'>none</p>"
-    figures = []
-    for example in examples:
-        uri, missing = _example_tile(example, map_max)
-        kind = "good" if example.label == 0 else f"defective ({example.defect or 'unknown defect'})"
-        note = f"<br>image unreadable, map only: {_e(missing)}" if missing else ""
-        figures.append(
-            f"<figure><img src='{uri}' alt='{_e(Path(example.path).name)}'>"
-            f"<figcaption><b>{example.score:.4g}</b> · {_e(kind)}<br><span title='{_e(example.path)}'>"
-            f"{_e(Path(example.path).name)}</span>{note}</figcaption></figure>"
-        )
-    return f"<h3>{_e(title)}</h3><div class='examples'>{''.join(figures)}</div>"
-
-
-def _category_section(detail: CategoryDetail, entry: dict) -> str:
+def _example_sets(detail: CategoryDetail) -> list[tuple[str, list[dict]]]:
     good = sorted((e for e in detail.examples if e.label == 0), key=lambda e: -e.score)
     defective = sorted((e for e in detail.examples if e.label == 1), key=lambda e: e.score)
-    size = entry["map_size"]
-    summary = (
-        f"image AUROC <b>{_fmt(entry['image_auroc'])}</b> · pixel AUROC <b>{_fmt(entry['pixel_auroc'])}</b> · "
-        f"AUPRO <b>{_fmt(entry['aupro'])}</b> · F1-max {_fmt(entry['image_f1_max'])} at score "
-        f"{_fmt(entry['image_f1_threshold'], 4)} · {entry['n_images']} rows ({entry['n_good']} good, "
-        f"{entry['n_defective']} defective, {entry['n_unlabeled']} unlabeled, {entry['n_errors']} errors) · "
-        f"model <code>{_e(entry['model_id'] or 'unknown')}</code> · maps {f'{size}x{size}' if size else 'none'}"
-    )
-    overlay_note = (
-        f"Left: image at map size; right: anomaly map overlaid ({COLORMAP}, 0 to {detail.map_max:.4g} = the "
-        "largest map value of the category), ground truth outlined in white."
-    )
-    return (
-        f"<section id='cat-{_e(detail.name)}'><h2>{_e(detail.name)}</h2><p>{summary}</p>"
-        f"<img class='figure' src='{_category_figure(detail, entry)}' alt='ROC and score histogram'>"
-        f"<p class='muted'>{_e(overlay_note)}</p>"
-        f"{_examples_html('Highest-scored good images (likely false positives)', good, detail.map_max)}"
-        f"{_examples_html('Lowest-scored defective images (likely misses)', defective, detail.map_max)}</section>"
-    )
+    sets = []
+    for title, examples in (("Highest-scored good images (likely false positives)", good),
+                            ("Lowest-scored defective images (likely misses)", defective)):
+        tiles = []
+        for example in examples:
+            uri, missing = _example_tile(example, detail.map_max)
+            kind = "good" if example.label == 0 else f"defective ({example.defect or 'unknown defect'})"
+            tiles.append({"uri": uri, "missing": missing, "kind": kind, "score": example.score,
+                          "path": example.path, "file": Path(example.path).name})
+        sets.append((title, tiles))
+    return sets
 
 
 def render_html(result: dict, details: list[CategoryDetail]) -> str:
     """The whole report as one self-contained HTML document."""
-    settings = result["settings"]
-    generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    notes = "".join(f"<li>{_e(note)}</li>" for note in result["notes"])
-    meta = (
-        f"Scores <code>{_e(settings['scores'])}</code> · {len(result['categories'])} categories · generated "
-        f"{generated}. Pixel metrics at the stored anomaly-map resolution ({_resolution(result)}), masks reduced "
-        f"to it; AUPRO integrated up to FPR {settings['aupro_fpr_limit']}. Mean: unweighted over categories "
-        "where defined; counts are totals."
+    table = [
+        {"name": name, "entry": entry, "is_mean": index == len(result["categories"]),
+         "paper_image": paper[0] if paper else None, "paper_pixel": paper[1] if paper else None}
+        for index, (name, entry, paper) in enumerate(_table_rows(result))
+    ]
+    sections = [
+        {"name": detail.name, "entry": result["categories"][detail.name], "map_max": detail.map_max,
+         "figure": _category_figure(detail, result["categories"][detail.name]),
+         "example_sets": _example_sets(detail)}
+        for detail in details
+    ]
+    return _TEMPLATES.get_template("report.html.j2").render(
+        settings=result["settings"], n_categories=len(result["categories"]), resolution=_resolution(result),
+        generated=datetime.now(timezone.utc).isoformat(timespec="seconds"), table=table, fmt=_fmt,
+        paper_source=PAPER_SOURCE, notes=result["notes"], overview=_overview_figure(details, result["categories"]),
+        sections=sections, colormap=COLORMAP,
     )
-    sections = "".join(_category_section(detail, result["categories"][detail.name]) for detail in details)
-    return (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>STFPM evaluation</title>"
-        f"<style>{_CSS}</style></head><body><h1>STFPM evaluation</h1><p class='meta'>{meta}</p>"
-        f"<h2>Summary</h2>{_summary_table(result)}<p class='source'>Paper columns: {_e(PAPER_SOURCE)}</p>"
-        f"{f'<ul class=notes>{notes}</ul>' if notes else ''}"
-        f"<img class='figure' src='{_overview_figure(details, result['categories'])}' alt='ROC of all categories'>"
-        f"{sections}<p class='muted'>{_e(settings['pixel_metrics'])}</p></body></html>\n"
-    )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written file in place."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as handle:
-        handle.write(text)
-    os.chmod(handle.name, 0o644)  # temporary files are created private; reports are meant to be shared
-    os.replace(handle.name, path)
 
 
 def write_report(report_dir: str | Path, result: dict, details: list[CategoryDetail]) -> list[Path]:
-    """Write metrics.json, metrics.csv and report.html into ``report_dir`` (created if needed)."""
-    folder = Path(report_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write metrics.json, metrics.csv and report.html into ``report_dir`` (a folder or URI)."""
     outputs = {
-        folder / "metrics.json": metrics_json(result),
-        folder / "metrics.csv": metrics_csv(result),
-        folder / "report.html": render_html(result, details),
+        "metrics.json": metrics_json(result),
+        "metrics.csv": metrics_csv(result),
+        "report.html": render_html(result, details),
     }
-    for path, text in outputs.items():
-        _write_atomic(path, text)
-    return list(outputs)
+    for name, text in outputs.items():
+        write_text_atomic(resolve(report_dir).join(name), text)
+    return [Path(report_dir) / name for name in outputs]

@@ -15,19 +15,15 @@ batches, the object store should carry as few bytes as possible):
    the object store. A file that cannot be read or decoded (empty, truncated, not an image,
    decompression bomb, vanished) becomes an error row with a message; it never fails the job.
 3. **Score** in an actor pool: each actor loads the teacher once and the student of each category it is
-   sent, both rewritten for inference (:mod:`stfpm_ray.core.inference_graph`: BatchNorm folded, unused blocks
-   dropped), runs each batch (whole on a GPU, copied from page-locked memory, in bf16 by default; in
-   chunks of ``CPU_CHUNK`` images on CPU, which is faster there, in fp32 by default), resizes each map to
-   ``map_size`` with area interpolation and encodes it with :mod:`stfpm_ray.store.mapcodec` in the actor, so
-   float maps never enter the object store either.
+   sent, and runs the core's :func:`stfpm_ray.core.score.score_batch` on each batch (predict, shrink the map
+   to ``map_size``, encode it, normalise, threshold), so float maps never enter the object store either.
 4. **Write** Parquet into a staging folder, check it (exactly one row per image), then commit it into
    ``OUT_DIR`` atomically with a manifest (:mod:`stfpm_ray.store.scores`).
 
 Defaults, and why:
 
-* ``--map-size 128``: pixel metrics want maps of at least 64 px, and a 128x128 16-bit PNG is at most
-  32 KB before compression (about 10-20 KB for real maps), so a row stays under 40 KB: a million images
-  fit in about 20 GB.
+* ``--map-size 128``: pixel metrics want maps of at least 64 px, and a 128x128 16-bit PNG keeps a row small
+  (README: bytes per row).
 * Actors take ``--cpus-per-actor 1`` (and as many torch threads), and the pool grows from 1 to as many
   actors as fit while ``DECODE_CPUS`` stays free (``cluster CPUs - 1`` by default; with
   ``--gpus-per-actor``, also at most the cluster's GPUs per actor): reading and decoding are Ray tasks
@@ -54,68 +50,69 @@ images. Several ``model_id`` values can appear for one path when the checkpoints
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import socket
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import ray
+import torch
 
+from stfpm_ray.core.checkpoint import META_FILE, CheckpointMeta, read_meta
+from stfpm_ray.core.model import resolve_precision
+from stfpm_ray.core.score import (
+    DEFAULT_MAP_SIZE,
+    ScoreSettings,
+    cpu_chunk,
+    load_scoring_model,
+    pixels_to_batch,
+    score_batch,
+)
 from stfpm_ray.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
 from stfpm_ray.data.mvtec import sample_for
+from stfpm_ray.errors import InputNotFoundError, UserError
+from stfpm_ray.progress import Progress, fixed_width_table, log_progress
+from stfpm_ray.ray.session import cluster_capacity, init_ray
+from stfpm_ray.store.fs import resolve
 from stfpm_ray.store.scores import (
+    RESULT_FIELDS,
+    SAMPLE_FIELDS,
     SCHEMA,
     OutputFolder,
-    Progress,
     counts_by_category,
     duplicated_paths,
-    resolve,
 )
 
-if TYPE_CHECKING:  # torch is imported where a model is needed, so decode workers never load it
-    from stfpm_ray.core.checkpoint import CheckpointMeta
-
 DEFAULT_BATCH_SIZE = 32
-DEFAULT_MAP_SIZE = 128
 # Files larger than this are refused unread: 100 MP (the decoder's pixel limit) of uncompressed RGB is
 # 300 MB, so a bigger file is not an inspection image, and reading it whole could exhaust a worker.
 MAX_FILE_BYTES = 512 * 1024 * 1024
-# Images per forward pass and torch thread on CPU. A large batch's activations fall out of the caches: one
-# core runs the rewritten EfficientNet-Lite0 teacher and student at 256 px at about 35 images/s in chunks
-# of 1-4 and 25 in one batch of 32. GPUs take the whole batch.
-CPU_CHUNK = 4
-# Rows per Parquet file: 2048 rows of at most 40 KB keep files between a few MB and 80 MB.
+# Rows per Parquet file: keeps files in the range of a few MB to tens of MB.
 ROWS_PER_FILE = 2048
 # What one read-and-decode task reserves; the actor pool is sized to leave at least this free. Decoding
-# costs less than the forward pass it feeds on CPU (about 20 ms of one core per megapixel PNG, against
-# 25-30 ms per image for the rewritten model at 256 px), so half a CPU per task keeps decoding ahead of a
-# pool that holds the rest. A request that differs from the actors' also keeps Ray Data from fusing
+# costs less than the forward pass it feeds on CPU (README: where the CPU time goes), so half a CPU per
+# task keeps decoding ahead of a pool that holds the rest. A request that differs from the actors' also keeps Ray Data from fusing
 # decoding into the actors (it fuses consecutive map stages whose resource requests are equal), which
 # would serialise the two.
 DECODE_CPUS = 0.5
 
+# The rows of the plan: a sample's fields, where to read it, and what the decode stage needs.
 _PLAN_SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),
-        ("source", pa.int32()),
-        ("size", pa.int64()),
-        ("category", pa.string()),
-        ("label", pa.int8()),
-        ("defect", pa.string()),
-        ("mask_path", pa.string()),
-        ("model_id", pa.string()),
-        ("image_size", pa.int32()),
-        ("error", pa.string()),
+    SAMPLE_FIELDS
+    + [
+        pa.field("source", pa.int32()),
+        pa.field("size", pa.int64()),
+        pa.field("image_size", pa.int32()),
+        pa.field("error", pa.string()),
     ]
 )
 _DECODED_SCHEMA = pa.schema(
@@ -146,15 +143,38 @@ class ScoreSummary:
 
     def table(self) -> str:
         """The per-category ok/error/skipped counts as aligned text."""
-        width = max([len("category"), len("total"), *(len(name) for name in self.counts)])
-        lines = [f"{'category':<{width}} {'ok':>8} {'error':>8} {'skipped':>8}"]
-        total = CategoryCounts()
-        for name in sorted(self.counts):
-            c = self.counts[name]
-            lines.append(f"{name:<{width}} {c.ok:>8} {c.error:>8} {c.skipped:>8}")
-            total.ok, total.error, total.skipped = total.ok + c.ok, total.error + c.error, total.skipped + c.skipped
-        lines.append(f"{'total':<{width}} {total.ok:>8} {total.error:>8} {total.skipped:>8}")
-        return "\n".join(lines)
+        rows = [(name, c.ok, c.error, c.skipped) for name, c in sorted(self.counts.items())]
+        total = ("total", *(sum(row[i] for row in rows) for i in (1, 2, 3)))
+        return fixed_width_table(("category", "ok", "error", "skipped"), [*rows, total])
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How a scoring run uses the cluster and stores maps (``stfpm-ray score`` and ``benchmark`` flags).
+
+    ``actors`` is a fixed count or ``(min, max)``; None: 1 up to what the cluster holds next to decoding.
+    ``precision`` is ``auto`` (bf16 on GPUs, fp32 on CPUs), ``fp32`` or ``bf16``.
+    """
+
+    batch_size: int = DEFAULT_BATCH_SIZE
+    actors: int | tuple[int, int] | None = None
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    map_size: int = DEFAULT_MAP_SIZE
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.map_size < 8 or self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+            raise UserError("batch size must be >= 1, map size >= 8, GPUs per actor >= 0 and CPUs per actor > 0")
+        resolve_precision(self.precision, "cpu")  # refuses an unknown precision before any work starts
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_actor > 0 else "cpu"
+
+    @property
+    def threads(self) -> int:
+        return max(1, round(self.cpus_per_actor))
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -162,20 +182,18 @@ class ScoreSummary:
 
 def find_checkpoints(checkpoints: str | Path) -> dict[str, tuple[str, CheckpointMeta]]:
     """``{category: (folder, meta)}`` from ``CKPT_DIR/<category>/`` (or one checkpoint folder itself)."""
-    from stfpm_ray.core.checkpoint import META_FILE, read_meta
-
     root = Path(checkpoints)
     if not root.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {root} does not exist (train one with `stfpm-ray train`)")
+        raise InputNotFoundError(f"checkpoint folder {root} does not exist (train one with `stfpm-ray train`)")
     single = (root / META_FILE).is_file()
     folders = [root] if single else sorted(p for p in root.iterdir() if (p / META_FILE).is_file())
     if not folders:
-        raise FileNotFoundError(f"no checkpoints under {root}: expected {root}/<category>/{META_FILE}")
+        raise InputNotFoundError(f"no checkpoints under {root}: expected {root}/<category>/{META_FILE}")
     found: dict[str, tuple[str, CheckpointMeta]] = {}
     for folder in folders:
         meta = read_meta(folder)
         if meta.category in found:
-            raise ValueError(
+            raise UserError(
                 f"two checkpoints for category {meta.category!r}: {found[meta.category][0]} and {folder}"
             )
         found[meta.category] = (str(folder.resolve()), meta)
@@ -198,7 +216,8 @@ def list_images(inputs: Sequence[str]) -> tuple[list[tuple[str, int, int]], list
     sources: list[tuple[pafs.FileSystem, str]] = []
     files: dict[str, tuple[int, int]] = {}
     for uri in inputs:
-        filesystem, base, prefix = resolve(uri)
+        location = resolve(uri)
+        filesystem, base, prefix = location.filesystem, location.path, location.prefix
         sources.append((filesystem, prefix))
         info = filesystem.get_file_info(base)
         if info.type == pafs.FileType.File:
@@ -213,7 +232,7 @@ def list_images(inputs: Sequence[str]) -> tuple[list[tuple[str, int, int]], list
                 and not is_mvtec_mask(e.path)
             ]
         else:
-            raise FileNotFoundError(f"input {uri} does not exist")
+            raise InputNotFoundError(f"input {uri} does not exist")
         for entry in entries:
             files.setdefault(prefix + entry.path, (len(sources) - 1, entry.size or 0))
     return [(path, *files[path]) for path in sorted(files)], sources
@@ -294,75 +313,36 @@ def decode_batch(batch: pa.Table, sources: list[tuple[pafs.FileSystem, str]]) ->
 
 
 class Scorer:
-    """A scoring actor: one teacher per backbone, students loaded on first use, maps encoded here."""
+    """A scoring actor: :func:`stfpm_ray.core.score.score_batch` per category, plus Ray plumbing (one teacher
+    per backbone, students loaded on first use, a progress record per process for the manifest)."""
 
     def __init__(
-        self,
-        checkpoints: dict[str, str],
-        map_size: int,
-        device: str,
-        threads: int,
-        output: OutputFolder,
-        staging: str,
-        precision: str = "auto",
+        self, checkpoints: dict[str, str], options: ScoringOptions, output: OutputFolder, staging: str
     ) -> None:
-        import torch
-
-        from stfpm_ray.core.model import resolve_precision
-
-        torch.set_num_threads(threads)
-        if device == "cuda":
+        torch.set_num_threads(options.threads)
+        if options.device == "cuda":
             torch.backends.cudnn.benchmark = True  # one input size per category: pick the fastest kernels once
-        self.precision = resolve_precision(precision, device)
-        self.threads = threads
+        self.device = options.device
+        self.settings = ScoreSettings(
+            map_size=options.map_size,
+            precision=resolve_precision(options.precision, options.device),
+            chunk=cpu_chunk(options.device, options.threads),
+        )
         self.folders = checkpoints
-        self.map_size = map_size
-        self.device = device
         self.models: dict[str, tuple[Any, CheckpointMeta]] = {}
         self.teachers: dict[tuple, Any] = {}
         self.output, self.staging = output, staging
         self.record = {
-            "host": socket.gethostname(), "pid": os.getpid(), "device": device, "precision": self.precision,
-            "started_at": datetime.now(timezone.utc).isoformat(), "batches": 0, "rows": 0,
+            "host": socket.gethostname(), "pid": os.getpid(), "device": self.device,
+            "precision": self.settings.precision, "started_at": datetime.now(timezone.utc).isoformat(),
+            "batches": 0, "rows": 0,
         }
         self.output.record_worker(staging, self.record)
 
     def _model(self, category: str) -> tuple[Any, CheckpointMeta]:
         if category not in self.models:
-            from stfpm_ray.core.checkpoint import load_checkpoint, read_meta
-            from stfpm_ray.core.inference_graph import optimize_for_inference
-            from stfpm_ray.core.teacher import load_teacher
-
-            meta = read_meta(self.folders[category])
-            key = (meta.backbone, tuple(meta.layers), meta.teacher_source)
-            if key not in self.teachers:
-                teacher = load_teacher(*key)
-                teacher.network = optimize_for_inference(teacher.network)
-                self.teachers[key] = teacher
-            model, meta = load_checkpoint(self.folders[category], self.teachers[key], self.device)
-            self.models[category] = (model.for_inference(), meta)
+            self.models[category] = load_scoring_model(self.folders[category], self.device, self.teachers)
         return self.models[category]
-
-    def _score(self, category: str, pixels: list[bytes], size: int) -> list[tuple[float, float, bool, bytes, float]]:
-        import torch
-
-        from stfpm_ray.store.mapcodec import encode_map
-        from stfpm_ray.core.model import shrink_maps
-
-        model, meta = self._model(category)
-        images = np.stack([np.frombuffer(p, dtype=np.uint8).reshape(size, size, 3) for p in pixels])
-        batch = torch.from_numpy(images).permute(0, 3, 1, 2)  # NCHW view in channels_last order: no copy
-        if self.device == "cuda":  # page-locked memory lets the copy run asynchronously
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        chunk = CPU_CHUNK * self.threads if self.device == "cpu" else len(batch)
-        results = []
-        for start in range(0, len(batch), chunk):
-            maps, scores = model.predict(batch[start : start + chunk], self.precision)
-            small = shrink_maps(maps, self.map_size)
-            for score, anomaly_map in zip(scores.float().cpu().tolist(), small.float().cpu().numpy()):
-                png, scale = encode_map(anomaly_map)
-                results.append((score, meta.normalize(score), score > meta.threshold, png, scale))
-        return results
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -370,25 +350,22 @@ class Scorer:
         for i, row in enumerate(rows):
             if row["error"] is None:
                 groups.setdefault((row["category"], row["image_size"]), []).append(i)
-        scored: dict[int, tuple] = {}
+        scored: dict[int, dict[str, Any]] = {}
         for (category, size), index in groups.items():
-            scored.update(zip(index, self._score(category, [rows[i]["pixels"] for i in index], size)))
+            model, meta = self._model(category)
+            images = pixels_to_batch([rows[i]["pixels"] for i in index], size, self.device)
+            scored.update(zip(index, map(asdict, score_batch(model, meta, images, self.settings))))
         now = datetime.now(timezone.utc)
-        out: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
-        for i, row in enumerate(rows):
-            score, norm, anomalous, png, scale = scored.get(i, (None,) * 5)
-            values = {
-                **{k: row[k] for k in ("path", "category", "label", "defect", "mask_path", "model_id", "error")},
-                "score": score, "score_norm": norm, "is_anomalous": anomalous, "anomaly_map": png,
-                "map_scale": scale, "scored_at": now, "status": "ok" if i in scored else "error",
-            }
-            for name in SCHEMA.names:
-                out[name].append(values[name])
+        missing = dict.fromkeys(field.name for field in RESULT_FIELDS)
+        out = [
+            {**row, **scored.get(i, missing), "scored_at": now, "status": "ok" if i in scored else "error"}
+            for i, row in enumerate(rows)
+        ]
         self.record["batches"] += 1
         self.record["rows"] += len(rows)
         self.record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         self.output.record_worker(self.staging, self.record)
-        return pa.table(out, schema=SCHEMA)
+        return pa.Table.from_pylist(out, schema=SCHEMA)
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -401,15 +378,8 @@ def parse_actors(text: str) -> tuple[int, int]:
     except ValueError:
         values = []
     if len(values) not in (1, 2) or min(values) < 1 or values[0] > values[-1]:
-        raise ValueError(f"--actors takes N or MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
+        raise UserError(f"--actors takes N or MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
     return values[0], values[-1]
-
-
-def _actors_argument(text: str) -> tuple[int, int]:
-    try:
-        return parse_actors(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def actor_pool_size(
@@ -426,7 +396,7 @@ def actor_pool_size(
         fits = min(fits, int(gpus // gpus_per_actor))
     pool = (1, fits) if actors is None else (actors, actors) if isinstance(actors, int) else actors
     if fits < 1 or pool[1] > fits:
-        raise ValueError(
+        raise UserError(
             f"{pool[1]} scoring actors x ({cpus_per_actor:g} CPUs, {gpus_per_actor:g} GPUs) do not fit in the "
             f"cluster's {cpus:g} CPUs and {gpus:g} GPUs with {DECODE_CPUS:g} CPU left for reading and decoding, "
             "and the dataset would hang: lower --actors, --cpus-per-actor or --gpus-per-actor"
@@ -438,10 +408,8 @@ def _run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def decode_stage(blocks: list[pa.Table], sources: list[tuple[pafs.FileSystem, str]]):
+def decode_stage(blocks: list[pa.Table], sources: list[tuple[pafs.FileSystem, str]]) -> ray.data.Dataset:
     """The dataset of decoded images, one read-and-decode task per planned block."""
-    import ray
-
     return ray.data.from_arrow(blocks).map_batches(
         decode_batch,
         batch_size=None,
@@ -458,67 +426,52 @@ def _run_pipeline(
     checkpoints: dict[str, tuple[str, CheckpointMeta]],
     output: OutputFolder,
     staging: str,
-    batch_size: int,
+    options: ScoringOptions,
     pool: tuple[int, int],
-    gpus_per_actor: float,
-    cpus_per_actor: float,
-    map_size: int,
-    precision: str,
 ) -> None:
-    import ray
-
     dataset = decode_stage(planned, sources).map_batches(
         Scorer,
-        batch_size=batch_size,
+        batch_size=options.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]),
-        num_cpus=cpus_per_actor,
-        num_gpus=gpus_per_actor or None,
+        num_cpus=options.cpus_per_actor,
+        num_gpus=options.gpus_per_actor or None,
         fn_constructor_kwargs={
             "checkpoints": {name: folder for name, (folder, _) in checkpoints.items()},
-            "map_size": map_size,
-            "device": "cuda" if gpus_per_actor > 0 else "cpu",
-            "threads": max(1, round(cpus_per_actor)),
+            "options": options,
             "output": output,
             "staging": staging,
-            "precision": precision,
         },
         udf_modifying_row_count=False,
     )
     dataset.write_parquet(staging, filesystem=output.fs, min_rows_per_file=ROWS_PER_FILE)
 
 
-def score_images(
-    checkpoints: str | Path,
-    inputs: str | Sequence[str],
-    out_dir: str | Path,
-    category: str | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    actors: int | tuple[int, int] | None = None,
-    gpus_per_actor: float = 0.0,
-    cpus_per_actor: float = 1.0,
-    map_size: int = DEFAULT_MAP_SIZE,
-    precision: str = "auto",
-    incremental: bool = False,
-    overwrite: bool = False,
-    progress: Progress = print,
-) -> ScoreSummary:
-    """Score every image under ``inputs`` into the Parquet dataset ``out_dir``; see the module docstring.
+@dataclass
+class _Run:
+    """One scoring run on the driver: what was found and planned, and where it goes."""
 
-    ``actors`` is a fixed count or ``(min, max)``; None: 1 up to what the cluster holds next to decoding.
-    ``precision`` is ``auto`` (bf16 on GPUs, fp32 on CPUs), ``fp32`` or ``bf16``.
-    Connects to Ray with :func:`stfpm_ray.ray.session.init_ray` if it is not initialised yet.
-    """
+    run_id: str
+    started: float
+    inputs: list[str]
+    checkpoints: dict[str, tuple[str, CheckpointMeta]]
+    output: OutputFolder
+    existing: list[str]
+    planned: list[pa.Table]
+    sources: list[tuple[pafs.FileSystem, str]]
+    summary: ScoreSummary
+    n_files: int
+
+
+def _prepare(
+    checkpoints: str | Path, inputs: list[str], out_dir: str | Path, category: str | None,
+    options: ScoringOptions, incremental: bool, overwrite: bool, progress: Progress,
+) -> _Run:
+    """Everything before Ray: checkpoints, output folder checks, listing and planning."""
     started = time.time()
-    if batch_size < 1 or map_size < 8 or gpus_per_actor < 0 or cpus_per_actor <= 0:
-        raise ValueError("batch size must be >= 1, map size >= 8, GPUs per actor >= 0 and CPUs per actor > 0")
-    from stfpm_ray.core.model import resolve_precision
-
-    resolve_precision(precision, "cpu")  # refuses an unknown precision before any work starts
-    inputs = [inputs] if isinstance(inputs, str) else [str(i) for i in inputs]
     found = find_checkpoints(checkpoints)
     if category is not None and category not in found:
-        raise ValueError(
+        raise UserError(
             f"no checkpoint for category {category!r} under {checkpoints} (have: {', '.join(sorted(found))})"
         )
     output = OutputFolder(str(out_dir))
@@ -526,61 +479,82 @@ def score_images(
     existing = output.check_mode(incremental, overwrite)
     files, sources = list_images(inputs)
     if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(inputs)}")
-    planned, counts = plan(files, found, category, output.scored_keys() if incremental else {}, batch_size)
+        raise InputNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(inputs)}")
+    scored = output.scored_keys() if incremental else {}
+    planned, counts = plan(files, found, category, scored, options.batch_size)
     if all(name not in found for name in counts):
-        raise ValueError(
+        raise UserError(
             f"none of the {len(files)} images belongs to a category with a checkpoint ({', '.join(sorted(found))}); "
             "for a plain folder of images pass --category"
         )
     run_id = _run_id()
     summary = ScoreSummary(run_id=run_id, out_dir=str(out_dir), counts=counts)
+    return _Run(run_id, started, inputs, found, output, existing, planned, sources, summary, len(files))
+
+
+def _manifest(run: _Run, staged_rows: int, options: ScoringOptions, mode: str, checkpoints: str | Path) -> dict:
+    counts = run.summary.counts
+    return {
+        "run_id": run.run_id,
+        "started_at": datetime.fromtimestamp(run.started, timezone.utc).isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "seconds": round(run.summary.seconds, 3),
+        "mode": mode,
+        "inputs": run.inputs,
+        "checkpoints": str(checkpoints),
+        "model_ids": {name: meta.model_id for name, (_, meta) in sorted(run.checkpoints.items())},
+        "map_size": options.map_size,
+        "batch_size": options.batch_size,
+        "precision": options.precision,
+        "rows": staged_rows,
+        "counts": {name: vars(c) for name, c in sorted(counts.items())},
+    }
+
+
+def score_images(
+    checkpoints: str | Path,
+    inputs: str | Sequence[str],
+    out_dir: str | Path,
+    options: ScoringOptions = ScoringOptions(),
+    category: str | None = None,
+    incremental: bool = False,
+    overwrite: bool = False,
+    progress: Progress = log_progress,
+) -> ScoreSummary:
+    """Score every image under ``inputs`` into the Parquet dataset ``out_dir``; see the module docstring.
+
+    Connects to Ray with :func:`stfpm_ray.ray.session.init_ray` if it is not initialised yet.
+    """
+    inputs = [inputs] if isinstance(inputs, str) else [str(i) for i in inputs]
+    run = _prepare(checkpoints, inputs, out_dir, category, options, incremental, overwrite, progress)
+    summary, counts = run.summary, run.summary.counts
     skipped = sum(c.skipped for c in counts.values())
-    if not planned:
-        summary.seconds = time.time() - started
+    if not run.planned:
+        summary.seconds = time.time() - run.started
         progress(f"nothing new to score: all {skipped} images already have rows for their models; nothing written")
         return summary
-    progress(f"{len(files)} images: {sum(b.num_rows for b in planned)} to score, {skipped} already scored (skipped)")
-
-    from stfpm_ray.ray.session import cluster_capacity, init_ray
-
+    progress(f"{run.n_files} images: {sum(b.num_rows for b in run.planned)} to score, "
+             f"{skipped} already scored (skipped)")
     init_ray()
-    import ray
-
-    pool = actor_pool_size(actors, gpus_per_actor, cpus_per_actor, cluster_capacity())
-    progress(f"run {run_id}: {pool[0]}-{pool[1]} scoring actors, batch size {batch_size}, maps {map_size} px")
-    staging = output.start_staging(run_id)
+    pool = actor_pool_size(options.actors, options.gpus_per_actor, options.cpus_per_actor, cluster_capacity())
+    progress(f"run {run.run_id}: {pool[0]}-{pool[1]} scoring actors, batch size {options.batch_size}, "
+             f"maps {options.map_size} px")
+    staging = run.output.start_staging(run.run_id)
+    mode = "incremental" if incremental else "overwrite" if overwrite else "plain"
     try:
-        _run_pipeline(
-            planned, sources, found, output, staging, batch_size, pool, gpus_per_actor, cpus_per_actor, map_size,
-            precision,
-        )
-        staged = output.read_staging(staging)
-        _check_staged(staged.index, planned)
+        _run_pipeline(run.planned, run.sources, run.checkpoints, run.output, staging, options, pool)
+        staged = run.output.read_staging(staging)
+        _check_staged(staged.index, run.planned)
         for name, tally in counts_by_category(staged.index).items():
             counts[name].ok, counts[name].error = tally["ok"], tally["error"]
-        summary.seconds = time.time() - started
-        manifest = {
-            "run_id": run_id,
-            "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-            "finished_at": datetime.now(timezone.utc).isoformat(),
-            "seconds": round(summary.seconds, 3),
-            "mode": "incremental" if incremental else "overwrite" if overwrite else "plain",
-            "inputs": inputs,
-            "checkpoints": str(checkpoints),
-            "model_ids": {name: meta.model_id for name, (_, meta) in sorted(found.items())},
-            "map_size": map_size,
-            "batch_size": batch_size,
-            "precision": precision,
-            "rows": staged.index.num_rows,
-            "counts": {name: vars(c) for name, c in sorted(counts.items())},
-            "workers": output.worker_records(staging),
-        }
+        summary.seconds = time.time() - run.started
+        manifest = _manifest(run, staged.index.num_rows, options, mode, checkpoints)
+        manifest["workers"] = run.output.worker_records(staging)
     except BaseException:
-        output.discard(staging)
+        run.output.discard(staging)
         raise
     # From here a failure leaves the commit intent in staging, and the next run finishes the commit.
-    summary.manifest = output.commit(run_id, staged, manifest, existing if overwrite else [])
+    summary.manifest = run.output.commit(run.run_id, staged, manifest, run.existing if overwrite else [])
     summary.rows_written, summary.files_written = staged.index.num_rows, len(staged.files)
     progress(
         f"wrote {summary.rows_written} rows in {summary.files_written} files to {out_dir} ({summary.seconds:.1f} s)"
@@ -599,66 +573,3 @@ def _check_staged(index: pa.Table, planned: list[pa.Table]) -> None:
             f"({len(duplicates)} paths twice, {len(missing)} missing, "
             f"e.g. {(duplicates or missing.to_pylist())[:2]}); nothing was committed"
         )
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def add_scoring_options(parser: argparse.ArgumentParser, batch_size_flag: str = "--batch-size") -> None:
-    """Model and resource flags, shared with ``stfpm-ray benchmark`` (which renames the batch flag)."""
-    from stfpm_ray.core.model import PRECISIONS
-
-    parser.add_argument(batch_size_flag, type=int, default=DEFAULT_BATCH_SIZE, dest="score_batch_size",
-                        help="images per scoring batch (default %(default)s)")
-    parser.add_argument(
-        "--actors", type=_actors_argument, metavar="N|MIN,MAX",
-        help="scoring actors (default: 1 up to the GPUs, or CPUs - 1 without GPUs)",
-    )
-    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per scoring actor (0: CPU)")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor")
-    parser.add_argument(
-        "--map-size", type=int, default=DEFAULT_MAP_SIZE, help="stored anomaly map side in pixels (default 128)"
-    )
-    parser.add_argument(
-        "--precision", choices=PRECISIONS, default="auto",
-        help="network precision: auto (bf16 on GPUs, fp32 on CPUs), fp32, or bf16 (also fast on AVX512-BF16/AMX CPUs)",
-    )
-
-
-def scoring_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments of :func:`score_images` from the flags of :func:`add_scoring_options`."""
-    return {
-        "batch_size": args.score_batch_size, "actors": args.actors, "gpus_per_actor": args.gpus_per_actor,
-        "cpus_per_actor": args.cpus_per_actor, "map_size": args.map_size, "precision": args.precision,
-    }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoints", required=True, metavar="CKPT_DIR", help="folder of <category>/ checkpoints")
-    parser.add_argument(
-        "--input", required=True, nargs="+", metavar="PATH_OR_URI",
-        help="image folders or files, local or s3://, gs:// (an MVTec-layout root routes images to categories)",
-    )
-    parser.add_argument("--out", required=True, metavar="OUT_DIR", help="Parquet dataset folder (local or URI)")
-    parser.add_argument("--category", help="score every input image with this category's model (plain archives)")
-    add_scoring_options(parser)
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--incremental", action="store_true",
-        help="nightly mode: skip images that already have a row for their model, append the rest",
-    )
-    mode.add_argument("--overwrite", action="store_true", help="replace the dataset already in OUT_DIR")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.address:
-        from stfpm_ray.ray.session import init_ray
-
-        init_ray(args.address)
-    summary = score_images(
-        args.checkpoints, args.input, args.out, category=args.category, incremental=args.incremental,
-        overwrite=args.overwrite, **scoring_options(args),
-    )
-    print(summary.table())
-    return 0

@@ -33,6 +33,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
+def autoscaler_max_resources() -> dict[str, float]:
+    """The largest resources the autoscaler's configuration allows, or ``{}``.
+
+    The one call of a private Ray API in this project (``ray._private.state``, present in the Ray versions this project
+    supports, 2.52 to 2.60); any failure, including the API moving in a later Ray, falls back to
+    the current cluster resources.
+    """
+    try:
+        from ray._private.state import state  # private: guarded, see the docstring
+
+        return dict(state.get_max_resources_from_cluster_config() or {})
+    except Exception:  # the autoscaler's view is optional; a static cluster has none
+        log.debug("no autoscaler configuration; sizing from current cluster resources", exc_info=True)
+        return {}
+
+
 def cluster_capacity() -> dict[str, float]:
     """Resources the cluster has now or can grow to, for sizing pools and concurrency.
 
@@ -41,13 +57,7 @@ def cluster_capacity() -> dict[str, float]:
     sizes itself from the autoscaler's configured maximum in the same way.
     """
     capacity = dict(ray.cluster_resources())
-    try:
-        from ray._private.state import state
-
-        maximum = state.get_max_resources_from_cluster_config() or {}
-    except Exception:  # the autoscaler's view is optional; a static cluster has none
-        log.debug("no autoscaler configuration; sizing from current cluster resources", exc_info=True)
-        maximum = {}
+    maximum = autoscaler_max_resources()
     for key, value in maximum.items():
         capacity[key] = max(capacity.get(key, 0.0), float(value))
     return capacity

@@ -20,9 +20,8 @@ else starts with ``_``, which both readers skip:
 from __future__ import annotations
 
 import json
-import os
 import posixpath
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,49 +30,41 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-# One row per input image; evaluate and users read exactly these columns.
-SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),
-        ("category", pa.string()),
-        ("score", pa.float32()),
-        ("score_norm", pa.float32()),
-        ("is_anomalous", pa.bool_()),
-        ("label", pa.int8()),
-        ("defect", pa.string()),
-        ("mask_path", pa.string()),
-        ("anomaly_map", pa.binary()),
-        ("map_scale", pa.float32()),
-        ("model_id", pa.string()),
-        ("scored_at", pa.timestamp("us", tz="UTC")),
-        ("status", pa.string()),
-        ("error", pa.string()),
-    ]
-)
+from stfpm_ray.errors import OutputExistsError, UserError
+from stfpm_ray.progress import Progress
+from stfpm_ray.store.fs import Location, read_text, resolve, write_text_atomic
+
+# What the layout says about an input image (filled when the run is planned, before any scoring).
+SAMPLE_FIELDS = [
+    pa.field("path", pa.string()),
+    pa.field("category", pa.string()),
+    pa.field("label", pa.int8()),
+    pa.field("defect", pa.string()),
+    pa.field("mask_path", pa.string()),
+    pa.field("model_id", pa.string()),
+]
+# What scoring adds (stfpm_ray.core.score.ScoredImage), then when and how it went.
+RESULT_FIELDS = [
+    pa.field("score", pa.float32()),
+    pa.field("score_norm", pa.float32()),
+    pa.field("is_anomalous", pa.bool_()),
+    pa.field("anomaly_map", pa.binary()),
+    pa.field("map_scale", pa.float32()),
+]
+RUN_FIELDS = [
+    pa.field("scored_at", pa.timestamp("us", tz="UTC")),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+]
+_ORDER = ["path", "category", "score", "score_norm", "is_anomalous", "label", "defect", "mask_path", "anomaly_map",
+          "map_scale", "model_id", "scored_at", "status", "error"]
+# One row per input image; evaluate and users read exactly these columns, in this order.
+SCHEMA = pa.schema(sorted(SAMPLE_FIELDS + RESULT_FIELDS + RUN_FIELDS, key=lambda f: _ORDER.index(f.name)))
 INDEX_COLUMNS = ["path", "category", "status", "model_id"]
 STAGING_PREFIX = "_staging-"
 MANIFESTS = "_manifests"
 WORKERS = "_workers"
 COMMIT_FILE = "_commit.json"
-
-Progress = Callable[[str], None]
-
-
-def resolve(uri: str) -> tuple[pafs.FileSystem, str, str]:
-    """``(filesystem, path inside it, prefix)`` for a local path or a URI.
-
-    ``prefix + path`` rebuilds a stable, absolute name for the same location (``s3://bucket/key`` or
-    ``/abs/path``), which is what output rows record and what incremental runs match on.
-    """
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)), ""
-    try:
-        filesystem, path = pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-        raise ValueError(f"cannot open {uri}: {exc}") from None
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        return filesystem, path, ""
-    return filesystem, path.rstrip("/"), uri.split("://", 1)[0] + "://"
 
 
 @dataclass(frozen=True)
@@ -90,7 +81,8 @@ class OutputFolder:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        self.fs, self.root, _ = resolve(uri)
+        location = resolve(uri)
+        self.fs, self.root = location.filesystem, location.path
 
     def _join(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -100,7 +92,7 @@ class OutputFolder:
         if info.type == pafs.FileType.NotFound:
             return []
         if info.type != pafs.FileType.Directory:
-            raise FileExistsError(f"{self.uri if path is None else path} exists and is not a folder")
+            raise OutputExistsError(f"{self.uri if path is None else path} exists and is not a folder")
         return self.fs.get_file_info(pafs.FileSelector(path or self.root))
 
     def data_files(self) -> list[str]:
@@ -108,7 +100,7 @@ class OutputFolder:
         visible = [e for e in self._entries() if not e.base_name.startswith(("_", "."))]
         foreign = [e.base_name for e in visible if e.type != pafs.FileType.File or not e.base_name.endswith(".parquet")]
         if foreign:
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{self.uri} holds entries that are not scoring output ({', '.join(sorted(foreign)[:3])}); "
                 "choose an empty or new --out folder"
             )
@@ -117,10 +109,10 @@ class OutputFolder:
     def check_mode(self, incremental: bool, overwrite: bool) -> list[str]:
         """The data files already there; a plain run into a folder that has some is refused."""
         if incremental and overwrite:
-            raise ValueError("--incremental and --overwrite exclude each other")
+            raise UserError("--incremental and --overwrite exclude each other")
         existing = self.data_files()
         if existing and not (incremental or overwrite):
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{self.uri} already holds scoring output ({len(existing)} Parquet files); pass --incremental "
                 "to score only images without a row for their model, or --overwrite to replace it"
             )
@@ -211,15 +203,10 @@ class OutputFolder:
         return manifest_path
 
     def _read_text(self, path: str) -> str:
-        with self.fs.open_input_stream(path) as handle:
-            return handle.read().decode()
+        return read_text(Location(self.fs, path))
 
     def _write_text(self, path: str, text: str) -> None:
-        """Write then rename, so a reader never sees half a JSON (object stores write whole objects anyway)."""
-        tmp = f"{path}.tmp"
-        with self.fs.open_output_stream(tmp) as handle:
-            handle.write(text.encode())
-        self.fs.move(tmp, path)
+        write_text_atomic(Location(self.fs, path), text)
 
 
 def counts_by_category(index: pa.Table) -> dict[str, dict[str, int]]:

@@ -1,0 +1,127 @@
+"""Option groups shared by several verbs, and their typed values (TrainConfig, TrainResources, ScoringOptions)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from stfpm_ray.core.fit import TrainConfig
+from stfpm_ray.core.model import PRECISIONS
+from stfpm_ray.core.score import DEFAULT_MAP_SIZE
+from stfpm_ray.errors import StfpmError
+from stfpm_ray.ray.score import DEFAULT_BATCH_SIZE, ScoringOptions, parse_actors
+from stfpm_ray.ray.session import init_ray
+from stfpm_ray.ray.train import TrainResources
+
+# Flags that set TrainConfig fields: (flag, field, type, help).
+_CONFIG_FLAGS = (
+    ("--epochs", "epochs", int, "epochs per category"),
+    ("--batch-size", "batch_size", int, "images per SGD step (split across a category's workers)"),
+    ("--image-size", "image_size", int, "model input side in pixels, a multiple of 32"),
+    ("--lr", "lr", float, "SGD learning rate"),
+    ("--backbone", "backbone", str, "timm backbone of teacher and student"),
+    ("--weights", "weights", str, "teacher weights: auto|offline|hub|file:PATH"),
+    ("--seed", "seed", int, "seed of the validation split, student init and batch order"),
+)
+
+
+def add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
+
+
+def connect(args: argparse.Namespace) -> None:
+    """The one place ``--address`` is honoured. Without it the library starts (or reuses) Ray when it first
+    needs it, so a run refused before any work never starts Ray."""
+    if args.address:
+        init_ray(args.address)
+
+
+def add_training_options(parser: argparse.ArgumentParser, demo_defaults: dict[str, Any] | None = None) -> None:
+    """The training and resource flags of ``train`` and ``benchmark``.
+
+    Config flags default to None, meaning TrainConfig's default (or, in a command with ``demo_defaults``,
+    the demo's), so that a caller can tell a value the user chose from a default.
+    """
+    defaults, demo = TrainConfig(), demo_defaults or {}
+    for flag, field, kind, text in _CONFIG_FLAGS:
+        default = f"{getattr(defaults, field)}" + (f"; demo: {demo[field]}" if field in demo else "")
+        parser.add_argument(flag, type=kind, default=None, help=f"{text} (default {default})")
+    parser.add_argument("--workers-per-category", type=int, default=1,
+                        help="Ray Train workers per category; more than 1 trains data-parallel (DDP) "
+                             "(default %(default)s)")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0,
+                        help="CPUs (and torch threads) per worker (default %(default)s)")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0,
+                        help="GPUs per worker, fractions allowed (default %(default)s)")
+    parser.add_argument("--storage-path", default=None,
+                        help="Ray Train run state, a local folder or URI (default CKPT_DIR/_ray); "
+                             "multi-node clusters need storage every node reaches (NFS, s3://, gs://)")
+    parser.add_argument("--max-failures", type=int, default=2,
+                        help="restarts of a category's workers from its last checkpoint (default %(default)s)")
+
+
+def train_config(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """TrainConfig from the flags; unset flags keep ``defaults`` (a preset), else TrainConfig's defaults."""
+    chosen = {field: getattr(args, field) for _, field, _, _ in _CONFIG_FLAGS if getattr(args, field) is not None}
+    return TrainConfig(**{**(defaults or {}), **chosen})
+
+
+def train_resources(args: argparse.Namespace) -> TrainResources:
+    return TrainResources(
+        workers_per_category=args.workers_per_category, cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker, storage_path=args.storage_path, max_failures=args.max_failures,
+    )
+
+
+def _actors_argument(text: str) -> tuple[int, int]:
+    try:
+        return parse_actors(text)
+    except StfpmError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_scoring_options(parser: argparse.ArgumentParser, batch_size_flag: str = "--batch-size") -> None:
+    """Model and resource flags of ``score``, ``benchmark`` and the nightly job (``benchmark`` renames the
+    batch flag)."""
+    parser.add_argument(batch_size_flag, type=int, default=DEFAULT_BATCH_SIZE, dest="score_batch_size",
+                        help="images per scoring batch (default %(default)s)")
+    parser.add_argument(
+        "--actors", type=_actors_argument, metavar="N|MIN,MAX",
+        help="scoring actors (default: 1 up to the GPUs, or CPUs - 1 without GPUs)",
+    )
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per scoring actor (0: CPU)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor")
+    parser.add_argument(
+        "--map-size", type=int, default=DEFAULT_MAP_SIZE, help="stored anomaly map side in pixels (default 128)"
+    )
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="auto",
+        help="network precision: auto (bf16 on GPUs, fp32 on CPUs), fp32, or bf16 (also fast on AVX512-BF16/AMX CPUs)",
+    )
+
+
+def scoring_options(args: argparse.Namespace) -> ScoringOptions:
+    return ScoringOptions(
+        batch_size=args.score_batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor, map_size=args.map_size, precision=args.precision,
+    )
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    """Everything ``stfpm-ray score`` takes (the nightly job takes the same)."""
+    parser.add_argument("--checkpoints", required=True, metavar="CKPT_DIR", help="folder of <category>/ checkpoints")
+    parser.add_argument(
+        "--input", required=True, nargs="+", metavar="PATH_OR_URI",
+        help="image folders or files, local or s3://, gs:// (an MVTec-layout root routes images to categories)",
+    )
+    parser.add_argument("--out", required=True, metavar="OUT_DIR", help="Parquet dataset folder (local or URI)")
+    parser.add_argument("--category", help="score every input image with this category's model (plain archives)")
+    add_scoring_options(parser)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--incremental", action="store_true",
+        help="nightly mode: skip images that already have a row for their model, append the rest",
+    )
+    mode.add_argument("--overwrite", action="store_true", help="replace the dataset already in OUT_DIR")
+    add_address(parser)

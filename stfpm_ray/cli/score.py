@@ -1,0 +1,25 @@
+"""``stfpm-ray score``: score an image archive with Ray Data into Parquet (see :mod:`stfpm_ray.ray.score`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from stfpm_ray.cli.options import add_score_arguments, connect, scoring_options
+from stfpm_ray.progress import log_progress
+from stfpm_ray.ray.score import score_images
+
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_score_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = scoring_options(args)
+    connect(args)
+    summary = score_images(
+        args.checkpoints, args.input, args.out, options, category=args.category, incremental=args.incremental,
+        overwrite=args.overwrite,
+    )
+    log_progress(summary.table())
+    return 0

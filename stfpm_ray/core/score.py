@@ -1,0 +1,94 @@
+"""Scoring one batch of decoded images: predict -> shrink map -> encode map -> normalise -> threshold.
+
+:func:`score_batch` is the whole scoring step of the method; the Ray actor (:mod:`stfpm_ray.ray.score`) is
+this function plus Ray plumbing, and the benchmarks time this same function. :func:`load_scoring_model`
+prepares a checkpoint for it (networks rewritten for inference, a teacher shared between categories).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from stfpm_ray.core.anomaly_map import shrink_maps
+from stfpm_ray.core.checkpoint import CheckpointMeta, load_checkpoint, read_meta
+from stfpm_ray.core.inference_graph import optimize_for_inference
+from stfpm_ray.core.model import STFPM
+from stfpm_ray.core.teacher import Teacher, load_teacher
+from stfpm_ray.store.mapcodec import encode_map
+
+DEFAULT_MAP_SIZE = 128
+# Images per forward pass and torch thread on CPU: a large batch's activations fall out of the caches, so
+# CPUs run the forward in small chunks (README: speed figures). GPUs take the whole batch.
+CPU_CHUNK = 4
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How a batch is scored: stored map side, network precision (``fp32``/``bf16``), forward chunk size."""
+
+    map_size: int = DEFAULT_MAP_SIZE
+    precision: str = "fp32"
+    chunk: int | None = None  # None: the whole batch in one forward pass
+
+
+@dataclass(frozen=True)
+class ScoredImage:
+    """One image's result, as stored in a scores row (``stfpm_ray.store.scores.RESULT_FIELDS``)."""
+
+    score: float
+    score_norm: float
+    is_anomalous: bool
+    anomaly_map: bytes  # 16-bit PNG, see stfpm_ray.store.mapcodec
+    map_scale: float
+
+
+def cpu_chunk(device: str, threads: int) -> int | None:
+    """The forward chunk the scorer uses on ``device``: ``CPU_CHUNK`` images per thread on CPU, whole batches
+    elsewhere."""
+    return CPU_CHUNK * threads if torch.device(device).type == "cpu" else None
+
+
+def load_scoring_model(
+    folder: str, device: str | torch.device = "cpu", teachers: dict[tuple, Teacher] | None = None
+) -> tuple[STFPM, CheckpointMeta]:
+    """A checkpoint rewritten for inference; ``teachers`` caches rewritten teachers across categories."""
+    meta = read_meta(folder)
+    key = (meta.backbone, tuple(meta.layers), meta.teacher_source)
+    teachers = {} if teachers is None else teachers
+    if key not in teachers:
+        teacher = load_teacher(*key)
+        teacher.network = optimize_for_inference(teacher.network)
+        teachers[key] = teacher
+    model, meta = load_checkpoint(folder, teachers[key], device)
+    return model.for_inference(), meta
+
+
+def score_batch(
+    model: STFPM, meta: CheckpointMeta, images: torch.Tensor, settings: ScoreSettings = ScoreSettings()
+) -> list[ScoredImage]:
+    """Score uint8 NCHW ``images`` (already on the model's device) with one category's model."""
+    chunk = settings.chunk or len(images)
+    results = []
+    for start in range(0, len(images), chunk):
+        maps, scores = model.predict(images[start : start + chunk], settings.precision)
+        small = shrink_maps(maps, settings.map_size)
+        for score, anomaly_map in zip(scores.float().cpu().tolist(), small.float().cpu().numpy()):
+            png, scale = encode_map(anomaly_map)
+            results.append(ScoredImage(score, meta.normalize(score), score > meta.threshold, png, scale))
+    return results
+
+
+def pixels_to_batch(pixels: list[bytes] | list[np.ndarray], size: int, device: str = "cpu") -> torch.Tensor:
+    """Decoded HxWx3 uint8 images (raw bytes or arrays) as one NCHW tensor on ``device``.
+
+    The NCHW tensor is a view in channels_last order (no copy); on a GPU it is copied from page-locked
+    memory, which lets the copy run asynchronously.
+    """
+    arrays = [np.frombuffer(p, dtype=np.uint8).reshape(size, size, 3) if isinstance(p, bytes) else p for p in pixels]
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    if torch.device(device).type == "cuda":
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    return batch

@@ -1,0 +1,109 @@
+"""Nightly rescoring of an image archive, and a report of the new anomalies it found (``jobs/nightly.py``).
+
+Runs ``stfpm-ray score --incremental``: images that already have a row for their current model are skipped,
+so a nightly run costs what arrived since the last one (and a run that failed is simply run again). The
+report lists, per category, this run's rows with ``is_anomalous`` true; it reads only the Parquet files of
+this run's manifest (``OUT/_manifests/<run_id>.json``), never the whole dataset, and is written to
+``OUT/_reports/nightly-<run_id>.json`` beside the data (the leading ``_`` keeps it out of what pandas and
+pyarrow read as the dataset).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from stfpm_ray.errors import UserError
+from stfpm_ray.progress import Progress, fixed_width_table, log_progress
+from stfpm_ray.ray.score import ScoreSummary, ScoringOptions, score_images
+from stfpm_ray.store.fs import resolve, write_text_atomic
+
+REPORTS = "_reports"
+DEFAULT_TOP = 20
+REPORT_COLUMNS = ["path", "category", "score", "score_norm", "is_anomalous", "status"]
+
+
+def new_anomalies(out_dir: str, summary: ScoreSummary, top: int = DEFAULT_TOP) -> dict[str, Any]:
+    """The report of one scoring run: per category, rows scored, errors, skipped, and the anomalous rows.
+
+    ``anomalies`` holds every anomalous row of the run's categories (paths and scores, most anomalous first)
+    up to ``top`` per category; ``anomalous`` always counts them all.
+    """
+    where = resolve(out_dir)
+    filesystem, root, prefix = where.filesystem, where.path, where.prefix
+    categories: dict[str, dict[str, Any]] = {
+        name: {"scored": 0, "errors": 0, "skipped": counts.skipped, "anomalous": 0, "anomalies": []}
+        for name, counts in summary.counts.items()
+    }
+    if summary.manifest is not None:
+        with filesystem.open_input_stream(summary.manifest) as handle:
+            manifest = json.loads(handle.read())
+        files = [posixpath.join(root, entry["name"]) for entry in manifest["files"]]
+        table = pads.dataset(files, filesystem=filesystem, format="parquet").to_table(columns=REPORT_COLUMNS)
+        for name, entry in categories.items():
+            rows = table.filter(pc.equal(table["category"], name))
+            anomalous = rows.filter(pc.fill_null(rows["is_anomalous"], False)).sort_by([("score_norm", "descending")])
+            entry.update(
+                scored=rows.num_rows,
+                errors=rows.filter(pc.equal(rows["status"], "error")).num_rows,
+                anomalous=anomalous.num_rows,
+                anomalies=anomalous.slice(0, top).select(["path", "score", "score_norm"]).to_pylist(),
+            )
+    return {
+        "run_id": summary.run_id,
+        "out_dir": str(out_dir),
+        "manifest": None if summary.manifest is None else prefix + summary.manifest,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "scored": sum(c["scored"] for c in categories.values()),
+        "new_anomalies": sum(c["anomalous"] for c in categories.values()),
+        "categories": dict(sorted(categories.items())),
+    }
+
+
+def write_report(out_dir: str, report: dict[str, Any]) -> str:
+    """Write the report under ``OUT/_reports/`` (write then rename, so no reader sees half of it)."""
+    target = resolve(out_dir).join(REPORTS, f"nightly-{report['run_id']}.json")
+    write_text_atomic(target, json.dumps(report, indent=2))
+    return target.name
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The per-category table and the most anomalous new images, for the job's log."""
+    categories = report["categories"]
+    keys = ("scored", "errors", "skipped", "anomalous")
+    rows = [(name, *(c[key] for key in keys)) for name, c in categories.items()]
+    rows.append(("total", *(sum(c[key] for c in categories.values()) for key in keys)))
+    lines = [fixed_width_table(("category", *keys), rows)]
+    for name, c in categories.items():
+        for row in c["anomalies"]:
+            lines.append(f"  {name}: {row['score_norm']:.3f} x threshold  {row['path']}")
+    return "\n".join(lines)
+
+
+def nightly(
+    checkpoints: str | Path,
+    inputs: str | Sequence[str],
+    out_dir: str | Path,
+    top: int = DEFAULT_TOP,
+    options: ScoringOptions = ScoringOptions(),
+    category: str | None = None,
+    progress: Progress = log_progress,
+) -> tuple[dict[str, Any], str]:
+    """Score what is new under ``inputs`` into ``out_dir`` (incrementally), then report; returns (report, path)."""
+    if top < 0:
+        raise UserError(f"--top must be >= 0, got {top}")
+    summary = score_images(checkpoints, inputs, out_dir, options, category=category, incremental=True,
+                           progress=progress)
+    report = new_anomalies(str(out_dir), summary, top)
+    path = write_report(str(out_dir), report)
+    progress(format_report(report))
+    progress(f"nightly run {summary.run_id}: {report['new_anomalies']} new anomalies among {report['scored']} "
+             f"newly scored images; report: {path}")
+    return report, path

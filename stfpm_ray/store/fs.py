@@ -1,0 +1,108 @@
+"""The one storage layer: local paths and URIs (``s3://``, ``gs://``, ``file://``, ...) through pyarrow filesystems.
+
+Every byte the project reads or writes outside Ray's own storage goes through here: scoring inputs and
+output, MVTec masks, checkpoints, reports. A location is ``(filesystem, path inside it, prefix)``;
+``prefix + path`` is the stable name that output rows record (``s3://bucket/key``, or an absolute local path).
+
+:func:`register_filesystem` mounts any pyarrow filesystem under a URI scheme of its own (tests use it to reach
+a local folder through a ``SubTreeFileSystem`` exactly as they would reach a bucket).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from stfpm_ray.errors import InputNotFoundError, UserError
+
+_MOUNTS: dict[str, pafs.FileSystem] = {}
+
+
+def is_uri(location: str) -> bool:
+    """True for ``scheme://...``; everything else is a local path."""
+    return "://" in str(location)
+
+
+def register_filesystem(scheme: str, filesystem: pafs.FileSystem) -> None:
+    """Resolve ``scheme://path`` to ``path`` inside ``filesystem`` in this process."""
+    _MOUNTS[scheme] = filesystem
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved path: ``filesystem`` and ``path`` inside it; ``prefix + path`` names it for people and rows."""
+
+    filesystem: pafs.FileSystem
+    path: str
+    prefix: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.prefix + self.path
+
+    def join(self, *parts: str) -> "Location":
+        return Location(self.filesystem, posixpath.join(self.path, *parts), self.prefix)
+
+
+def resolve(location: str | os.PathLike[str]) -> Location:
+    """The :class:`Location` of a local path or a URI; a URI pyarrow cannot open is a :class:`UserError`."""
+    text = str(location)
+    if not is_uri(text):
+        return Location(pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text)))
+    scheme, rest = text.split("://", 1)
+    if scheme in _MOUNTS:
+        return Location(_MOUNTS[scheme], rest.rstrip("/"), f"{scheme}://")
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(text)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        raise UserError(f"cannot open {text}: {exc}") from None
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return Location(filesystem, path)
+    return Location(filesystem, path.rstrip("/"), f"{scheme}://")
+
+
+def file_type(location: str | os.PathLike[str] | Location) -> pafs.FileType:
+    loc = location if isinstance(location, Location) else resolve(location)
+    return loc.filesystem.get_file_info(loc.path).type
+
+
+def is_file(location: str | os.PathLike[str] | Location) -> bool:
+    return file_type(location) == pafs.FileType.File
+
+
+def is_dir(location: str | os.PathLike[str] | Location) -> bool:
+    return file_type(location) == pafs.FileType.Directory
+
+
+def read_bytes(location: str | os.PathLike[str] | Location) -> bytes:
+    """The whole file; a missing one is an :class:`InputNotFoundError`, other I/O problems stay ``OSError``."""
+    loc = location if isinstance(location, Location) else resolve(location)
+    try:
+        with loc.filesystem.open_input_file(loc.path) as handle:
+            return handle.read()
+    except FileNotFoundError as exc:
+        raise InputNotFoundError(f"{loc.name} does not exist") from exc
+
+
+def write_bytes_atomic(location: str | os.PathLike[str] | Location, data: bytes) -> None:
+    """Write to a temporary sibling, then rename: a reader never sees half a file (object stores write
+    whole objects anyway). Parent folders are created."""
+    loc = location if isinstance(location, Location) else resolve(location)
+    loc.filesystem.create_dir(posixpath.dirname(loc.path), recursive=True)
+    staged = f"{loc.path}.{uuid.uuid4().hex[:8]}.tmp"
+    with loc.filesystem.open_output_stream(staged) as handle:
+        handle.write(data)
+    loc.filesystem.move(staged, loc.path)
+
+
+def write_text_atomic(location: str | os.PathLike[str] | Location, text: str) -> None:
+    write_bytes_atomic(location, text.encode("utf-8"))
+
+
+def read_text(location: str | os.PathLike[str] | Location) -> str:
+    return read_bytes(location).decode("utf-8")
