@@ -86,15 +86,21 @@ def _mix(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- kinds
 
 
+def _lattice(
+    size: int, rng: np.random.Generator, max_degrees: float, per_side: float, phase: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A slightly rotated square lattice: cell indices (ia, ib) and positions inside the cell (fa, fb)."""
+    v, u = _rotate(size, 0.5, 0.5, math.radians(rng.uniform(-max_degrees, max_degrees)))
+    a = u * per_side + rng.uniform(0.0, phase)
+    b = v * per_side + rng.uniform(0.0, phase)
+    ia, ib = np.floor(a), np.floor(b)
+    return ia, ib, a - ia, b - ib
+
+
 def _render_weave(size: int, rng: np.random.Generator, style: _Style) -> _Scene:
     """Plain-woven fabric (carpet-like): warp and weft threads alternating over and under."""
     warp, weft, gap = style.palette
-    v, u = _rotate(size, 0.5, 0.5, math.radians(rng.uniform(-2.0, 2.0)))
-    threads = 11.0 * style.freq
-    a = u * threads + rng.uniform(0.0, 2.0)
-    b = v * threads + rng.uniform(0.0, 2.0)
-    ia, ib = np.floor(a), np.floor(b)
-    fa, fb = a - ia, b - ib
+    ia, ib, fa, fb = _lattice(size, rng, 2.0, 11.0 * style.freq, 2.0)
     warp_on_top = ((ia + ib) % 2.0) < 1.0
     # Across a thread it is rounded; along it, it dips where it passes under the crossing thread.
     warp_shade = np.sqrt(np.sin(np.pi * fa)) * (0.7 + 0.3 * np.sin(np.pi * fb))
@@ -121,12 +127,8 @@ def _render_grain(size: int, rng: np.random.Generator, style: _Style) -> _Scene:
 def _render_tiles(size: int, rng: np.random.Generator, style: _Style) -> _Scene:
     """Square tiles separated by grout lines (grayscale, like MVTec grid/tile), per-tile tone."""
     grout, tile = style.palette
-    v, u = _rotate(size, 0.5, 0.5, math.radians(rng.uniform(-1.5, 1.5)))
     per_side = 5.0 * style.freq
-    a = u * per_side + rng.uniform(0.0, 1.0)
-    b = v * per_side + rng.uniform(0.0, 1.0)
-    ia, ib = np.floor(a), np.floor(b)
-    fa, fb = a - ia, b - ib
+    ia, ib, fa, fb = _lattice(size, rng, 1.5, per_side, 1.0)
     to_edge = np.minimum(np.minimum(fa, 1.0 - fa), np.minimum(fb, 1.0 - fb)) / per_side  # image units
     cover = _coverage(0.012 - to_edge, size)
     tones = rng.uniform(-0.04, 0.04, (16, 16)).astype(np.float32)

@@ -34,28 +34,18 @@ from stfpm_ray.errors import OutputExistsError, UserError
 from stfpm_ray.progress import Progress
 from stfpm_ray.store.fs import Location, read_text, resolve, write_text_atomic
 
+
+def _fields(**types: pa.DataType) -> list[pa.Field]:
+    return [pa.field(name, kind) for name, kind in types.items()]
+
+
 # What the layout says about an input image (filled when the run is planned, before any scoring).
-SAMPLE_FIELDS = [
-    pa.field("path", pa.string()),
-    pa.field("category", pa.string()),
-    pa.field("label", pa.int8()),
-    pa.field("defect", pa.string()),
-    pa.field("mask_path", pa.string()),
-    pa.field("model_id", pa.string()),
-]
+SAMPLE_FIELDS = _fields(path=pa.string(), category=pa.string(), label=pa.int8(), defect=pa.string(),
+                        mask_path=pa.string(), model_id=pa.string())
 # What scoring adds (stfpm_ray.core.score.ScoredImage), then when and how it went.
-RESULT_FIELDS = [
-    pa.field("score", pa.float32()),
-    pa.field("score_norm", pa.float32()),
-    pa.field("is_anomalous", pa.bool_()),
-    pa.field("anomaly_map", pa.binary()),
-    pa.field("map_scale", pa.float32()),
-]
-RUN_FIELDS = [
-    pa.field("scored_at", pa.timestamp("us", tz="UTC")),
-    pa.field("status", pa.string()),
-    pa.field("error", pa.string()),
-]
+RESULT_FIELDS = _fields(score=pa.float32(), score_norm=pa.float32(), is_anomalous=pa.bool_(),
+                        anomaly_map=pa.binary(), map_scale=pa.float32())
+RUN_FIELDS = _fields(scored_at=pa.timestamp("us", tz="UTC"), status=pa.string(), error=pa.string())
 _ORDER = ["path", "category", "score", "score_norm", "is_anomalous", "label", "defect", "mask_path", "anomaly_map",
           "map_scale", "model_id", "scored_at", "status", "error"]
 # One row per input image; evaluate and users read exactly these columns, in this order.
