@@ -3,24 +3,25 @@
 ``student.safetensors`` holds the student's tensors (loading executes no pickle), ``stfpm.json`` holds what
 is needed to rebuild the model and to trust its scores: format version, backbone, layers, image size,
 teacher source and hash, the validation-derived threshold and normalisation, and training figures.
-The teacher is never stored: it is rebuilt from its source and checked against the recorded hash.
+The teacher is never stored: it is rebuilt from its source and checked against the recorded hash. Folders
+may be local paths or URIs: every byte goes through :mod:`stfpm_ray.store.fs`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from stfpm_ray.core.model import STFPM
 from stfpm_ray.core.teacher import Teacher, load_teacher
 from stfpm_ray.errors import UserError
+from stfpm_ray.store.fs import is_file, read_bytes, read_text, resolve, write_bytes_atomic, write_text_atomic
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "student.safetensors"
@@ -52,32 +53,30 @@ class CheckpointMeta:
         return score / self.threshold if self.threshold > 0 else float("nan")
 
 
-def _model_id(weights_file: Path, meta: CheckpointMeta) -> str:
-    digest = hashlib.sha256(weights_file.read_bytes())
+def _model_id(weights: bytes, meta: CheckpointMeta) -> str:
+    digest = hashlib.sha256(weights)
     digest.update(f"{meta.teacher_sha256}:{meta.image_size}:{meta.threshold!r}".encode())
     return digest.hexdigest()[:16]
 
 
 def save_checkpoint(folder: str | Path, student: torch.nn.Module, meta: CheckpointMeta) -> CheckpointMeta:
-    """Write weights and metadata; the JSON is written last and atomically, so it marks completeness."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / WEIGHTS_FILE
+    """Write weights and metadata into a folder or URI; the JSON is written last, and every file atomically, so
+    the JSON marks completeness."""
+    location = resolve(folder)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in student.state_dict().items()}
-    save_file(state, str(weights), metadata={"format_version": str(FORMAT_VERSION)})
+    weights = save(state, metadata={"format_version": str(FORMAT_VERSION)})
+    write_bytes_atomic(location.join(WEIGHTS_FILE), weights)
     meta.model_id = _model_id(weights, meta)
-    staged = folder / f".{META_FILE}.tmp"
-    staged.write_text(json.dumps(asdict(meta), indent=2, sort_keys=True))
-    os.replace(staged, folder / META_FILE)
+    write_text_atomic(location.join(META_FILE), json.dumps(asdict(meta), indent=2, sort_keys=True))
     return meta
 
 
 def read_meta(folder: str | Path) -> CheckpointMeta:
     """Read and validate the metadata of a checkpoint folder."""
-    path = Path(folder) / META_FILE
-    if not path.is_file():
+    path = resolve(folder).join(META_FILE)
+    if not is_file(path):
         raise CheckpointError(f"{folder} is not a checkpoint: {META_FILE} is missing (train one with `stfpm-ray train`)")
-    raw = json.loads(path.read_text())
+    raw = json.loads(read_text(path))
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(
@@ -86,7 +85,7 @@ def read_meta(folder: str | Path) -> CheckpointMeta:
     try:
         return CheckpointMeta(**raw)
     except TypeError as exc:
-        raise CheckpointError(f"{path} has unexpected fields: {exc}") from exc
+        raise CheckpointError(f"{path.name} has unexpected fields: {exc}") from exc
 
 
 def load_checkpoint(
@@ -110,7 +109,7 @@ def load_checkpoint(
             f"but the teacher at hand is {teacher.source} ({teacher.sha256[:12]}); scores would be meaningless"
         )
     model = STFPM(teacher, meta.backbone, meta.layers)
-    state = load_file(str(Path(folder) / WEIGHTS_FILE))
+    state = load(read_bytes(resolve(folder).join(WEIGHTS_FILE)))
     try:
         model.student.load_state_dict(state)
     except RuntimeError as exc:

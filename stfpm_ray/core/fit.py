@@ -1,6 +1,7 @@
 """Fitting one student in plain PyTorch: data split, epochs, model selection, threshold.
 
-The Ray Train layer (``stfpm_ray.ray.train``) drives the same :class:`StudentFitter`, so a category trained
+:func:`fit_category` is the one recipe (seed, teacher, data, fitter, epochs, best epoch, calibration, meta);
+the Ray Train worker (``stfpm_ray.ray.train``) and the benchmarks call it with hooks, so a category trained
 with or without Ray follows one code path. Model selection and the threshold use only the held-out
 defect-free validation images, never test labels.
 """
@@ -24,6 +25,7 @@ from stfpm_ray.core.checkpoint import CheckpointMeta
 from stfpm_ray.data.images import ImageDecodeError, load_image
 from stfpm_ray.core.model import STFPM, stfpm_loss
 from stfpm_ray.data.mvtec import DatasetError, train_images
+from stfpm_ray.errors import UserError
 from stfpm_ray.core.teacher import DEFAULT_LAYERS, OFFLINE_BACKBONE, Teacher, load_teacher
 
 log = logging.getLogger(__name__)
@@ -53,11 +55,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.layers = tuple(int(v) for v in self.layers)
         if self.image_size < 32 or self.image_size % 32:
-            raise ValueError(f"image size must be a multiple of 32 and >= 32, got {self.image_size}")
+            raise UserError(f"image size must be a multiple of 32 and >= 32, got {self.image_size}")
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch size must be >= 1")
+            raise UserError("epochs and batch size must be >= 1")
         if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
+            raise UserError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
 
 
 def seed_everything(seed: int) -> None:

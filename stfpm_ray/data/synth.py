@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from stfpm_ray.errors import OutputExistsError, UserError
+
 MIN_SIZE = 32
 GOOD_SHARE = 0.4
 _TRAIN, _TEST = 1, 2  # spawn-key slots of the two splits
@@ -271,7 +273,7 @@ def _resolve(category: str) -> tuple[_Kind, _Style]:
         return _KINDS[category], _style(category, 1)
     if kind in _KINDS and suffix.isdigit() and str(int(suffix)) == suffix and int(suffix) >= 2:
         return _KINDS[kind], _style(kind, int(suffix))
-    raise ValueError(
+    raise UserError(
         f"unknown synthetic category {category!r}: expected one of {', '.join(CATEGORY_KINDS)}, "
         "optionally with a variant number >= 2 (e.g. 'weave_2')"
     )
@@ -440,7 +442,7 @@ def render_sample(
     """
     spec, style = _resolve(kind)
     if defect is not None and defect not in spec.defects:
-        raise ValueError(f"category {kind!r} has no defect {defect!r}; it has {', '.join(spec.defects)}")
+        raise UserError(f"category {kind!r} has no defect {defect!r}; it has {', '.join(spec.defects)}")
     scene = spec.render(size, rng, style)
     light, noise = _camera(rng, size, scene.image.shape[2])
     clean = _expose(scene.image, light, noise)
@@ -470,7 +472,7 @@ def _check_arguments(**values: object) -> None:
     for name, value in values.items():
         low, why = _ARGUMENT_RULES[name]
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low} ({why}), got {value!r}")
+            raise UserError(f"{name} must be an integer >= {low} ({why}), got {value!r}")
 
 
 def _test_plan(n_test: int, defects: tuple[str, ...]) -> list[str]:
@@ -526,11 +528,11 @@ def generate_dataset(
     _check_arguments(categories=categories, size=size, n_train=n_train, n_test=n_test, seed=seed)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder; choose another output folder")
+        raise OutputExistsError(f"{out} exists and is not a folder; choose another output folder")
     names = category_names(categories)
     busy = [str(out / name) for name in names if (out / name).exists() and not _is_empty_dir(out / name)]
     if busy:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{', '.join(busy)} already exist(s) and is not empty; choose another output folder "
             "(synthetic data never overwrites files)"
         )

@@ -15,9 +15,9 @@ A trial only waits on its Train controller, so it reserves a little memory and n
 would starve the workers of a small cluster (on two cores, two trials would hold both and no worker
 could start).
 
-Each worker runs the core's :class:`~stfpm_ray.core.fit.StudentFitter` (the same loop as the plain-PyTorch
-``fit_category``). After every epoch rank 0 reports its metrics with a resumable checkpoint
-(``StudentFitter.state_dict``), except that epochs shorter than ``REPORT_INTERVAL_S`` are reported together:
+Each worker runs the core's fit recipe, :func:`~stfpm_ray.core.fit.fit_category`, with a report hook: after
+every epoch rank 0 reports its metrics with a resumable checkpoint (:func:`~stfpm_ray.core.fit.resume_state`),
+except that epochs shorter than ``REPORT_INTERVAL_S`` are reported together:
 Ray Train collects one report per controller poll (2 s), so a report per sub-second epoch (small
 categories, GPUs) would stall the loop; each report carries every epoch since the last one, so the driver
 still prints one line per epoch. The last report is the core checkpoint format itself, which the driver
