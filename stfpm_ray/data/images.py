@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from stfpm_ray.errors import StfpmError
 from stfpm_ray.store.fs import read_bytes
@@ -64,8 +65,7 @@ def _libpng() -> Callable[..., Any] | None:
 
 
 def _decode_png(data: bytes, decode_png: Callable[..., Any]) -> Image.Image:
-    import torch
-    from torchvision.io import ImageReadMode
+    from torchvision.io import ImageReadMode  # present wherever _libpng found decode_png
 
     try:
         pixels = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
