@@ -54,7 +54,7 @@ def _is_plain_rgb_png(image: Image.Image, data: bytes) -> bool:
 
 @functools.cache
 def _libpng() -> Callable[..., Any] | None:
-    """torchvision's libpng decoder, about twice as fast as Pillow's on megapixel PNGs (which makes decoding
+    """torchvision's libpng decoder, faster than Pillow's on megapixel PNGs (README: speed figures; decoding is
     the smaller half of CPU scoring); None where torchvision no longer ships it (its image I/O is
     deprecated in favour of TorchCodec), and Pillow decodes everything."""
     try:
