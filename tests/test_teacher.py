@@ -16,7 +16,8 @@ from stfpm_ray.core.teacher import (
     file_sha256,
     load_teacher,
     offline_weights_path,
-    remap_lite0_keys,
+    remap_lite_keys,
+    OFFLINE_WEIGHTS,
 )
 
 
@@ -28,7 +29,7 @@ def test_offline_teacher_equals_timm_full_model_with_remapped_weights():
     raw = torch.load(offline_weights_path(), map_location="cpu", weights_only=True)
     full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     # strict: every key of the packaged file lands on a timm parameter and none is left over
-    full.load_state_dict(remap_lite0_keys(raw), strict=True)
+    full.load_state_dict(remap_lite_keys(raw, "tf_efficientnet_lite0"), strict=True)
     full.eval()
     teacher = load_teacher("tf_efficientnet_lite0", (1, 2, 3), "offline")
     assert (teacher.mean, teacher.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -46,6 +47,21 @@ def test_offline_teacher_equals_timm_full_model_with_remapped_weights():
         probabilities = full((photo.permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5).softmax(-1)
     assert probabilities.max() > 0.05
     assert {968, 504} & set(probabilities.topk(5).indices[0].tolist())
+
+
+@pytest.mark.parametrize("backbone", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_larger_offline_teachers_are_real_imagenet_models(backbone):
+    """Lite1/Lite2 share Lite0's key layout with more blocks per stage: the same remap loads them whole."""
+    path = offline_weights_path(backbone)
+    assert file_sha256(path) == OFFLINE_WEIGHTS[backbone].sha256
+    full = timm.create_model(backbone, pretrained=False)
+    full.load_state_dict(remap_lite_keys(torch.load(path, map_location="cpu", weights_only=True), backbone), strict=True)
+    photo = torch.from_numpy(load_image(SHARED_BOTTLE / "train" / "good" / "000.png", 224).copy())
+    with torch.no_grad():
+        probabilities = full.eval()((photo.permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5).softmax(-1)
+    assert probabilities.max() > 0.05
+    teacher = load_teacher(backbone, (1, 2, 3), "auto")
+    assert teacher.source == "offline"
 
 
 def test_file_source_round_trip(tmp_path):
@@ -68,7 +84,7 @@ def test_weights_source_parsing():
 def test_clear_errors_for_unusable_sources(tmp_path):
     with pytest.raises(WeightsError, match="does not exist"):
         load_teacher("resnet18", (1, 2, 3), f"file:{tmp_path / 'missing.pth'}")
-    with pytest.raises(WeightsError, match="EfficientNet-Lite0"):
+    with pytest.raises(WeightsError, match="offline weights exist for tf_efficientnet_lite0, tf_efficientnet_lite1"):
         load_teacher("resnet18", (1, 2, 3), "offline")
     wrong = tmp_path / "wrong.safetensors"
     save_file({"conv1.weight": torch.zeros(1)}, str(wrong))

