@@ -19,9 +19,11 @@ _CONFIG_FLAGS = (
     ("--batch-size", "batch_size", int, "images per SGD step (split across a category's workers)"),
     ("--image-size", "image_size", int, "model input side in pixels, a multiple of 32"),
     ("--lr", "lr", float, "SGD learning rate"),
-    ("--backbone", "backbone", str, "timm backbone of teacher and student"),
+    ("--backbone", "backbone", str, "timm backbone of teacher and student (offline: tf_efficientnet_lite0/1/2)"),
     ("--weights", "weights", str, "teacher weights: auto|offline|hub|file:PATH"),
     ("--seed", "seed", int, "seed of the validation split, student init and batch order"),
+    ("--augment", "augment", str, "training augmentation: none|photometric (brightness and contrast jitter)"),
+    ("--augment-strength", "augment_strength", float, "photometric jitter: factors drawn from [1-s, 1+s]"),
 )
 
 
