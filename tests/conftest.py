@@ -11,6 +11,10 @@ import numpy as np
 
 import pytest
 
+# Ray reads this once, at its first import (a test module may import Ray before any fixture runs): the
+# session's local instance then binds loopback only.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 SHARED_BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec" / "bottle"
 
 
@@ -33,7 +37,6 @@ def png_rgb16(array: np.ndarray) -> bytes:
 @pytest.fixture(scope="session")
 def ray_session():
     """A local two-CPU Ray instance on loopback, shared by every test that needs Ray."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

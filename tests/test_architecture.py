@@ -49,7 +49,7 @@ def test_only_stfpm_ray_ray_imports_ray():
 
 
 def test_ray_is_imported_at_module_top():
-    """Function-local Ray imports are what hid the layering before; the one guarded private call is the exception."""
+    """Function-local Ray imports are what hid the layering before."""
     local = [
         f"{path.relative_to(PACKAGE.parent)}:{inner.lineno}"
         for path, tree in _modules()
@@ -57,7 +57,7 @@ def test_ray_is_imported_at_module_top():
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
         for inner in ast.walk(node)
         for name in _imported(inner)
-        if (name == "ray" or name.startswith("ray.")) and name != "ray._private.state"
+        if name == "ray" or name.startswith("ray.")
     ]
     assert not local, local
 

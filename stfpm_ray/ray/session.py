@@ -1,7 +1,10 @@
 """Connecting to Ray: an existing cluster by address, or a local instance started in-process.
 
-The local default binds loopback only (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes a single-node
-instance use 127.0.0.1), so a demo on a laptop or CI machine never opens ports on the network.
+The local default binds loopback only, so a demo on a laptop or CI machine never opens ports on the
+network. Ray decides that from ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``, which it reads once, when ``ray`` is
+first imported: setting the variable at ``init`` time (after the import) is too late for this process, so
+the local branch also sets the constant Ray read from it, and the variable for the processes Ray spawns.
+Those are this project's only touches of Ray's private modules, imported here in one guarded place.
 """
 
 from __future__ import annotations
@@ -11,7 +14,14 @@ import os
 
 import ray
 
+try:  # private Ray modules, present in the Ray versions this project supports (2.52 to 2.60)
+    from ray._private import ray_constants as _ray_constants
+    from ray._private.state import state as _ray_state
+except ImportError:  # pragma: no cover - a later Ray moved them; see the two users below
+    _ray_constants = _ray_state = None
+
 log = logging.getLogger(__name__)
+LOOPBACK_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -27,23 +37,30 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         log.info("connecting to Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    _keep_on_loopback()
     log.info("starting a local Ray instance (use --address to join a cluster)")
     # The dashboard (on 127.0.0.1) also serves the state API that Ray Train polls for progress.
     ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
+def _keep_on_loopback() -> None:
+    """Make the local instance this process is about to start bind 127.0.0.1 only (see the module doc)."""
+    os.environ[LOOPBACK_VARIABLE] = "0"
+    if _ray_constants is None or not hasattr(_ray_constants, "ENABLE_RAY_CLUSTER"):
+        log.warning("this Ray version cannot be held to loopback here; set %s=0 before starting Python",
+                    LOOPBACK_VARIABLE)
+        return
+    _ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def autoscaler_max_resources() -> dict[str, float]:
     """The largest resources the autoscaler's configuration allows, or ``{}``.
 
-    The one call of a private Ray API in this project (``ray._private.state``, present in the Ray versions this project
-    supports, 2.52 to 2.60); any failure, including the API moving in a later Ray, falls back to
-    the current cluster resources.
+    A private Ray API (``ray._private.state``); any failure, including the API moving in a later Ray, falls
+    back to the current cluster resources.
     """
     try:
-        from ray._private.state import state  # private: guarded, see the docstring
-
-        return dict(state.get_max_resources_from_cluster_config() or {})
+        return dict(_ray_state.get_max_resources_from_cluster_config() or {})
     except Exception:  # the autoscaler's view is optional; a static cluster has none
         log.debug("no autoscaler configuration; sizing from current cluster resources", exc_info=True)
         return {}
