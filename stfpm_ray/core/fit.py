@@ -54,7 +54,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     augment: str = "photometric"
-    augment_strength: float = 0.2
+    augment_strength: float = 0.3
     cache_teacher: bool = True
 
     def __post_init__(self) -> None:
