@@ -16,6 +16,24 @@ import pytest
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 SHARED_BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec" / "bottle"
+# CI sets STFPM_REQUIRE_ALL=1: a test whose data or privileges are missing then fails instead of skipping.
+REQUIRE_ALL = os.environ.get("STFPM_REQUIRE_ALL") == "1"
+
+
+def need(available: bool, reason: str) -> None:
+    """Skip the calling test with ``reason`` when ``available`` is false (fail under STFPM_REQUIRE_ALL=1)."""
+    if available:
+        return
+    if REQUIRE_ALL:
+        pytest.fail(f"{reason} (STFPM_REQUIRE_ALL=1 turns this skip into a failure)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def shared_bottle() -> Path:
+    """The real MVTec AD bottle category, read in place from ../shared (never copied into the repository)."""
+    need(SHARED_BOTTLE.is_dir(), f"needs the MVTec AD bottle category at {SHARED_BOTTLE}")
+    return SHARED_BOTTLE
 
 
 def handmade_png(width: int, height: int, bit_depth: int, scanlines: bytes) -> bytes:

@@ -23,7 +23,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cluster_harness import ClusterError, JobResult, LocalCluster, WorkerNode
+from cluster_harness import ClusterError, JobResult, LocalCluster, WorkerNode, require_network_namespaces
+from conftest import need
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 from stfpm_ray.core.checkpoint import read_meta
 from stfpm_ray.data.mvtec import discover_categories
@@ -42,6 +43,10 @@ TRAIN_IMAGE_SIZE = 128
 def cluster(tmp_path_factory):
     """A head node (0 CPUs) and one worker node (2 CPUs) in its own network namespace; stopped at the end."""
     root = tmp_path_factory.mktemp("cluster")
+    try:
+        require_network_namespaces()
+    except ClusterError as exc:
+        need(False, str(exc))
     try:
         with LocalCluster(root, head_cpus=0, worker_cpus=2) as running:
             yield running

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from conftest import SHARED_BOTTLE
 from sklearn.metrics import roc_auc_score
 
 from stfpm_ray.core.fit import TrainConfig, fit_category
@@ -16,10 +15,10 @@ from stfpm_ray.data.images import load_image, load_mask
 from stfpm_ray.data.mvtec import test_samples as mvtec_test_samples
 
 
-def test_bottle_128_reaches_paper_level_auroc():
+def test_bottle_128_reaches_paper_level_auroc(shared_bottle):
     size = 128
-    model, meta, _ = fit_category(SHARED_BOTTLE.parent, "bottle", TrainConfig(image_size=size, epochs=20, weights="offline"))
-    samples = mvtec_test_samples(SHARED_BOTTLE.parent, "bottle")
+    model, meta, _ = fit_category(shared_bottle.parent, "bottle", TrainConfig(image_size=size, epochs=20, weights="offline"))
+    samples = mvtec_test_samples(shared_bottle.parent, "bottle")
     images = torch.from_numpy(np.stack([load_image(s.path, size) for s in samples])).permute(0, 3, 1, 2)
     maps, scores = zip(*(model.predict(images[i : i + 32]) for i in range(0, len(images), 32)))
     maps, scores = torch.cat(maps).numpy(), torch.cat(scores).numpy()

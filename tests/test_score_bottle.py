@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
-from conftest import SHARED_BOTTLE
 
 from stfpm_ray import cli
 from stfpm_ray.core.checkpoint import save_checkpoint
@@ -22,19 +20,18 @@ from stfpm_ray.data.mvtec import test_samples as mvtec_test_samples
 BATCH = 4  # one CPU forward chunk per Ray batch, so both paths run the networks on the same groups of images
 
 
-@pytest.mark.skipif(not SHARED_BOTTLE.is_dir(), reason="needs ../shared/data/mvtec/bottle")
-def test_score_batch_and_the_ray_pipeline_agree_on_bottle(ray_session, tmp_path):
+def test_score_batch_and_the_ray_pipeline_agree_on_bottle(ray_session, shared_bottle, tmp_path):
     config = TrainConfig(image_size=64, epochs=1, batch_size=16, weights="offline")
-    model, meta, _ = fit_category(SHARED_BOTTLE.parent, "bottle", config)
+    model, meta, _ = fit_category(shared_bottle.parent, "bottle", config)
     save_checkpoint(tmp_path / "ckpt" / "bottle", model.student, meta)
 
     out = tmp_path / "scores"
-    argv = ["score", "--checkpoints", str(tmp_path / "ckpt"), "--input", str(SHARED_BOTTLE / "test"),
+    argv = ["score", "--checkpoints", str(tmp_path / "ckpt"), "--input", str(shared_bottle / "test"),
             "--out", str(out), "--batch-size", str(BATCH), "--precision", "fp32"]
     assert cli.main(argv) == 0
     rows = pd.read_parquet(out).sort_values("path").reset_index(drop=True)
 
-    paths = sorted(str(sample.path) for sample in mvtec_test_samples(SHARED_BOTTLE.parent, "bottle"))
+    paths = sorted(str(sample.path) for sample in mvtec_test_samples(shared_bottle.parent, "bottle"))
     assert rows.path.tolist() == paths and (rows.status == "ok").all()
     scorer, scorer_meta = load_scoring_model(str(tmp_path / "ckpt" / "bottle"))
     settings = ScoreSettings(map_size=128, precision="fp32", chunk=cpu_chunk("cpu", 1))

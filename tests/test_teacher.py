@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import timm
-from conftest import SHARED_BOTTLE
 import torch
 from safetensors.torch import save_file
 
@@ -25,7 +24,7 @@ def test_offline_file_verified():
     assert file_sha256(offline_weights_path()) == OFFLINE_SHA256
 
 
-def test_offline_teacher_equals_timm_full_model_with_remapped_weights():
+def test_offline_teacher_equals_timm_full_model_with_remapped_weights(shared_bottle):
     raw = torch.load(offline_weights_path(), map_location="cpu", weights_only=True)
     full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     # strict: every key of the packaged file lands on a timm parameter and none is left over
@@ -42,7 +41,7 @@ def test_offline_teacher_equals_timm_full_model_with_remapped_weights():
         assert torch.equal(theirs, mine)
     # and the classifier of the remapped model is a real ImageNet one: on a photo it is confident
     # (a bottle seen from above: cup / coffee mug among the top classes), far from uniform (0.001)
-    photo = torch.from_numpy(load_image(SHARED_BOTTLE / "train" / "good" / "000.png", 224).copy())
+    photo = torch.from_numpy(load_image(shared_bottle / "train" / "good" / "000.png", 224).copy())
     with torch.no_grad():
         probabilities = full((photo.permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5).softmax(-1)
     assert probabilities.max() > 0.05
@@ -50,13 +49,13 @@ def test_offline_teacher_equals_timm_full_model_with_remapped_weights():
 
 
 @pytest.mark.parametrize("backbone", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
-def test_larger_offline_teachers_are_real_imagenet_models(backbone):
+def test_larger_offline_teachers_are_real_imagenet_models(backbone, shared_bottle):
     """Lite1/Lite2 share Lite0's key layout with more blocks per stage: the same remap loads them whole."""
     path = offline_weights_path(backbone)
     assert file_sha256(path) == OFFLINE_WEIGHTS[backbone].sha256
     full = timm.create_model(backbone, pretrained=False)
     full.load_state_dict(remap_lite_keys(torch.load(path, map_location="cpu", weights_only=True), backbone), strict=True)
-    photo = torch.from_numpy(load_image(SHARED_BOTTLE / "train" / "good" / "000.png", 224).copy())
+    photo = torch.from_numpy(load_image(shared_bottle / "train" / "good" / "000.png", 224).copy())
     with torch.no_grad():
         probabilities = full.eval()((photo.permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5).softmax(-1)
     assert probabilities.max() > 0.05
