@@ -68,3 +68,14 @@ def test_import_contracts_are_kept():
     command = [str(Path(sys.executable).parent / "lint-imports")]
     done = subprocess.run(command, cwd=PACKAGE.parent, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], [], ["trian"]])
+def test_answers_without_work_import_neither_torch_nor_ray(argv):
+    probe = (
+        "import sys\nfrom stfpm_ray.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'ray', 'timm') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr

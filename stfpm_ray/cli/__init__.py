@@ -2,7 +2,8 @@
 
 Each verb is a module of this package exposing ``SUMMARY``, ``add_arguments(parser)`` and ``run(args) -> int``;
 the ``jobs/*.py`` entry points for ``ray job submit`` call :func:`main` with their verb. A verb's module is
-imported when that verb runs (a dispatch table), so ``stfpm-ray synth --help`` does not load Ray.
+imported when that verb runs (a dispatch table), so ``stfpm-ray synth --help`` does not load Ray, and
+``stfpm-ray --help``, ``--version``, a bare ``stfpm-ray`` or a mistyped verb load neither torch nor Ray.
 
 A :class:`~stfpm_ray.errors.StfpmError` (wrong input, settings or output folder) is printed as one line with
 exit code 2; anything else is a bug and shows its traceback.
@@ -42,7 +43,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in VERBS:
         child = sub.add_parser(name, help=SUMMARIES[name], description=SUMMARIES[name])
-        if command in (None, name):
+        if command == name:
             _verb(name).add_arguments(child)
     return parser
 
