@@ -4,7 +4,9 @@ Archive photos drift in exposure and contrast (lamps age, cameras are swapped, t
 images are darker than its training images), and a student that only ever saw one exposure disagrees with
 the teacher everywhere on a darker good image: the image score then measures lighting, not defects.
 Photometric jitter shows the student the same part under other exposures. It is global per image, so it
-never creates or hides a local defect, and geometry is left alone (a rotated or flipped part can be a defect).
+never creates a local defect, and geometry is left alone (a rotated or flipped part can be a defect). It
+also makes the student a better mimic of stains and discolourations, which then score lower: an option for
+data with exposure drift, off by default (README: quality ablation).
 """
 
 from __future__ import annotations
