@@ -48,6 +48,25 @@ def test_round_trip_is_bit_exact(tmp_path, teacher):
     assert not loaded.training
 
 
+def test_level_scales_survive_and_old_checkpoints_score_with_the_product(tmp_path, teacher):
+    model = STFPM(teacher, "tf_efficientnet_lite0", LAYERS, seed=7).eval()
+    model.level_scales = (0.1, 0.2, 0.3)
+    meta = _meta(teacher, combine="sum", level_scales=[0.1, 0.2, 0.3])
+    product = save_checkpoint(tmp_path / "product", model.student, _meta(teacher))
+    summed = save_checkpoint(tmp_path / "sum", model.student, meta)
+    assert summed.model_id != product.model_id  # same weights and threshold, another map
+    loaded, _ = load_checkpoint(tmp_path / "sum", teacher=teacher)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    assert loaded.level_scales == (0.1, 0.2, 0.3)
+    assert torch.equal(model.predict(images)[0], loaded.predict(images)[0])
+    # a checkpoint written before the option existed has neither field: it scores with the product
+    raw = json.loads((tmp_path / "product" / "stfpm.json").read_text())
+    del raw["combine"], raw["level_scales"]
+    (tmp_path / "product" / "stfpm.json").write_text(json.dumps(raw))
+    old, old_meta = load_checkpoint(tmp_path / "product", teacher=teacher)
+    assert old.level_scales is None and old_meta.combine == "product"
+
+
 def test_model_id_changes_with_weights(tmp_path, teacher):
     a = save_checkpoint(tmp_path / "a", STFPM(teacher, "tf_efficientnet_lite0", LAYERS, seed=1).student, _meta(teacher))
     b = save_checkpoint(tmp_path / "b", STFPM(teacher, "tf_efficientnet_lite0", LAYERS, seed=2).student, _meta(teacher))

@@ -78,3 +78,14 @@ def test_plain_training_separates_defects(synth_root):
     auroc = image_auroc(np.array([s.label for s in samples]), scores.numpy())
     print(f"{category}: image AUROC {auroc:.3f}")
     assert auroc >= 0.9
+
+
+def test_sum_combination_is_calibrated_on_held_out_good_images(synth_root):
+    category = discover_categories(synth_root)[0]
+    config = TrainConfig(image_size=64, epochs=2, batch_size=8, weights="offline", combine="sum")
+    model, meta, fitter = fit_category(synth_root, category, config)
+    assert meta.combine == "sum" and len(meta.level_scales) == 3 and min(meta.level_scales) > 0
+    maps, scores = model.predict(fitter.val_images)
+    # every level divided by its mean on these very images: the combined map averages about 1 there
+    assert maps.mean().item() == pytest.approx(1.0, rel=0.1)
+    assert meta.threshold == pytest.approx(float(scores.max()))

@@ -47,6 +47,15 @@ def test_anomaly_map_hand_computed():
     assert torch.allclose(result, torch.tensor([[[2.0, 0.0]]]))
 
 
+def test_calibrated_sum_hand_computed():
+    teacher, student = _hand_case()
+    # level maps [1, 0] and [2, 2] (as above), divided by scales 0.5 and 4, averaged: [(2 + 0.5) / 2, (0 + 0.5) / 2]
+    result = anomaly_map(teacher, student, (1, 2), level_scales=(0.5, 4.0))
+    assert torch.allclose(result, torch.tensor([[[1.25, 0.25]]]))
+    with pytest.raises(ValueError, match="2 level scales for 2 levels|1 level scales"):
+        anomaly_map(teacher, student, (1, 2), level_scales=(1.0,))
+
+
 def test_anomaly_map_upsamples_bilinearly_to_input_size():
     t = torch.ones(1, 1, 2, 2)
     s = torch.ones(1, 1, 2, 2)

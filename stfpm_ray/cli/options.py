@@ -24,6 +24,8 @@ _CONFIG_FLAGS = (
     ("--seed", "seed", int, "seed of the validation split, student init and batch order"),
     ("--augment", "augment", str, "training augmentation: none|photometric (brightness and contrast jitter)"),
     ("--augment-strength", "augment_strength", float, "photometric jitter: factors drawn from [1-s, 1+s]"),
+    ("--combine", "combine", str, "anomaly map of the levels: product (official) or sum (each level divided by its "
+                                  "mean on held-out good images)"),
 )
 
 

@@ -1,10 +1,13 @@
 """The STFPM anomaly map and image score: where teacher and student disagree, and how much.
 
 Per feature level, teacher and student features are L2-normalised along channels and compared with
-``0.5 * ||t^ - s^||^2`` (:func:`feature_distance`); the map multiplies the levels' distance maps after
-bilinear upsampling to the input size (:func:`anomaly_map`), and the image score is the map's maximum
-(:func:`image_scores`). Training (:func:`stfpm_ray.core.model.stfpm_loss`) uses the same distance. This
-module is the place to change how levels are combined or how an image is scored.
+``0.5 * ||t^ - s^||^2`` (:func:`feature_distance`); the levels' distance maps are bilinearly upsampled to
+the input size and combined (:func:`anomaly_map`), and the image score is the map's maximum
+(:func:`image_scores`). Training (:func:`stfpm_ray.core.model.stfpm_loss`) uses the same distance.
+
+Two combinations: ``product`` (the official code and anomalib) and ``sum``, the mean of the levels each
+divided by its mean distance on the held-out good images (``level_scales``, measured after training). A
+raw product lets the level with the widest spread on good images decide; calibrated levels weigh equally.
 """
 
 from __future__ import annotations
@@ -21,18 +24,39 @@ def feature_distance(teacher_feature: Tensor, student_feature: Tensor) -> Tensor
     return 0.5 * diff.pow(2).sum(dim=1)
 
 
+COMBINATIONS = ("product", "sum")
+
+
+def level_distances(teacher_features: Sequence[Tensor], student_features: Sequence[Tensor]) -> list[Tensor]:
+    """Per-level distance maps at each level's own resolution, float32, each (N, h, w)."""
+    return [feature_distance(t.float(), s.float()) for t, s in zip(teacher_features, student_features, strict=True)]
+
+
 def anomaly_map(
-    teacher_features: Sequence[Tensor], student_features: Sequence[Tensor], size: tuple[int, int]
+    teacher_features: Sequence[Tensor],
+    student_features: Sequence[Tensor],
+    size: tuple[int, int],
+    level_scales: Sequence[float] | None = None,
 ) -> Tensor:
-    """Product over levels of the distance maps upsampled to ``size``, shape (N, H, W)."""
-    result: Tensor | None = None
-    for t, s in zip(teacher_features, student_features, strict=True):
-        level = F.interpolate(
-            feature_distance(t.float(), s.float()).unsqueeze(1), size=size, mode="bilinear", align_corners=False
-        )
-        result = level if result is None else result * level
-    assert result is not None, "at least one feature level is needed"
-    return result.squeeze(1)
+    """Levels' distance maps upsampled to ``size`` and combined, shape (N, H, W).
+
+    Without ``level_scales`` the product over levels; with them, the mean over levels of each map divided
+    by its scale.
+    """
+    levels = [
+        F.interpolate(level.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+        for level in level_distances(teacher_features, student_features)
+    ]
+    if not levels:
+        raise ValueError("at least one feature level is needed")
+    if level_scales is None:
+        result = levels[0]
+        for level in levels[1:]:
+            result = result * level
+        return result
+    if len(level_scales) != len(levels):
+        raise ValueError(f"{len(level_scales)} level scales for {len(levels)} levels")
+    return sum(level / scale for level, scale in zip(levels, level_scales)) / len(levels)
 
 
 def shrink_maps(maps: Tensor, size: int) -> Tensor:

@@ -45,6 +45,10 @@ class CheckpointMeta:
     threshold: float
     normalization: dict[str, float]
     training: dict[str, Any] = field(default_factory=dict)
+    # How levels combine into the map: product, or sum with these validation scales (core.anomaly_map).
+    # Checkpoints written before the option existed lack both fields and score with the product.
+    combine: str = "product"
+    level_scales: list[float] | None = None
     model_id: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -56,6 +60,8 @@ class CheckpointMeta:
 def _model_id(weights: bytes, meta: CheckpointMeta) -> str:
     digest = hashlib.sha256(weights)
     digest.update(f"{meta.teacher_sha256}:{meta.image_size}:{meta.threshold!r}".encode())
+    if meta.level_scales is not None:  # the map itself depends on them
+        digest.update(repr([float(v) for v in meta.level_scales]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -109,6 +115,7 @@ def load_checkpoint(
             f"but the teacher at hand is {teacher.source} ({teacher.sha256[:12]}); scores would be meaningless"
         )
     model = STFPM(teacher, meta.backbone, meta.layers)
+    model.level_scales = tuple(meta.level_scales) if meta.level_scales is not None else None
     state = load(read_bytes(resolve(folder).join(WEIGHTS_FILE)))
     try:
         model.student.load_state_dict(state)

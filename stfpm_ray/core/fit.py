@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from stfpm_ray.core.anomaly_map import COMBINATIONS
 from stfpm_ray.core.augment import AUGMENTATIONS, photometric_jitter
 from stfpm_ray.core.checkpoint import CheckpointMeta
 from stfpm_ray.data.images import ImageDecodeError, load_image
@@ -55,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     augment: str = "none"
     augment_strength: float = 0.3
+    combine: str = "product"
     cache_teacher: bool = True
 
     def __post_init__(self) -> None:
@@ -67,6 +69,8 @@ class TrainConfig:
             raise UserError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
         if self.augment not in AUGMENTATIONS:
             raise UserError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
+        if self.combine not in COMBINATIONS:
+            raise UserError(f"combine must be one of {', '.join(COMBINATIONS)}, got {self.combine!r}")
         if not 0.0 <= self.augment_strength < 1.0:
             raise UserError(f"augment strength must be in [0, 1), got {self.augment_strength}")
 
@@ -262,6 +266,8 @@ def build_meta(
         threshold=threshold,
         normalization=stats,
         training=training,
+        combine=config.combine,
+        level_scales=list(fitter.core.level_scales) if fitter.core.level_scales is not None else None,
     )
 
 
@@ -326,6 +332,8 @@ def fit_category(
         if on_epoch:
             on_epoch(fitter, metrics)
     fitter.restore_best()
+    if config.combine == "sum":
+        fitter.core.level_scales = fitter.core.mean_level_distances(val, config.batch_size)
     scores = validation_scores(fitter.core, val, config.batch_size, device)
     extra = {"seconds": time.time() - started_at, "skipped_images": problems, **(extra_meta or {})}
     return FitResult(fitter.core, build_meta(category, config, teacher, fitter, scores, extra), fitter)

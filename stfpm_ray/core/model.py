@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from stfpm_ray.core.anomaly_map import anomaly_map, feature_distance, image_scores
+from stfpm_ray.core.anomaly_map import anomaly_map, feature_distance, image_scores, level_distances
 from stfpm_ray.core.inference_graph import optimize_for_inference
 from stfpm_ray.core.teacher import Teacher, create_features
 from stfpm_ray.errors import UserError
@@ -60,6 +60,8 @@ class STFPM(nn.Module):
         scale = 255.0 * torch.tensor(teacher.std).view(1, 3, 1, 1)
         self.register_buffer("pixel_offset", 255.0 * torch.tensor(teacher.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_scale", scale, persistent=False)
+        # None: the product of levels; else the calibrated sum (see stfpm_ray.core.anomaly_map)
+        self.level_scales: tuple[float, ...] | None = None
 
     def train(self, mode: bool = True) -> "STFPM":
         """Switch the student only: the teacher's BatchNorm statistics must never move."""
@@ -111,5 +113,15 @@ class STFPM(nn.Module):
             raise ValueError(f"predict runs fp32 or bf16, got {precision!r} (resolve 'auto' first)")
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             teacher_features, student_features = self(images)
-        maps = anomaly_map(teacher_features, student_features, tuple(images.shape[-2:]))
+        maps = anomaly_map(teacher_features, student_features, tuple(images.shape[-2:]), self.level_scales)
         return maps, image_scores(maps)
+
+    @torch.inference_mode()
+    def mean_level_distances(self, images: Tensor, batch_size: int) -> tuple[float, ...]:
+        """Mean distance of each level over ``images`` (held-out good ones): the scales of the calibrated sum."""
+        totals: list[float] = []
+        for start in range(0, len(images), batch_size):
+            levels = level_distances(*self(images[start : start + batch_size].to(self.pixel_offset.device)))
+            sums = [float(level.sum()) / level[0].numel() for level in levels]
+            totals = sums if not totals else [a + b for a, b in zip(totals, sums)]
+        return tuple(total / len(images) for total in totals)
