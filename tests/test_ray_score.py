@@ -244,6 +244,11 @@ def test_incremental_overwrite_and_refusal(ray_session, trained, synth_root, tmp
     assert len(pd.read_parquet(out)) == 9 and len(list(out.glob("*.parquet"))) == summary.files_written
     assert [p.stem for p in (out / "_manifests").iterdir()] == [summary.run_id]
 
+    (inputs / "truncated.png").write_bytes(first[0].read_bytes()[:100])
+    assert cli.main([*base, "--incremental"]) == 3  # a run that wrote error rows tells the scheduler so
+    errors = pd.read_parquet(out).query("status == 'error'")
+    assert list(errors.path) == [str(inputs / "truncated.png")]
+
 
 def test_failure_before_commit_leaves_output_untouched(ray_session, trained, synth_root, tmp_path, monkeypatch):
     """A run that dies after writing its data but before committing changes nothing readers see; the

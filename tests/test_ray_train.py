@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,12 @@ import torch
 
 from stfpm_ray import cli
 from stfpm_ray.data import mvtec
-from stfpm_ray.core.checkpoint import load_checkpoint
+from stfpm_ray.core.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from stfpm_ray.core.fit import TrainConfig, fit_category
 from stfpm_ray.data.images import load_image
 from stfpm_ray.evaluate.metrics import image_auroc
+from stfpm_ray.data.mvtec import discover_categories
+from stfpm_ray.ray import train as ray_train
 from stfpm_ray.ray.train import RUN_FILE, TrainResources, _claim_out_dir, train_categories
 
 # The synthetic "tiles" defects are too small to separate at 64 px; "grain" and "weave" are not.
@@ -178,3 +181,18 @@ def test_overwrite_empties_the_run_folder_and_resume_keeps_its_run_id(tmp_path):
         _claim_out_dir(out, identity, str(tmp_path / "elsewhere"), resume=True, overwrite=False)
     new_id, _ = _claim_out_dir(out, identity, None, resume=False, overwrite=True)
     assert new_id != run_id and sorted(p.name for p in out.iterdir()) == [RUN_FILE]
+
+
+def test_installed_checkpoint_folders_are_readable_by_others(synth_root, tmp_path):
+    """Installed folders take their mode from the umask (0755 under 022), as shared cluster storage needs."""
+    category = discover_categories(synth_root)[0]
+    model, meta, _ = fit_category(synth_root, category, TrainConfig(weights="offline", image_size=64, epochs=1))
+    reported = tmp_path / "reported"
+    save_checkpoint(reported, model.student, meta)
+    previous = os.umask(0o022)
+    try:
+        ray_train._install_checkpoint(str(tmp_path), str(reported), tmp_path / "installed")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "installed").stat().st_mode) == 0o755
+    assert read_meta(tmp_path / "installed").model_id == meta.model_id

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from stfpm_ray.cli.console import setup_logging
-from stfpm_ray.cli.options import add_score_arguments, connect, scoring_options
+from stfpm_ray.cli.options import add_score_arguments, connect, exit_status, scoring_options
 from stfpm_ray.errors import StfpmError
 from stfpm_ray.ray.nightly import DEFAULT_TOP, nightly
 
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit code 0 when the run succeeded, whatever it found; 2 for a user error."""
+    """Exit code 0 when every row is ok, whatever it found; EXIT_ERROR_ROWS (3) when error rows were written;
+    2 for a user error."""
     args = build_parser().parse_args(argv)
     setup_logging(verbose=False)
     if args.overwrite:
@@ -35,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = scoring_options(args)
         connect(args)
-        nightly(args.checkpoints, args.input, args.out, top=args.top, options=options, category=args.category)
+        report, _ = nightly(args.checkpoints, args.input, args.out, top=args.top, options=options,
+                            category=args.category)
     except StfpmError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return exit_status(sum(entry["errors"] for entry in report["categories"].values()))

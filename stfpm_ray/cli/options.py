@@ -29,6 +29,15 @@ _CONFIG_FLAGS = (
 )
 
 
+# Exit status of score and nightly runs that completed but wrote error rows (unreadable or undecodable files):
+# distinct from 0 (all rows ok) and 2 (a user error, nothing written), so a scheduler can alert on it.
+EXIT_ERROR_ROWS = 3
+
+
+def exit_status(error_rows: int) -> int:
+    return EXIT_ERROR_ROWS if error_rows else 0
+
+
 def add_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")

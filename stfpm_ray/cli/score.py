@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from stfpm_ray.cli.options import add_score_arguments, connect, scoring_options
+from stfpm_ray.cli.options import add_score_arguments, connect, exit_status, scoring_options
 from stfpm_ray.progress import log_progress
 from stfpm_ray.ray.score import score_images
-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,4 +21,4 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     log_progress(summary.table())
-    return 0
+    return exit_status(summary.error_rows)

@@ -141,6 +141,10 @@ class ScoreSummary:
     seconds: float = 0.0
     manifest: str | None = None
 
+    @property
+    def error_rows(self) -> int:
+        return sum(counts.error for counts in self.counts.values())
+
     def table(self) -> str:
         """The per-category ok/error/skipped counts as aligned text."""
         rows = [(name, c.ok, c.error, c.skipped) for name, c in sorted(self.counts.items())]

@@ -279,8 +279,14 @@ def _last_line(error: object) -> str:
 
 
 def _install_checkpoint(storage_path: str, checkpoint_path: str, target: Path) -> None:
-    """Copy a reported checkpoint into ``target`` through a sibling temp folder and a rename."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    """Copy a reported checkpoint into ``target`` through a sibling temp folder and a rename.
+
+    The staging folder is made with ``mkdir`` (modes from the umask, 0755 under the usual 022), not
+    ``mkdtemp`` (always 0700), because it becomes the installed folder that other users of a shared cluster
+    filesystem must read.
+    """
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
     try:
         filesystem = resolve(storage_path).filesystem  # the filesystem Ray Train wrote storage_path with
         ray.train.Checkpoint(checkpoint_path, filesystem=filesystem).to_directory(str(staging))
