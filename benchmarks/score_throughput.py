@@ -26,7 +26,6 @@ The approaches run one after another, so load from other work on the machine ske
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -36,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -44,15 +42,17 @@ from PIL import Image
 import ray
 
 from stfpm_ray.cli.options import add_scoring_options, scoring_options
-from stfpm_ray.core.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from stfpm_ray.core.checkpoint import CheckpointMeta, discover_checkpoints, load_checkpoint, save_checkpoint
 from stfpm_ray.core.fit import TrainConfig, fit_category
 from stfpm_ray.core.model import STFPM, resolve_precision
 from stfpm_ray.core.score import CPU_CHUNK, ScoreSettings, load_scoring_model, score_batch
 from stfpm_ray.data.images import load_image
+from stfpm_ray.data.listing import list_images
 from stfpm_ray.data.mvtec import test_samples
 from stfpm_ray.data.synth import generate_dataset
 from stfpm_ray.progress import quiet
 from stfpm_ray.ray import score as ray_score
+from stfpm_ray.store.scores import ScoresTable
 
 
 def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
@@ -131,9 +131,9 @@ def seed_approach(paths: list[Path], ckpt: Path) -> None:
 
 
 def decode_only(archive: Path, ckpt_dir: Path, category: str, batch_size: int) -> None:
-    files, sources = ray_score.list_images([str(archive)])
-    blocks, _ = ray_score.plan(files, ray_score.find_checkpoints(ckpt_dir), category, {}, batch_size)
-    ray_score.decode_stage(blocks, sources).materialize()
+    listing = list_images([str(archive)])
+    blocks, _ = ray_score.plan(listing, discover_checkpoints(ckpt_dir)[0], {}, category, None, batch_size)
+    ray_score.decode_stage(blocks, listing.sources).materialize()
 
 
 def main() -> None:
@@ -195,8 +195,9 @@ def main() -> None:
         steady = (n - n // 2) / (n / rates["pipeline"] - (n // 2) / rates["pipeline_half"])
         if args.repeat > 1:
             print(f"ratios use the best of {args.repeat} rounds per approach")
-        parquet = sum(p.stat().st_size for p in out.glob("*.parquet"))
-        manifest = json.loads(max((out / "_manifests").glob("*.json")).read_text())
+        live = ScoresTable(str(out)).delta().get_add_actions(flatten=True)
+        parquet = sum(live.column("size_bytes").to_pylist())  # the files of the current version only
+        manifest = ScoresTable(str(out)).history()[0]["manifest"]
         peaks = [worker.get("peak_rss_mb", float("nan")) for worker in manifest["workers"]]
         pipeline = rates["pipeline"]
         print(f"pipeline / single process:           {pipeline / rates['single']:.2f}x (target >= 0.8)")
@@ -211,7 +212,8 @@ def main() -> None:
         print(f"pipeline / shared-CPU bound:         {pipeline / shared:.2f} (bound {shared:.1f} images/s: both "
               "stages on the same CPUs, 1 / (1/decode + 1/model))")
         print(f"peak memory per scoring actor:       {max(peaks):.0f} MB ({len(peaks)} actors, last pipeline run)")
-        map_bytes = pc.mean(pc.binary_length(pq.read_table(out, columns=["anomaly_map"])["anomaly_map"])).as_py()
+        maps = ScoresTable(str(out)).dataset().to_table(columns=["anomaly_map"])["anomaly_map"]
+        map_bytes = pc.mean(pc.binary_length(maps)).as_py()
         print(f"Parquet bytes per image:             {parquet / manifest['rows'] / 1e3:.1f} KB "
               "(target <= 40, maps included; "
               f"repeated images compress together, the maps alone average {map_bytes / 1e3:.1f} KB)")

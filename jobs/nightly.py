@@ -3,13 +3,13 @@
     ray job submit --working-dir . -- python jobs/nightly.py \\
         --checkpoints CKPT_DIR --input s3://bucket/archive --out s3://bucket/scores [score options]
 
-Takes every option of ``stfpm-ray score`` and always runs it ``--incremental``: images that already have a
-row for their current model are skipped, so a nightly run costs what arrived since the last one (and a run
-that failed is simply run again). The report lists, per category, this run's rows with ``is_anomalous``
-true; it reads only the Parquet files of this run's manifest (``OUT/_manifests/<run_id>.json``), never the
-whole dataset, and is written to ``OUT/_reports/nightly-<run_id>.json`` beside the data (the leading ``_``
-keeps it out of what pandas and pyarrow read as the dataset). Exit code 0 when the run succeeded, whatever
-it found; unreadable images are counted as errors in the report, as they are rows in the output.
+Takes every option of ``stfpm-ray score`` and always runs it ``--incremental``: images that already have an
+``ok`` row for their current model are skipped, so a nightly run costs what arrived since the last one;
+error rows are retried and replaced, and a run that failed is simply run again. The report lists, per
+category, this run's rows with ``is_anomalous`` true (read from the table version the run committed) and is
+written to ``OUT/_reports/nightly-<run_id>.json`` beside the table. Exit status: 0 when every row is ok,
+whatever it found; 3 when error rows were written (unreadable images, unusable checkpoints); 2 for a user
+error (nothing written, e.g. another run holds the table's lease).
 """
 
 import sys

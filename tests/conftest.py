@@ -70,3 +70,10 @@ def synth_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     generate_dataset(root, categories=3, size=64, n_train=16, n_test=10, seed=0)
     return root
+
+
+def read_scores(table: Path | str):
+    """The current version of a scores table as pandas (what readers see; never ``read_parquet(OUT_DIR)``)."""
+    from deltalake import DeltaTable
+
+    return DeltaTable(str(table)).to_pandas()

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import json
+import shutil
+import time
 
+import pyarrow.fs as pafs
 import pytest
 import torch
+from safetensors.torch import load, save_file
 
-from stfpm_ray.core.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, read_meta, save_checkpoint
+from stfpm_ray.core import checkpoint
+from stfpm_ray.core.checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    discover_checkpoints,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+    validate_checkpoint,
+)
 from stfpm_ray.core.model import STFPM
-from stfpm_ray.core.teacher import load_teacher
+from stfpm_ray.core.teacher import create_features, load_teacher
+from stfpm_ray.errors import InputNotFoundError, UserError
+from stfpm_ray.store.fs import register_filesystem
 
 LAYERS = (1, 2, 3)
 
@@ -103,3 +118,200 @@ def test_refuses_other_backbone_weights(tmp_path, teacher):
     meta_file.write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="layers"):
         load_checkpoint(tmp_path / "e", teacher=load_teacher("tf_efficientnet_lite0", (1, 2), "offline"))
+
+
+# --- validation on the driver: one line naming the file, for every way a checkpoint can be broken ---
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, teacher):
+    """One sound checkpoint, trained once; tests tamper with copies of it."""
+    folder = tmp_path_factory.mktemp("saved") / "widget"
+    save_checkpoint(folder, STFPM(teacher, "tf_efficientnet_lite0", LAYERS, seed=3).student, _meta(teacher))
+    return folder
+
+
+@pytest.fixture
+def good(tmp_path, saved):
+    return shutil.copytree(saved, tmp_path / "ckpt" / "widget")
+
+
+def _refusal(folder) -> str:
+    with pytest.raises(CheckpointError) as caught:
+        validate_checkpoint(folder)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return message
+
+
+def _edit_meta(folder, **changes) -> None:
+    meta_file = folder / "stfpm.json"
+    raw = json.loads(meta_file.read_text())
+    raw.update(changes)
+    meta_file.write_text(json.dumps({k: v for k, v in raw.items() if v is not _DROP}))
+
+
+_DROP = object()
+
+
+def test_sound_checkpoint_validates_to_its_meta(good):
+    assert validate_checkpoint(good) == read_meta(good)
+
+
+def test_second_validation_is_fast_and_reuses_the_student_shapes(good, saved):
+    validate_checkpoint(saved)
+    hits = checkpoint._student_shapes.cache_info().hits
+    started = time.perf_counter()
+    validate_checkpoint(good)
+    assert checkpoint._student_shapes.cache_info().hits == hits + 1
+    assert time.perf_counter() - started < 1.0
+
+
+def test_refuses_missing_meta(good):
+    (good / "stfpm.json").unlink()
+    message = _refusal(good)
+    assert f"{good / 'stfpm.json'} is missing" in message and "not a checkpoint" in message
+
+
+def test_refuses_meta_that_is_not_json(good):
+    (good / "stfpm.json").write_text("{'category': 'widget',")
+    assert f"{good / 'stfpm.json'} is not JSON" in _refusal(good)
+
+
+def test_refuses_meta_that_is_not_an_object(good):
+    (good / "stfpm.json").write_text("[1, 2]")
+    assert f"{good / 'stfpm.json'} holds a JSON list" in _refusal(good)
+
+
+def test_refuses_other_format_version(good):
+    _edit_meta(good, format_version=2)
+    assert f"{good / 'stfpm.json'} has checkpoint format version 2" in _refusal(good)
+
+
+@pytest.mark.parametrize(
+    ("changes", "cause"),
+    [
+        ({"epochs": 3}, "unexpected fields ['epochs']"),
+        ({"threshold": _DROP}, "missing fields ['threshold']"),
+        ({"layers": "1,2,3"}, "fields of the wrong type ['layers']"),
+        ({"layers": [1.5, 2]}, "fields of the wrong type ['layers']"),
+    ],
+)
+def test_refuses_unexpected_missing_or_mistyped_fields(good, changes, cause):
+    _edit_meta(good, **changes)
+    assert f"{good / 'stfpm.json'} has {cause}" in _refusal(good)
+
+
+def test_refuses_unknown_backbone(good):
+    _edit_meta(good, backbone="efficientnet_b99")
+    message = _refusal(good)
+    assert str(good / "stfpm.json") in message and "unknown timm backbone 'efficientnet_b99'" in message
+
+
+def test_refuses_offline_teacher_of_another_hash(good):
+    _edit_meta(good, teacher_sha256="0" * 64)
+    message = _refusal(good)
+    assert str(good / "stfpm.json") in message and "teacher sha256 000000000000" in message
+    assert "packaged offline tf_efficientnet_lite0 teacher" in message
+
+
+def test_refuses_offline_teacher_for_a_backbone_without_offline_weights(good):
+    _edit_meta(good, backbone="resnet18")
+    message = _refusal(good)
+    assert str(good / "stfpm.json") in message and "offline teacher for 'resnet18'" in message
+
+
+def test_refuses_missing_weights(good):
+    (good / "student.safetensors").unlink()
+    assert f"{good / 'student.safetensors'} is missing" in _refusal(good)
+
+
+def test_refuses_pickled_weights_without_unpickling_them(good, saved, monkeypatch):
+    validate_checkpoint(saved)  # the packaged teacher's hash is computed (from its .pth) once, beforehand
+    torch.save(load((good / "student.safetensors").read_bytes()), good / "student.safetensors")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("validation must never unpickle"))
+    assert f"{good / 'student.safetensors'} is not a safetensors file" in _refusal(good)
+
+
+def test_refuses_truncated_weights(good):
+    weights = good / "student.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    message = _refusal(good)
+    assert f"{weights} is not a safetensors file" in message and "truncated" in message
+
+
+def test_refuses_weights_of_another_architecture(good, teacher):
+    # a Lite1 student behind Lite0 metadata; saved through save_checkpoint so model_id itself is consistent
+    meta = read_meta(good)
+    save_checkpoint(good, create_features("tf_efficientnet_lite1", LAYERS), meta)
+    message = _refusal(good)
+    assert f"{good / 'student.safetensors'} does not hold a tf_efficientnet_lite0 student" in message
+    assert "missing tensors" in message
+
+
+def test_refuses_a_tensor_of_the_wrong_shape(good):
+    weights = good / "student.safetensors"
+    state = load(weights.read_bytes())  # not load_file: it maps the file this test overwrites
+    state["conv_stem.weight"] = torch.zeros(16, 3, 3, 3)
+    save_file(state, weights)
+    message = _refusal(good)
+    assert f"{weights} does not hold" in message and "conv_stem.weight [16, 3, 3, 3] != [32, 3, 3, 3]" in message
+
+
+def test_refuses_weights_replaced_after_training(good, teacher):
+    other = STFPM(teacher, "tf_efficientnet_lite0", LAYERS, seed=4).student
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, good / "student.safetensors")
+    message = _refusal(good)
+    model_id = read_meta(good).model_id
+    assert f"{good / 'student.safetensors'} does not match model_id '{model_id}'" in message
+    assert "weights were replaced after training" in message
+
+
+def test_discover_reports_the_broken_category_and_keeps_the_sound_one(good, saved, tmp_path):
+    root = good.parent
+    tampered = shutil.copytree(saved, root / "gadget")
+    _edit_meta(tampered, category="gadget")  # model_id does not cover the category: still sound
+    (tampered / "student.safetensors").write_bytes(b"\x80\x04junk")
+    (root / "_ray" / "run").mkdir(parents=True)
+    shutil.copytree(saved, root / ".widget.staging")  # a staging copy is no candidate
+    valid, problems = discover_checkpoints(root)
+    assert list(valid) == ["widget"] and valid["widget"] == (str(good.resolve()), read_meta(good))
+    assert list(problems) == ["gadget"]
+    assert str(tampered / "student.safetensors") in problems["gadget"]
+
+
+def test_discover_names_an_unreadable_folder_by_its_name(good):
+    (good.parent / "broken").mkdir()
+    (good.parent / "broken" / "student.safetensors").write_bytes(b"")
+    valid, problems = discover_checkpoints(good.parent)
+    assert list(valid) == ["widget"]
+    assert f"{good.parent / 'broken' / 'stfpm.json'} is missing" in problems["broken"]
+
+
+def test_discover_reads_uris_through_the_storage_layer(good, saved):
+    shutil.copytree(saved, good.parent / "gadget")
+    _edit_meta(good.parent / "gadget", category="gadget", model_id="0" * 16)
+    register_filesystem("ckpt-test", pafs.SubTreeFileSystem(str(good.parent.parent), pafs.LocalFileSystem()))
+    valid, problems = discover_checkpoints("ckpt-test://ckpt")
+    assert valid["widget"][0] == "ckpt-test://ckpt/widget" and valid["widget"][1] == read_meta(good)
+    assert problems["gadget"].startswith("ckpt-test://ckpt/gadget/student.safetensors does not match model_id")
+
+
+def test_discover_takes_one_checkpoint_folder_itself(good):
+    valid, problems = discover_checkpoints(good)
+    assert list(valid) == ["widget"] and not problems
+
+
+def test_discover_refuses_two_checkpoints_of_one_category(good, saved):
+    shutil.copytree(saved, good.parent / "widget-copy")
+    with pytest.raises(UserError, match="two checkpoints for category 'widget'"):
+        discover_checkpoints(good.parent)
+
+
+def test_discover_refuses_missing_or_empty_root(tmp_path):
+    with pytest.raises(InputNotFoundError, match="does not exist"):
+        discover_checkpoints(tmp_path / "nowhere")
+    (tmp_path / "empty" / "_ray").mkdir(parents=True)
+    (tmp_path / "empty" / "notes").mkdir()
+    with pytest.raises(InputNotFoundError, match="no checkpoints under"):
+        discover_checkpoints(tmp_path / "empty")

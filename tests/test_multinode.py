@@ -20,13 +20,13 @@ import re
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from cluster_harness import ClusterError, JobResult, LocalCluster, WorkerNode, require_network_namespaces
-from conftest import need
+from conftest import need, read_scores
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 from stfpm_ray.core.checkpoint import read_meta
+from stfpm_ray.store.scores import ScoresTable
 from stfpm_ray.data.mvtec import discover_categories
 from stfpm_ray.data.synth import generate_dataset
 
@@ -103,7 +103,7 @@ def test_benchmark_job_runs_on_the_worker_node(cluster, shared, benchmark):
         assert entry["n_images"] == len(list((shared / "data" / name / "test").rglob("*.png")))
         assert 0.0 <= entry["image_auroc"] <= 1.0
         assert read_meta(out / "checkpoints" / name).training["epochs"] == 2
-    scores = pd.read_parquet(out / "scores")
+    scores = read_scores(out / "scores")
     assert len(scores) == scores.path.nunique() == sum(metrics["categories"][n]["n_images"] for n in categories)
 
 
@@ -124,7 +124,7 @@ def scoring_setup(shared, benchmark) -> tuple[Path, Path, str]:
 
 def _worker_record(out: Path) -> dict | None:
     """The progress record of a scoring actor that has finished a batch (written by the actor itself)."""
-    for path in out.glob("_staging-*/_workers/*.json"):
+    for path in out.glob("_stfpm/runs/*/*.json"):
         try:
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):  # being replaced right now
@@ -149,11 +149,11 @@ def test_scoring_finishes_exactly_once_after_losing_a_node(cluster, scoring_setu
     result = cluster.wait_job(job, JOB_TIMEOUT_S, "score-fault.log")
     assert result.returncode == 0, result.output[-4000:]
 
-    scores = pd.read_parquet(out)
+    scores = read_scores(out)
     expected = {str(p) for p in archive.iterdir()}
     assert len(scores) == len(expected) and set(scores.path) == expected  # every image exactly once
     assert (scores.status == "ok").all()
-    manifest = json.loads(next((out / "_manifests").glob("*.json")).read_text())
+    manifest = ScoresTable(str(out)).history()[0]["manifest"]
     killed = next(w for w in manifest["workers"] if w["pid"] == record["pid"])
     assert 0 < killed["rows"] < len(expected), "the node was not lost in the middle of scoring"
     restarted = [w for w in manifest["workers"] if w["pid"] != record["pid"]]
@@ -171,7 +171,7 @@ def test_scoring_finishes_exactly_once_after_losing_a_node(cluster, scoring_setu
     assert len(reports) == 1
     report = json.loads(reports[0].read_text())
     assert (report["scored"], report["categories"][category]["skipped"]) == (len(new), len(expected))
-    assert len(pd.read_parquet(out)) == len(expected) + len(new)
+    assert len(read_scores(out)) == len(expected) + len(new)
 
 
 def test_training_resumes_from_its_checkpoint_after_losing_a_node(cluster, shared):

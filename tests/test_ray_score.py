@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -15,13 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import handmade_png, png_rgb16
+from conftest import handmade_png, png_rgb16, read_scores
+from deltalake import DeltaTable
 from PIL import Image
 
 from stfpm_ray import cli
@@ -29,11 +29,12 @@ from stfpm_ray.ray import score as ray_score
 from stfpm_ray.evaluate.evaluation import evaluate_scores
 from stfpm_ray.ray.score import ScoringOptions
 from stfpm_ray.store.fs import register_filesystem
-from stfpm_ray.core.checkpoint import load_checkpoint, save_checkpoint
+from stfpm_ray.core.checkpoint import CheckpointMeta, _model_id, discover_checkpoints, load_checkpoint, save_checkpoint
+from stfpm_ray.data.listing import list_images
 from stfpm_ray.core.fit import TrainConfig, fit_category
 from stfpm_ray.data.images import load_image
 from stfpm_ray.data.mvtec import discover_categories, sample_for
-from stfpm_ray.store.scores import COMMIT_FILE, SCHEMA, OutputFolder
+from stfpm_ray.store.scores import SCHEMA, ScoresTable
 from stfpm_ray.core.teacher import load_teacher
 
 QUIET = lambda message: None  # noqa: E731
@@ -106,7 +107,7 @@ def _listed(root: Path) -> set[str]:
     return {
         str(p) for p in root.rglob("*")
         if p.is_file() and p.suffix.lower() in {".png", ".jpg", ".bmp", ".tif"}
-        and not p.name.startswith(".") and p.parts[-3] != "ground_truth"
+        and not p.name.startswith(".") and p.parts[-3] not in ("ground_truth", "train")
     }
 
 
@@ -131,10 +132,10 @@ def archive_run(ray_session, trained, archive, tmp_path_factory):
 
 def test_every_image_exactly_once_and_odd_files(archive_run, archive, trained):
     out, summary = archive_run
-    table = pq.read_table(out)
-    frame = pd.read_parquet(out)
+    table = DeltaTable(str(out)).to_pyarrow_table()
+    frame = read_scores(out)
     assert len(frame) == table.num_rows == summary.rows_written
-    assert table.schema.remove_metadata() == SCHEMA
+    assert table.schema.remove_metadata() == SCHEMA and set(frame.run_id) == {summary.run_id}
     paths = frame["path"].tolist()
     assert len(paths) == len(set(paths)) and set(paths) == _listed(archive)
     by_name = frame.set_index("path")
@@ -162,7 +163,7 @@ def test_every_image_exactly_once_and_odd_files(archive_run, archive, trained):
 
 def test_scores_equal_core_predict(archive_run, trained):
     out, _ = archive_run
-    frame = pd.read_parquet(out)
+    frame = read_scores(out)
     for category in trained[1][:2]:
         model, meta = load_checkpoint(trained[0] / category)
         rows = frame[(frame.category == category) & (frame.status == "ok")]
@@ -180,7 +181,7 @@ def test_scores_equal_core_predict(archive_run, trained):
 def test_docstring_lines_decode_the_map(archive_run, trained):
     out, _ = archive_run
     lines = re.search(r"decode one anomaly map\)::\n\n((?:    .+\n)+)", ray_score.__doc__).group(1)
-    assert len(lines.splitlines()) == 5
+    assert len(lines.splitlines()) == 6
     scope = {"OUT_DIR": str(out)}
     exec(re.sub(r"(?m)^    ", "", lines), scope)  # noqa: S102 - the documented lines, run as written
     anomaly_map, row = scope["anomaly_map"], scope["row"]
@@ -197,12 +198,27 @@ def test_rows_stay_small_and_manifest_describes_the_run(archive_run):
     out, summary = archive_run
     data = sorted(out.glob("*.parquet"))
     assert summary.files_written == len(data) and all(p.name.startswith(summary.run_id) for p in data)
+    assert sorted(os.path.basename(u) for u in DeltaTable(str(out)).file_uris()) == [p.name for p in data]
     assert sum(p.stat().st_size for p in data) / summary.rows_written <= 40_000
-    assert [p.name for p in out.iterdir() if p.name.startswith("_")] == ["_manifests"]
-    manifest = json.loads(Path(summary.manifest).read_text())
+    # the lease and the run's worker records are gone once the run has committed
+    assert sorted(p.relative_to(out).as_posix() for p in out.glob("_stfpm/**/*")) == []
+    [latest, *_] = ScoresTable(str(out)).history()
+    assert latest["version"] == summary.version == 0
+    manifest = latest["manifest"]
     assert manifest["rows"] == summary.rows_written and manifest["mode"] == "plain"
     assert sum(f["rows"] for f in manifest["files"]) == summary.rows_written
     assert {w["pid"] for w in manifest["workers"]} and all(w["rows"] > 0 for w in manifest["workers"])
+
+
+def _retag(folder: Path, **changes) -> None:
+    """Edit a checkpoint's metadata as a retraining would, with the model_id that goes with it."""
+    meta = CheckpointMeta(**{**json.loads((folder / "stfpm.json").read_text()), **changes})
+    meta.model_id = _model_id((folder / "student.safetensors").read_bytes(), meta)
+    (folder / "stfpm.json").write_text(json.dumps(dataclasses.asdict(meta)))
+
+
+def _live_files(out: Path) -> list[str]:
+    return sorted(os.path.basename(u) for u in DeltaTable(str(out)).file_uris())
 
 
 def test_incremental_overwrite_and_refusal(ray_session, trained, synth_root, tmp_path, capsys):
@@ -214,118 +230,171 @@ def test_incremental_overwrite_and_refusal(ray_session, trained, synth_root, tmp
     assert cli.main([*base, "--batch-size", "4"]) == 0
     assert f"{category}" in capsys.readouterr().out
 
-    assert cli.main(base) == 2  # plain rerun into a non-empty folder is refused
+    assert cli.main(base) == 2  # plain rerun into a table is refused
     assert "--incremental" in capsys.readouterr().err
 
     new = _plain_folder(inputs, synth_root, category, 3, start=6)
     summary = ray_score.score_images(trained[0], str(inputs), out, category=category, incremental=True, progress=QUIET)
     assert (summary.rows_written, summary.counts[category].skipped, summary.counts[category].ok) == (3, 6, 3)
-    frame = pd.read_parquet(out)
-    assert sorted(frame.path) == sorted(map(str, first + new)) and len(list(out.glob("*.parquet"))) == 2
+    frame = read_scores(out)
+    assert sorted(frame.path) == sorted(map(str, first + new)) and len(_live_files(out)) == 2
+    assert summary.version == 1 and ScoresTable(str(out)).history()[0]["manifest"]["mode"] == "incremental"
 
     before = sorted(p.name for p in out.rglob("*"))
     assert cli.main([*base, "--incremental"]) == 0
     assert "nothing new to score" in capsys.readouterr().out
-    assert sorted(p.name for p in out.rglob("*")) == before  # nothing written, not even a manifest
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing written, not even a commit
 
     # a changed model (new model_id) rescores everything and keeps one row per path and model
     changed = tmp_path / "ckpt2" / category
     shutil.copytree(trained[0] / category, changed)
     meta = json.loads((changed / "stfpm.json").read_text())
-    (changed / "stfpm.json").write_text(json.dumps({**meta, "model_id": "retrained"}))
+    _retag(changed, threshold=meta["threshold"] * 2)  # another operating point: another model_id
     summary = ray_score.score_images(
         changed.parent, str(inputs), out, category=category, incremental=True, progress=QUIET
     )
     assert summary.rows_written == 9
-    frame = pd.read_parquet(out)
+    frame = read_scores(out)
     assert len(frame) == 18 and not frame.duplicated(["path", "model_id"]).any()
 
     summary = ray_score.score_images(trained[0], str(inputs), out, category=category, overwrite=True, progress=QUIET)
-    assert len(pd.read_parquet(out)) == 9 and len(list(out.glob("*.parquet"))) == summary.files_written
-    assert [p.stem for p in (out / "_manifests").iterdir()] == [summary.run_id]
+    assert len(read_scores(out)) == 9 and len(_live_files(out)) == summary.files_written
+    assert len(read_scores_version(out, 1)) == 9  # time travel: an earlier version stays readable
 
-    (inputs / "truncated.png").write_bytes(first[0].read_bytes()[:100])
+    # an error row is retried and replaced: truncated, then fixed, ends as one ok row
+    broken = inputs / "truncated.png"
+    broken.write_bytes(first[0].read_bytes()[:100])
     assert cli.main([*base, "--incremental"]) == 3  # a run that wrote error rows tells the scheduler so
-    errors = pd.read_parquet(out).query("status == 'error'")
-    assert list(errors.path) == [str(inputs / "truncated.png")]
+    errors = read_scores(out).query("status == 'error'")
+    assert list(errors.path) == [str(broken)]
+    assert cli.main([*base, "--incremental"]) == 3  # still broken: retried, still one row
+    assert (read_scores(out).path == str(broken)).sum() == 1
+    broken.write_bytes(first[0].read_bytes())
+    assert cli.main([*base, "--incremental"]) == 0
+    frame = read_scores(out)
+    row = frame[frame.path == str(broken)]
+    assert len(row) == 1 and row.status.item() == "ok" and (frame.status == "ok").all() and len(frame) == 10
 
 
-def test_failure_before_commit_leaves_output_untouched(ray_session, trained, synth_root, tmp_path, monkeypatch):
-    """A run that dies after writing its data but before committing changes nothing readers see; the
-    next run removes its staging folder and scores the same images again."""
+def read_scores_version(out: Path, version: int) -> pd.DataFrame:
+    return DeltaTable(str(out), version=version).to_pandas()
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs (the cleanup hooks are patched out)."""
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def _kill_at(monkeypatch, step: str) -> None:
+    """Make the next run die at ``step`` without its cleanup, as a killed driver would."""
+    monkeypatch.setattr(ScoresTable, "discard", lambda self, run_id: None)
+    monkeypatch.setattr(ray_score.Lease, "release", lambda self: None)
+    original = {name: getattr(ScoresTable, name) for name in ("read_index", "retried_errors", "commit")}
+
+    def after(name):
+        def wrapped(self, *args, **kwargs):
+            original[name](self, *args, **kwargs)
+            raise _Killed(f"killed after {name}")
+        return wrapped
+
+    def before_commit(self, *args, **kwargs):
+        raise _Killed("killed before the log entry")
+
+    patched = {"data written": ("read_index", after("read_index")),
+               "error files rewritten": ("retried_errors", after("retried_errors")),
+               "before the log entry": ("commit", before_commit),
+               "after the log entry": ("commit", after("commit"))}[step]
+    monkeypatch.setattr(ScoresTable, patched[0], patched[1])
+
+
+@pytest.mark.parametrize("step", ["data written", "error files rewritten", "before the log entry",
+                                  "after the log entry"])
+def test_a_kill_at_each_commit_step_never_shows_doubles(ray_session, trained, synth_root, tmp_path, monkeypatch, step):
+    """Readers see the previous version or the new one, never doubles; the next run takes over the dead
+    run's lease and leaves exactly one ok row per image."""
     category = trained[1][0]
     inputs, out = tmp_path / "inbox", tmp_path / "out"
-    _plain_folder(inputs, synth_root, category, 4)
+    images = _plain_folder(inputs, synth_root, category, 4)
+    (inputs / "broken.png").write_bytes(images[0].read_bytes()[:100])
     ray_score.score_images(trained[0], str(inputs), out, category=category, progress=QUIET)
+    (inputs / "broken.png").write_bytes(images[0].read_bytes())  # fixed: the next run retries it
+    _plain_folder(inputs, synth_root, category, 2, start=4)
 
-    def visible() -> dict[Path, bytes]:
-        return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "_staging-" not in str(p)}
-
-    before = visible()
-    _plain_folder(inputs, synth_root, category, 4, start=4)
-
-    def crash(*args, **kwargs):
-        raise RuntimeError("injected failure before commit")
-
-    monkeypatch.setattr(OutputFolder, "commit", crash)
-    with pytest.raises(RuntimeError, match="injected"):
+    _kill_at(monkeypatch, step)
+    with pytest.raises(_Killed):
         ray_score.score_images(trained[0], str(inputs), out, category=category, incremental=True, progress=QUIET)
-    assert visible() == before and len(pd.read_parquet(out)) == 4
-    assert len(list(out.glob("_staging-*/*.parquet"))) == 1  # the staged data, invisible to readers
-
     monkeypatch.undo()
+    frame = read_scores(out)
+    assert not frame.path.duplicated().any()
+    assert len(frame) == (7 if step == "after the log entry" else 5)
+
+    lease = out / "_stfpm" / "lease.json"  # the killed driver's lease: make its pid a dead one
+    lease.write_text(json.dumps({**json.loads(lease.read_text()), "pid": _dead_pid()}))
     messages: list[str] = []
-    summary = ray_score.score_images(
-        trained[0], str(inputs), out, category=category, incremental=True, progress=messages.append
-    )
-    assert any("removing _staging-" in m for m in messages) and not list(out.glob("_staging-*"))
-    assert summary.rows_written == 4 and len(pd.read_parquet(out)) == 8
+    ray_score.score_images(trained[0], str(inputs), out, category=category, incremental=True,
+                           progress=messages.append)
+    assert any("took over the lease" in m for m in messages)
+    frame = read_scores(out)
+    assert len(frame) == 7 and not frame.path.duplicated().any() and (frame.status == "ok").all()
 
 
-def _staged_run(output: OutputFolder, run_id: str, rows: int) -> None:
-    """Stage two Parquet files (rows + 1 rows) as a run would, without committing them."""
-    staging = Path(output.start_staging(run_id))
-    columns = {field.name: pa.nulls(rows, field.type) for field in SCHEMA}
-    columns["path"] = pa.array([f"/x/{run_id}/{i}.png" for i in range(rows)], pa.string())
-    table = pa.table(columns, schema=SCHEMA)
-    pq.write_table(table, staging / "part-0.parquet")
-    pq.write_table(table.slice(0, 1), staging / "part-1.parquet")
+def test_a_second_run_is_refused_while_the_first_scores(ray_session, trained, synth_root, tmp_path):
+    """The second run refuses at once naming the holder; the first run's files are untouched and it commits."""
+    category = trained[1][0]
+    inputs, out = tmp_path / "inbox", tmp_path / "out"
+    images = _plain_folder(inputs, synth_root, category, 12)
+    result: dict = {}
+    first = threading.Thread(target=lambda: result.update(summary=ray_score.score_images(
+        trained[0], str(inputs), out, ScoringOptions(batch_size=2), category=category, progress=QUIET)))
+    first.start()
+    deadline = time.time() + 120
+    while not (out / "_stfpm" / "lease.json").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(FileExistsError, match=r"being written by run \S+ of .* \(pid \d+"):
+        ray_score.score_images(trained[0], str(inputs), out, category=category, incremental=True, progress=QUIET)
+    first.join(timeout=300)
+    frame = read_scores(out)
+    assert sorted(frame.path) == sorted(map(str, images)) and result["summary"].version == 0
 
 
-def test_recovery_of_killed_runs(tmp_path):
-    """A run killed before its commit leaves a staging folder that the next run deletes; one killed during
-    its commit (intent written, some files moved) is finished by the next run."""
-    out = tmp_path / "out"
-    output = OutputFolder(str(out))
-    _staged_run(output, "run-a", 3)
-    assert output.data_files() == []
-    output.recover(QUIET)
-    assert not list(out.iterdir())
+def test_a_stale_lease_from_another_host_is_taken_over(tmp_path):
+    from stfpm_ray.store import lease as lease_module
+    from stfpm_ray.store.fs import resolve
 
-    _staged_run(output, "run-b", 3)
-    staging = out / "_staging-run-b"
-    staged = output.read_staging(str(staging))
-    assert staged.rows_per_file == [3, 1]
-    moves = [[src, str(out / f"run-b-{i:05d}.parquet")] for i, src in enumerate(staged.files)]
-    intent = {"moves": moves, "delete": [], "manifest": {"rows": 4}, "run_id": "run-b"}
-    (staging / COMMIT_FILE).write_text(json.dumps(intent))
-    os.replace(moves[0][0], moves[0][1])  # killed after the first move
-    output.recover(QUIET)
-    assert sorted(p.name for p in out.iterdir()) == ["_manifests", "run-b-00000.parquet", "run-b-00001.parquet"]
-    assert len(pd.read_parquet(out)) == 4
-    assert json.loads((out / "_manifests" / "run-b.json").read_text()) == {"rows": 4}
+    table = resolve(str(tmp_path))
+    holder = lease_module.Lease(table, "run-a").acquire()
+    with pytest.raises(FileExistsError, match="run-a"):
+        lease_module.Lease(table, "run-b").acquire()
+    holder._stop.set()  # the holder's host died: no more heartbeats
+    path = tmp_path / lease_module.LEASE_FILE
+    old = json.loads(path.read_text())
+    path.write_text(json.dumps({**old, "host": "elsewhere", "heartbeat": time.time() - lease_module.STALE_AFTER_S - 1}))
+    second = lease_module.Lease(table, "run-b").acquire()
+    assert second.took_over is not None and second.took_over.run_id == "run-a"
+    with pytest.raises(lease_module.LeaseLostError):
+        holder.check()  # the paused first run finds out before it commits
+    second.check()
+    second.release()
+    assert not path.exists()
 
 
 def test_foreign_files_and_bad_arguments_are_refused(tmp_path, trained):
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="not scoring output"):
-        OutputFolder(str(tmp_path)).check_mode(incremental=False, overwrite=True)
+    with pytest.raises(FileExistsError, match="not a scores table"):
+        ScoresTable(str(tmp_path)).check_mode(incremental=False, overwrite=True)
     with pytest.raises(ValueError, match="N or MIN,MAX"):
         ray_score.parse_actors("0")
     assert ray_score.parse_actors("2,4") == (2, 4)
-    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
         ray_score.score_images(tmp_path, str(tmp_path), tmp_path / "o", progress=QUIET)
-    with pytest.raises(ValueError, match="no checkpoint for category"):
+    with pytest.raises(ValueError, match="no usable checkpoint for category"):
         ray_score.score_images(trained[0], str(tmp_path), tmp_path / "o", category="nope", progress=QUIET)
     # a pool that would take every CPU is refused instead of hanging the dataset
     for actors, gpus, resources in [(2, 0.0, {"CPU": 2.0}), (None, 0.0, {"CPU": 1.0}), (None, 1.0, {"CPU": 8.0})]:
@@ -346,8 +415,7 @@ def test_killed_scoring_actor_loses_and_duplicates_nothing(ray_session, trained,
     # the same student run at 256 px is slow enough on CPU that the run outlives the kill
     slow = tmp_path / "ckpt" / category
     shutil.copytree(trained[0] / category, slow)
-    meta = json.loads((slow / "stfpm.json").read_text())
-    (slow / "stfpm.json").write_text(json.dumps({**meta, "image_size": 256}))
+    _retag(slow, image_size=256)
     inputs.mkdir()
     rng = np.random.default_rng(1)
     for i in range(24):
@@ -364,7 +432,7 @@ def test_killed_scoring_actor_loses_and_duplicates_nothing(ray_session, trained,
     killed = None
     deadline = time.time() + 180
     while killed is None and time.time() < deadline and worker.is_alive():
-        for record in out.glob("_staging-*/_workers/*.json"):
+        for record in out.glob("_stfpm/runs/*/*.json"):
             try:
                 info = json.loads(record.read_text())
             except (OSError, ValueError):  # being replaced right now
@@ -376,17 +444,19 @@ def test_killed_scoring_actor_loses_and_duplicates_nothing(ray_session, trained,
         time.sleep(0.05)
     worker.join(timeout=300)
     assert killed is not None, "the run finished before its actor could be killed"
-    frame = pd.read_parquet(out)
+    frame = read_scores(out)
     assert sorted(frame.path) == sorted(str(p) for p in inputs.iterdir()) and (frame.status == "ok").all()
-    workers = json.loads(Path(result["summary"].manifest).read_text())["workers"]
+    workers = ScoresTable(str(out)).history()[0]["manifest"]["workers"]
     assert killed in {w["pid"] for w in workers}
     assert sum(w["rows"] for w in workers if w["pid"] != killed) > 0  # a restarted process took over
 
 
 def test_an_unexpected_decoder_error_becomes_an_error_row(trained, synth_root, tmp_path, monkeypatch):
     images = _plain_folder(tmp_path / "plain", synth_root, trained[1][0], 2)
-    files, sources = ray_score.list_images([str(tmp_path / "plain")])
-    [block], _ = ray_score.plan(files, ray_score.find_checkpoints(trained[0]), trained[1][0], {}, 8)
+    listing = list_images([str(tmp_path / "plain")])
+    found, _ = discover_checkpoints(trained[0])
+    [block], _ = ray_score.plan(listing, found, {}, trained[1][0], None, 8)
+    sources = listing.sources
     decode, broken = ray_score.decode_image, images[0].read_bytes()
 
     def decoder_with_a_bug(data: bytes, size: int) -> np.ndarray:
@@ -410,7 +480,7 @@ def test_an_mvtec_root_behind_a_pyarrow_filesystem_keeps_masks_and_pixel_metrics
     for name, source in (("local", str(synth_root / category / "test")), ("uri", f"mvtec-test://{category}/test")):
         ray_score.score_images(trained[0], source, tmp_path / name / "scores", progress=QUIET)
         results[name] = evaluate_scores(tmp_path / name / "scores", tmp_path / name / "report", progress=QUIET)
-    frame = pd.read_parquet(tmp_path / "uri" / "scores")
+    frame = read_scores(tmp_path / "uri" / "scores")
     defective = frame[frame.label == 1]
     assert len(defective) and defective.mask_path.str.startswith(f"mvtec-test://{category}/ground_truth/").all()
     local, uri = results["local"]["categories"][category], results["uri"]["categories"][category]

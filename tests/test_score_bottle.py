@@ -7,7 +7,7 @@ once through :func:`stfpm_ray.core.score.score_batch` in this process and once t
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
+from conftest import read_scores
 import torch
 
 from stfpm_ray import cli
@@ -29,7 +29,7 @@ def test_score_batch_and_the_ray_pipeline_agree_on_bottle(ray_session, shared_bo
     argv = ["score", "--checkpoints", str(tmp_path / "ckpt"), "--input", str(shared_bottle / "test"),
             "--out", str(out), "--batch-size", str(BATCH), "--precision", "fp32"]
     assert cli.main(argv) == 0
-    rows = pd.read_parquet(out).sort_values("path").reset_index(drop=True)
+    rows = read_scores(out).sort_values("path").reset_index(drop=True)
 
     paths = sorted(str(sample.path) for sample in mvtec_test_samples(shared_bottle.parent, "bottle"))
     assert rows.path.tolist() == paths and (rows.status == "ok").all()

@@ -9,7 +9,9 @@ from stfpm_ray.evaluate.evaluation import evaluate_scores
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scores", required=True, help="output folder of `stfpm-ray score` (Parquet)")
+    parser.add_argument("--scores", required=True, help="scores table written by `stfpm-ray score` (Delta Lake folder)")
+    parser.add_argument("--version", type=int, default=None, metavar="N",
+                        help="evaluate table version N (default: the current version)")
     parser.add_argument("--out", required=True, help="report folder: metrics.json, metrics.csv, report.html")
     parser.add_argument(
         "--model-id",
@@ -20,5 +22,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    evaluate_scores(args.scores, args.out, model_id=args.model_id)
+    evaluate_scores(args.scores, args.out, model_id=args.model_id, version=args.version)
     return 0

@@ -9,7 +9,7 @@ from stfpm_ray.core.fit import TrainConfig
 from stfpm_ray.core.model import PRECISIONS
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE
 from stfpm_ray.errors import StfpmError
-from stfpm_ray.ray.score import DEFAULT_BATCH_SIZE, ScoringOptions, parse_actors
+from stfpm_ray.ray.score import DEFAULT_BATCH_SIZE, SPLITS, ScoringOptions, parse_actors
 from stfpm_ray.ray.session import init_ray
 from stfpm_ray.ray.train import TrainResources
 
@@ -128,8 +128,11 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
         "--input", required=True, nargs="+", metavar="PATH_OR_URI",
         help="image folders or files, local or s3://, gs:// (an MVTec-layout root routes images to categories)",
     )
-    parser.add_argument("--out", required=True, metavar="OUT_DIR", help="Parquet dataset folder (local or URI)")
+    parser.add_argument("--out", required=True, metavar="OUT_DIR",
+                        help="scores table: a Delta Lake folder, local or s3://, gs://")
     parser.add_argument("--category", help="score every input image with this category's model (plain archives)")
+    parser.add_argument("--split", choices=SPLITS, default="test",
+                        help="MVTec-layout roots: score test/ only, or all (train/good too) (default %(default)s)")
     add_scoring_options(parser)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(

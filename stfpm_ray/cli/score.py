@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     connect(args)
     summary = score_images(
         args.checkpoints, args.input, args.out, options, category=args.category, incremental=args.incremental,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, split=args.split,
     )
     log_progress(summary.table())
     return exit_status(summary.error_rows)

@@ -38,6 +38,7 @@ from stfpm_ray.evaluate import metrics, report
 from stfpm_ray.progress import Progress, log_progress, quiet
 from stfpm_ray.store.fs import is_dir, resolve
 from stfpm_ray.store.mapcodec import decode_map
+from stfpm_ray.store.scores import ScoresTable
 
 AUPRO_FPR_LIMIT = 0.3
 # Examples shown per category and side (highest-scored good, lowest-scored defective).
@@ -80,18 +81,15 @@ class PixelPass:
     without_mask: int = 0
 
 
-def open_scores(scores_dir: str | Path) -> ds.Dataset:
-    """The scoring output as a pyarrow dataset, or a clear error when it is missing, empty or foreign."""
+def open_scores(scores_dir: str | Path, version: int | None = None) -> ds.Dataset:
+    """The scores table (its current version, or ``version``) as a pyarrow dataset, or a clear error when it
+    is missing, empty or foreign."""
     location = str(scores_dir)
-    where = resolve(location)
-    if not is_dir(where):
-        raise InputNotFoundError(f"scores folder {location} does not exist (write one with `stfpm-ray score`)")
-    try:
-        dataset = ds.dataset(where.path, filesystem=where.filesystem, format="parquet", partitioning="hive")
-    except pa.ArrowInvalid as exc:
-        raise UserError(f"cannot read the Parquet files in {location}: {exc}") from None
+    if not is_dir(resolve(location)):
+        raise InputNotFoundError(f"scores table {location} does not exist (write one with `stfpm-ray score`)")
+    dataset = ScoresTable(location).dataset(version)
     if not dataset.files:
-        raise UserError(f"no Parquet files in {location}: expected the output folder of `stfpm-ray score`")
+        raise UserError(f"the scores table {location} holds no data files: expected the output of `stfpm-ray score`")
     missing = [name for name in REQUIRED_COLUMNS if name not in dataset.schema.names]
     if missing:
         raise UserError(
@@ -318,6 +316,7 @@ def evaluate_scores(
     report_dir: str | Path,
     model_id: str | Sequence[str] | None = None,
     progress: Progress | None = log_progress,
+    version: int | None = None,
 ) -> dict:
     """Compute per-category and mean metrics, write metrics.json, metrics.csv and report.html; return the dict.
 
@@ -325,9 +324,10 @@ def evaluate_scores(
     category's most recently scored model is used and a note says when there was a choice.
     """
     say = progress or quiet
-    dataset = open_scores(scores_dir)
+    dataset = open_scores(scores_dir, version)
     index = read_index(dataset)
-    say(f"read {len(index)} rows from {len(dataset.files)} Parquet file(s) in {scores_dir}")
+    which = "current version" if version is None else f"version {version}"
+    say(f"read {len(index)} rows from {len(dataset.files)} Parquet file(s) of the {which} of {scores_dir}")
     notes: list[str] = []
     groups = select_rows(index, [model_id] if isinstance(model_id, str) else model_id, notes)
     per_category: dict[str, dict] = {}
@@ -354,6 +354,7 @@ def evaluate_scores(
         "mean": mean_metrics(per_category),
         "settings": {
             "scores": str(scores_dir),
+            "version": version,
             "pixel_resolution": "anomaly maps as stored (map_size x map_size); masks reduced to that size",
             "aupro_fpr_limit": AUPRO_FPR_LIMIT,
             "pixel_metrics": report.PIXEL_METRICS_NOTE,

@@ -1,29 +1,27 @@
 """Nightly rescoring of an image archive, and a report of the new anomalies it found (``jobs/nightly.py``).
 
-Runs ``stfpm-ray score --incremental``: images that already have a row for their current model are skipped,
-so a nightly run costs what arrived since the last one (and a run that failed is simply run again). The
-report lists, per category, this run's rows with ``is_anomalous`` true; it reads only the Parquet files of
-this run's manifest (``OUT/_manifests/<run_id>.json``), never the whole dataset, and is written to
-``OUT/_reports/nightly-<run_id>.json`` beside the data (the leading ``_`` keeps it out of what pandas and
-pyarrow read as the dataset).
+Runs ``stfpm-ray score --incremental``: images that already have an ``ok`` row for their current model are
+skipped, so a nightly run costs what arrived since the last one; error rows are retried (and replaced), and
+a run that failed is simply run again. The report lists, per category, this run's rows with
+``is_anomalous`` true; it reads only the rows of this run (``run_id``, pushed down to the Parquet reader)
+of the version it committed, and is written to ``OUT/_reports/nightly-<run_id>.json`` beside the table.
 """
 
 from __future__ import annotations
 
 import json
-import posixpath
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from stfpm_ray.errors import UserError
 from stfpm_ray.progress import Progress, fixed_width_table, log_progress
 from stfpm_ray.ray.score import ScoreSummary, ScoringOptions, score_images
 from stfpm_ray.store.fs import resolve, write_text_atomic
+from stfpm_ray.store.scores import ScoresTable
 
 REPORTS = "_reports"
 DEFAULT_TOP = 20
@@ -36,17 +34,13 @@ def new_anomalies(out_dir: str, summary: ScoreSummary, top: int = DEFAULT_TOP) -
     ``anomalies`` holds every anomalous row of the run's categories (paths and scores, most anomalous first)
     up to ``top`` per category; ``anomalous`` always counts them all.
     """
-    where = resolve(out_dir)
-    filesystem, root, prefix = where.filesystem, where.path, where.prefix
     categories: dict[str, dict[str, Any]] = {
         name: {"scored": 0, "errors": 0, "skipped": counts.skipped, "anomalous": 0, "anomalies": []}
         for name, counts in summary.counts.items()
     }
-    if summary.manifest is not None:
-        with filesystem.open_input_stream(summary.manifest) as handle:
-            manifest = json.loads(handle.read())
-        files = [posixpath.join(root, entry["name"]) for entry in manifest["files"]]
-        table = pads.dataset(files, filesystem=filesystem, format="parquet").to_table(columns=REPORT_COLUMNS)
+    if summary.version is not None:
+        dataset = ScoresTable(out_dir).dataset(summary.version)
+        table = dataset.to_table(columns=REPORT_COLUMNS, filter=pc.field("run_id") == summary.run_id)
         for name, entry in categories.items():
             rows = table.filter(pc.equal(table["category"], name))
             anomalous = rows.filter(pc.fill_null(rows["is_anomalous"], False)).sort_by([("score_norm", "descending")])
@@ -59,7 +53,7 @@ def new_anomalies(out_dir: str, summary: ScoreSummary, top: int = DEFAULT_TOP) -
     return {
         "run_id": summary.run_id,
         "out_dir": str(out_dir),
-        "manifest": None if summary.manifest is None else prefix + summary.manifest,
+        "version": summary.version,
         "created_at": datetime.now(timezone.utc).isoformat(),
         "scored": sum(c["scored"] for c in categories.values()),
         "new_anomalies": sum(c["anomalous"] for c in categories.values()),

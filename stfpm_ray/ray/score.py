@@ -3,13 +3,16 @@
 Pipeline, shaped by what costs what (decoding a large PNG takes tens of ms of one core, a GPU wants large
 batches, the object store should carry as few bytes as possible):
 
-1. **List** the inputs on the driver through pyarrow filesystems (local folders, ``s3://``, ``gs://``;
-   png/jpg/jpeg/bmp/tif/tiff in any letter case; hidden ``.`` entries skipped) and route every file to a
-   category: ``--category`` for a plain archive folder, otherwise the MVTec layout
-   (:func:`stfpm_ray.data.mvtec.sample_for`: category, label and defect from the path, mask from
-   ``ground_truth``). Listing on the driver, rather than inside ``read_binary_files``, lets a nightly
-   ``--incremental`` run drop already-scored files before a single byte of them is read. Only paths
-   enter the dataset, a block per ``batch_size`` files.
+1. **Check and list** on the driver, before Ray starts: every checkpoint is validated
+   (:func:`stfpm_ray.core.checkpoint.discover_checkpoints`: metadata, weights header and shapes, weights
+   hash against ``model_id``); a broken one turns its category's images into error rows naming the file
+   while the other categories are scored. Inputs are listed by :mod:`stfpm_ray.data.listing` (local
+   folders, ``s3://``, ``gs://``; directory symlinks not followed, one row per real file, undecodable
+   names and dangling links as error rows) and routed to categories: ``--category`` for a plain archive
+   folder, otherwise the MVTec layout (:func:`stfpm_ray.data.mvtec.sample_for`), ``test/`` only unless
+   ``--split all``. An ``--incremental`` run drops files that already have an ``ok`` row for their model
+   (a filtered scan of the table's key columns) before a single byte of them is read. Only paths enter
+   the dataset, a block per ``batch_size`` files.
 2. **Read and decode** in CPU tasks: each file is read through its filesystem and decoded to uint8 at the
    checkpoint's image size (:func:`stfpm_ray.data.images.decode_image`), so full-resolution pixels never enter
    the object store. A file that cannot be read or decoded (empty, truncated, not an image,
@@ -17,8 +20,10 @@ batches, the object store should carry as few bytes as possible):
 3. **Score** in an actor pool: each actor loads the teacher once and the student of each category it is
    sent, and runs the core's :func:`stfpm_ray.core.score.score_batch` on each batch (predict, shrink the map
    to ``map_size``, encode it, normalise, threshold), so float maps never enter the object store either.
-4. **Write** Parquet into a staging folder, check it (exactly one row per image), then commit it into
-   ``OUT_DIR`` atomically with a manifest (:mod:`stfpm_ray.store.scores`).
+4. **Write and commit**: write tasks put Parquet files into ``OUT_DIR``; the driver checks them (exactly
+   one row per planned image) and publishes them as one Delta Lake commit that also removes the error
+   rows this run retried and records the run's manifest (:mod:`stfpm_ray.store.scores`). The whole run
+   holds the table's lease (:mod:`stfpm_ray.store.lease`): a second run into the same table refuses.
 
 Defaults, and why:
 
@@ -32,20 +37,22 @@ Defaults, and why:
   room for decoding is refused with a message instead of hanging.
 * Fault tolerance: Ray Data creates scoring actors with ``max_restarts=-1`` and ``max_task_retries=-1``, so
   a scoring process that dies is restarted and its unfinished batches rerun (the manifest's ``workers``
-  then lists both processes); Parquet files are named by write task, so a retried write replaces rather
-  than duplicates, and the pre-commit check refuses to publish anything but one row per image.
+  then lists both processes); Parquet files are named by run and write task, so a retried write replaces
+  rather than duplicates, and the pre-commit check refuses to publish anything but one row per image.
 
-Reading the output (``OUT_DIR`` is the ``--out`` folder; these five lines decode one anomaly map)::
+Reading the output (``OUT_DIR`` is the ``--out`` table; these lines decode one anomaly map)::
 
-    import io, numpy as np, pandas as pd
+    import io, numpy as np
+    from deltalake import DeltaTable
     from PIL import Image
-    row = pd.read_parquet(OUT_DIR).query("status == 'ok'").iloc[0]
+    row = DeltaTable(OUT_DIR).to_pandas().query("status == 'ok'").iloc[0]
     png = np.asarray(Image.open(io.BytesIO(row.anomaly_map)), dtype=np.float32)
     anomaly_map = png / 65535 * row.map_scale  # map_size x map_size float32, max = map_scale
 
 ``score`` is the raw image score (maximum of the full-resolution map), ``score_norm = score / threshold``
 and ``is_anomalous = score > threshold``, with the threshold the checkpoint derived from held-out good
-images. Several ``model_id`` values can appear for one path when the checkpoints change between runs.
+images. The table holds one row per (path, model_id): several models appear for one path when the
+checkpoints change between runs, and an error row is replaced when a later run scores its image.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ import resource
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -66,8 +73,10 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
 import torch
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
 
-from stfpm_ray.core.checkpoint import META_FILE, CheckpointMeta, read_meta
+from stfpm_ray.core.checkpoint import CheckpointMeta, discover_checkpoints
 from stfpm_ray.core.model import resolve_precision
 from stfpm_ray.core.score import (
     DEFAULT_MAP_SIZE,
@@ -78,18 +87,21 @@ from stfpm_ray.core.score import (
     score_batch,
 )
 from stfpm_ray.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
+from stfpm_ray.data.listing import Listing, list_images
 from stfpm_ray.data.mvtec import sample_for
 from stfpm_ray.errors import InputNotFoundError, UserError
 from stfpm_ray.progress import Progress, fixed_width_table, log_progress
 from stfpm_ray.ray.session import cluster_capacity, init_ray
-from stfpm_ray.store.fs import resolve
+from stfpm_ray.store.lease import Lease
 from stfpm_ray.store.scores import (
     RESULT_FIELDS,
     SAMPLE_FIELDS,
     SCHEMA,
-    OutputFolder,
+    DataFile,
+    ScoresTable,
     counts_by_category,
     duplicated_paths,
+    write_data_files,
 )
 
 DEFAULT_BATCH_SIZE = 32
@@ -131,7 +143,7 @@ class CategoryCounts:
 
 @dataclass
 class ScoreSummary:
-    """What a run did; ``manifest`` is None when nothing was written."""
+    """What a run did; ``version`` is None when nothing was written."""
 
     run_id: str
     out_dir: str
@@ -139,7 +151,7 @@ class ScoreSummary:
     rows_written: int = 0
     files_written: int = 0
     seconds: float = 0.0
-    manifest: str | None = None
+    version: int | None = None  # the table version this run committed
 
     @property
     def error_rows(self) -> int:
@@ -183,106 +195,74 @@ class ScoringOptions:
 
 # ---------------------------------------------------------------------------------------------- inputs
 
-
-def find_checkpoints(checkpoints: str | Path) -> dict[str, tuple[str, CheckpointMeta]]:
-    """``{category: (folder, meta)}`` from ``CKPT_DIR/<category>/`` (or one checkpoint folder itself)."""
-    root = Path(checkpoints)
-    if not root.is_dir():
-        raise InputNotFoundError(f"checkpoint folder {root} does not exist (train one with `stfpm-ray train`)")
-    single = (root / META_FILE).is_file()
-    folders = [root] if single else sorted(p for p in root.iterdir() if (p / META_FILE).is_file())
-    if not folders:
-        raise InputNotFoundError(f"no checkpoints under {root}: expected {root}/<category>/{META_FILE}")
-    found: dict[str, tuple[str, CheckpointMeta]] = {}
-    for folder in folders:
-        meta = read_meta(folder)
-        if meta.category in found:
-            raise UserError(
-                f"two checkpoints for category {meta.category!r}: {found[meta.category][0]} and {folder}"
-            )
-        found[meta.category] = (str(folder.resolve()), meta)
-    return found
+SPLITS = ("test", "all")
 
 
-def is_mvtec_mask(path: str) -> bool:
-    """Ground-truth masks of an MVTec-layout root (``<category>/ground_truth/<defect>/*``) are not inputs."""
+def _is_training_image(path: str) -> bool:
     parts = path.split("/")
-    return len(parts) >= 3 and parts[-3] == "ground_truth"
+    return len(parts) >= 4 and parts[-3] == "train"
 
 
-def list_images(inputs: Sequence[str]) -> tuple[list[tuple[str, int, int]], list[tuple[pafs.FileSystem, str]]]:
-    """Image files under the inputs as ``(path, source, size)`` sorted and unique, plus the sources.
+def _routes(
+    paths: list[str], checkpoints: dict[str, tuple[str, CheckpointMeta]], category: str | None
+) -> tuple[list[Any], list[str | None]]:
+    """Sample (category, label, defect, mask) and model id of every listed path."""
+    samples = [sample_for(path, category) for path in paths]
+    models = [checkpoints[s.category][1].model_id if s.category in checkpoints else None for s in samples]
+    return samples, models
 
-    A source is ``(filesystem, prefix)``; ``prefix + path inside the filesystem`` is the recorded path.
-    An input that names a file directly is taken whatever its extension; in folders, hidden entries and
-    MVTec ground-truth masks are skipped.
-    """
-    sources: list[tuple[pafs.FileSystem, str]] = []
-    files: dict[str, tuple[int, int]] = {}
-    for uri in inputs:
-        location = resolve(uri)
-        filesystem, base, prefix = location.filesystem, location.path, location.prefix
-        sources.append((filesystem, prefix))
-        info = filesystem.get_file_info(base)
-        if info.type == pafs.FileType.File:
-            entries = [info]
-        elif info.type == pafs.FileType.Directory:
-            entries = [
-                e
-                for e in filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
-                if e.type == pafs.FileType.File
-                and e.extension.lower() in {ext.lstrip(".") for ext in IMAGE_EXTENSIONS}
-                and not any(part.startswith(".") for part in e.path[len(base):].split("/"))
-                and not is_mvtec_mask(e.path)
-            ]
-        else:
-            raise InputNotFoundError(f"input {uri} does not exist")
-        for entry in entries:
-            files.setdefault(prefix + entry.path, (len(sources) - 1, entry.size or 0))
-    return [(path, *files[path]) for path in sorted(files)], sources
+
+def _row_error(listed: str | None, sample: Any, size: int, checkpoints: dict, problems: dict[str, str]) -> str | None:
+    """Why a planned file will not be scored, or None: listing problem, broken or missing checkpoint, size."""
+    if listed is not None:
+        return listed
+    if sample.category in problems:
+        return f"checkpoint of category {sample.category!r} is unusable: {problems[sample.category]}"
+    if sample.category not in checkpoints:
+        return f"no checkpoint for category {sample.category!r} (have: {', '.join(sorted(checkpoints))})"
+    if size > MAX_FILE_BYTES:
+        return f"file of {size} bytes exceeds the limit of {MAX_FILE_BYTES} bytes"
+    return None
 
 
 def plan(
-    files: Sequence[tuple[str, int, int]],
+    listing: Listing,
     checkpoints: dict[str, tuple[str, CheckpointMeta]],
+    problems: dict[str, str],
     category: str | None,
-    scored: dict[str, set[str | None]],
+    scored: Callable[[pa.Table], pa.Array] | None,
     block_rows: int,
+    split: str = "test",
 ) -> tuple[list[pa.Table], dict[str, CategoryCounts]]:
-    """Route files to categories, drop those that already have a row for their model, cut the rest in blocks.
+    """Route files to categories, drop those that already have an ok row for their model, cut the rest in blocks.
 
-    A category without a checkpoint gets error rows (model_id null) instead of failing the run. Blocks are
-    Arrow tables of ``block_rows`` files (a read-and-decode task each), built as the rows come so that the
-    driver holds a few hundred bytes per file, not a Python dict.
+    A category without a usable checkpoint gets error rows instead of failing the run. ``scored`` answers,
+    for a table of ``(path, model_id)``, which already have an ok row (incremental runs). Blocks are Arrow
+    tables of ``block_rows`` files, one read-and-decode task each.
     """
-    blocks: list[pa.Table] = []
-    rows: list[dict[str, Any]] = []
+    files = listing.files
+    if category is None and split == "test":  # an MVTec root: train/good is what the model learnt from
+        files = files.filter(pc.invert(pa.array([_is_training_image(p) for p in files["path"].to_pylist()], pa.bool_())))
+    paths = files["path"].to_pylist()
+    samples, models = _routes(paths, checkpoints, category)
+    keys = pa.table({"path": files["path"], "model_id": pa.array(models, pa.string())})
+    skip = (scored(keys) if scored else pa.array([False] * len(paths))).to_pylist()
+    sources, sizes, errors = (files[name].to_pylist() for name in ("source", "size", "error"))
     counts: dict[str, CategoryCounts] = {}
-    for path, source, size in files:
-        sample = sample_for(path, category)
-        known = checkpoints.get(sample.category)
-        meta = known[1] if known else None
-        model_id = meta.model_id if meta else None
+    rows = []
+    for i, (sample, model_id) in enumerate(zip(samples, models)):
         tally = counts.setdefault(sample.category, CategoryCounts())
-        if model_id in scored.get(path, ()):
+        if skip[i]:
             tally.skipped += 1
             continue
-        error = None
-        if meta is None:
-            error = f"no checkpoint for category {sample.category!r} (have: {', '.join(sorted(checkpoints))})"
-        elif size > MAX_FILE_BYTES:
-            error = f"file of {size} bytes exceeds the limit of {MAX_FILE_BYTES} bytes"
         rows.append({
-            "path": path, "source": source, "size": size, "category": sample.category, "label": sample.label,
-            "defect": sample.defect, "mask_path": sample.mask_path, "model_id": model_id,
-            "image_size": meta.image_size if meta else 0, "error": error,
+            "path": paths[i], "source": sources[i], "size": sizes[i], "category": sample.category,
+            "label": sample.label, "defect": sample.defect, "mask_path": sample.mask_path, "model_id": model_id,
+            "image_size": checkpoints[sample.category][1].image_size if model_id else 0,
+            "error": _row_error(errors[i], sample, sizes[i], checkpoints, problems),
         })
-        if len(rows) == block_rows:
-            blocks.append(pa.Table.from_pylist(rows, _PLAN_SCHEMA))
-            rows = []
-    if rows:
-        blocks.append(pa.Table.from_pylist(rows, _PLAN_SCHEMA))
-    return blocks, counts
+    table = pa.Table.from_pylist(rows, _PLAN_SCHEMA)
+    return [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)], counts
 
 
 # ---------------------------------------------------------------------------------------- Ray stages
@@ -320,9 +300,7 @@ class Scorer:
     """A scoring actor: :func:`stfpm_ray.core.score.score_batch` per category, plus Ray plumbing (one teacher
     per backbone, students loaded on first use, a progress record per process for the manifest)."""
 
-    def __init__(
-        self, checkpoints: dict[str, str], options: ScoringOptions, output: OutputFolder, staging: str
-    ) -> None:
+    def __init__(self, checkpoints: dict[str, str], options: ScoringOptions, table: ScoresTable, run_id: str) -> None:
         torch.set_num_threads(options.threads)
         if options.device == "cuda":
             torch.backends.cudnn.benchmark = True  # one input size per category: pick the fastest kernels once
@@ -335,13 +313,13 @@ class Scorer:
         self.folders = checkpoints
         self.models: dict[str, tuple[Any, CheckpointMeta]] = {}
         self.teachers: dict[tuple, Any] = {}
-        self.output, self.staging = output, staging
+        self.table, self.run_id = table, run_id
         self.record = {
             "host": socket.gethostname(), "pid": os.getpid(), "device": self.device,
             "precision": self.settings.precision, "started_at": datetime.now(timezone.utc).isoformat(),
             "batches": 0, "rows": 0,
         }
-        self.output.record_worker(staging, self.record)
+        self.table.record_worker(run_id, self.record)
 
     def _model(self, category: str) -> tuple[Any, CheckpointMeta]:
         if category not in self.models:
@@ -362,14 +340,37 @@ class Scorer:
         now = datetime.now(timezone.utc)
         missing = dict.fromkeys(field.name for field in RESULT_FIELDS)
         out = [
-            {**row, **scored.get(i, missing), "scored_at": now, "status": "ok" if i in scored else "error"}
+            {**row, **scored.get(i, missing), "run_id": self.run_id, "scored_at": now,
+             "status": "ok" if i in scored else "error"}
             for i, row in enumerate(rows)
         ]
         self.record["batches"] += 1
         self.record["rows"] += len(rows)
         self.record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        self.output.record_worker(self.staging, self.record)
+        self.table.record_worker(self.run_id, self.record)
         return pa.Table.from_pylist(out, schema=SCHEMA)
+
+
+class ScoresSink(Datasink):
+    """Write tasks put the scored rows into the table folder (:func:`stfpm_ray.store.scores.write_data_files`);
+    the driver keeps the list of files for the commit, which it makes itself (see
+    :mod:`stfpm_ray.store.scores` for why not ``write_delta``)."""
+
+    def __init__(self, table: ScoresTable, run_id: str) -> None:
+        self.table, self.run_id = table, run_id
+        self.files: list[DataFile] = []
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return ROWS_PER_FILE
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> list[DataFile]:
+        tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
+        rows = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        return write_data_files(rows, self.table.location, f"{self.run_id}-{ctx.task_idx:05d}")
+
+    def on_write_complete(self, write_result: Any) -> None:
+        self.files = [file for written in write_result.write_returns for file in written]
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -424,16 +425,10 @@ def decode_stage(blocks: list[pa.Table], sources: list[tuple[pafs.FileSystem, st
     )
 
 
-def _run_pipeline(
-    planned: list[pa.Table],
-    sources: list[tuple[pafs.FileSystem, str]],
-    checkpoints: dict[str, tuple[str, CheckpointMeta]],
-    output: OutputFolder,
-    staging: str,
-    options: ScoringOptions,
-    pool: tuple[int, int],
-) -> None:
-    dataset = decode_stage(planned, sources).map_batches(
+def _run_pipeline(run: "_Run", options: ScoringOptions, pool: tuple[int, int]) -> list[DataFile]:
+    """Decode, score and write; returns the files the write tasks made (not committed yet)."""
+    sink = ScoresSink(run.table, run.run_id)
+    decode_stage(run.planned, run.listing.sources).map_batches(
         Scorer,
         batch_size=options.batch_size,
         batch_format="pyarrow",
@@ -441,14 +436,12 @@ def _run_pipeline(
         num_cpus=options.cpus_per_actor,
         num_gpus=options.gpus_per_actor or None,
         fn_constructor_kwargs={
-            "checkpoints": {name: folder for name, (folder, _) in checkpoints.items()},
-            "options": options,
-            "output": output,
-            "staging": staging,
+            "checkpoints": {name: folder for name, (folder, _) in run.checkpoints.items()},
+            "options": options, "table": run.table, "run_id": run.run_id,
         },
         udf_modifying_row_count=False,
-    )
-    dataset.write_parquet(staging, filesystem=output.fs, min_rows_per_file=ROWS_PER_FILE)
+    ).write_datasink(sink)
+    return sink.files
 
 
 @dataclass
@@ -459,60 +452,99 @@ class _Run:
     started: float
     inputs: list[str]
     checkpoints: dict[str, tuple[str, CheckpointMeta]]
-    output: OutputFolder
-    existing: list[str]
+    table: ScoresTable
+    mode: str
+    listing: Listing
     planned: list[pa.Table]
-    sources: list[tuple[pafs.FileSystem, str]]
     summary: ScoreSummary
-    n_files: int
+
+
+def _checkpoints(checkpoints: str | Path, category: str | None, progress: Progress) -> tuple[dict, dict[str, str]]:
+    """Valid checkpoints and, per broken category, the one line that says why (printed here, once)."""
+    found, problems = discover_checkpoints(checkpoints)
+    for name, problem in sorted(problems.items()):
+        progress(f"checkpoint of {name} is unusable, its images become error rows: {problem}")
+    if category is not None and category not in found:
+        have = ", ".join(sorted(found)) or "none usable"
+        raise UserError(f"no usable checkpoint for category {category!r} under {checkpoints} (have: {have})")
+    return found, problems
 
 
 def _prepare(
-    checkpoints: str | Path, inputs: list[str], out_dir: str | Path, category: str | None,
-    options: ScoringOptions, incremental: bool, overwrite: bool, progress: Progress,
+    checkpoints: str | Path, inputs: list[str], table: ScoresTable, category: str | None, options: ScoringOptions,
+    mode: str, split: str, run_id: str, progress: Progress,
 ) -> _Run:
-    """Everything before Ray: checkpoints, output folder checks, listing and planning."""
+    """Everything before Ray, under the lease: checkpoints, table checks, listing and planning."""
     started = time.time()
-    found = find_checkpoints(checkpoints)
-    if category is not None and category not in found:
-        raise UserError(
-            f"no checkpoint for category {category!r} under {checkpoints} (have: {', '.join(sorted(found))})"
-        )
-    output = OutputFolder(str(out_dir))
-    output.recover(progress)
-    existing = output.check_mode(incremental, overwrite)
-    files, sources = list_images(inputs)
-    if not files:
+    found, problems = _checkpoints(checkpoints, category, progress)
+    table.clear_runs()
+    exists = table.check_mode(mode == "incremental", mode == "overwrite")
+    listing = list_images(inputs)
+    if listing.files.num_rows == 0:
         raise InputNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(inputs)}")
-    scored = output.scored_keys() if incremental else {}
-    planned, counts = plan(files, found, category, scored, options.batch_size)
-    if all(name not in found for name in counts):
+    for reason, count in sorted(listing.skipped.items()):
+        progress(f"listing: skipped {count} {reason}")
+    scored = table.already_scored if mode == "incremental" and exists else None
+    planned, counts = plan(listing, found, problems, category, scored, options.batch_size, split)
+    if not counts:
+        raise InputNotFoundError(f"only training images under {', '.join(inputs)}; pass --split all to score them")
+    if all(name not in found and name not in problems for name in counts):
         raise UserError(
-            f"none of the {len(files)} images belongs to a category with a checkpoint ({', '.join(sorted(found))}); "
-            "for a plain folder of images pass --category"
+            f"none of the {listing.files.num_rows} images belongs to a category with a checkpoint "
+            f"({', '.join(sorted(found))}); for a plain folder of images pass --category"
         )
-    run_id = _run_id()
-    summary = ScoreSummary(run_id=run_id, out_dir=str(out_dir), counts=counts)
-    return _Run(run_id, started, inputs, found, output, existing, planned, sources, summary, len(files))
+    summary = ScoreSummary(run_id=run_id, out_dir=table.uri, counts=counts)
+    return _Run(run_id, started, inputs, found, table, mode, listing, planned, summary)
 
 
-def _manifest(run: _Run, staged_rows: int, options: ScoringOptions, mode: str, checkpoints: str | Path) -> dict:
-    counts = run.summary.counts
+def _manifest(run: _Run, rows: int, files: list[DataFile], options: ScoringOptions, checkpoints: str | Path) -> dict:
     return {
         "run_id": run.run_id,
         "started_at": datetime.fromtimestamp(run.started, timezone.utc).isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(),
-        "seconds": round(run.summary.seconds, 3),
-        "mode": mode,
+        "seconds": round(time.time() - run.started, 3),
+        "mode": run.mode,
         "inputs": run.inputs,
         "checkpoints": str(checkpoints),
         "model_ids": {name: meta.model_id for name, (_, meta) in sorted(run.checkpoints.items())},
         "map_size": options.map_size,
         "batch_size": options.batch_size,
         "precision": options.precision,
-        "rows": staged_rows,
-        "counts": {name: vars(c) for name, c in sorted(counts.items())},
+        "rows": rows,
+        "files": [{"name": f.name, "rows": f.rows} for f in files],
+        "counts": {name: vars(c) for name, c in sorted(run.summary.counts.items())},
+        "listing_skipped": run.listing.skipped,
+        "workers": run.table.worker_records(run.run_id),
     }
+
+
+def _score_and_commit(run: _Run, lease: Lease, options: ScoringOptions, checkpoints: str | Path,
+                      progress: Progress) -> None:
+    """Ray stages, the pre-commit check, then one commit; a failure before the commit changes nothing."""
+    summary, counts = run.summary, run.summary.counts
+    init_ray()
+    pool = actor_pool_size(options.actors, options.gpus_per_actor, options.cpus_per_actor, cluster_capacity())
+    progress(f"run {run.run_id}: {pool[0]}-{pool[1]} scoring actors, batch size {options.batch_size}, "
+             f"maps {options.map_size} px")
+    try:
+        files = _run_pipeline(run, options, pool)
+        index = run.table.read_index(files)
+        _check_staged(index, run.planned)
+        for name, tally in counts_by_category(index).items():
+            counts[name].ok, counts[name].error = tally["ok"], tally["error"]
+        removed, kept = run.table.retried_errors(index["path"], run.run_id) if run.mode == "incremental" else ([], [])
+        manifest = {**_manifest(run, index.num_rows, files, options, checkpoints), "replaced_error_files": removed}
+        lease.check()
+        summary.version = run.table.commit(files + kept, removed, manifest, overwrite=run.mode == "overwrite")
+    except BaseException:
+        run.table.discard(run.run_id)
+        raise
+    finally:
+        run.table.clear_runs()
+    summary.seconds = time.time() - run.started
+    summary.rows_written, summary.files_written = index.num_rows, len(files)
+    progress(f"wrote {summary.rows_written} rows in {summary.files_written} files to {run.table.uri} "
+             f"(table version {summary.version}, {summary.seconds:.1f} s)")
 
 
 def score_images(
@@ -523,57 +555,44 @@ def score_images(
     category: str | None = None,
     incremental: bool = False,
     overwrite: bool = False,
+    split: str = "test",
     progress: Progress = log_progress,
 ) -> ScoreSummary:
-    """Score every image under ``inputs`` into the Parquet dataset ``out_dir``; see the module docstring.
+    """Score every image under ``inputs`` into the scores table ``out_dir``; see the module docstring.
 
     Connects to Ray with :func:`stfpm_ray.ray.session.init_ray` if it is not initialised yet.
     """
+    if split not in SPLITS:
+        raise UserError(f"--split takes {' or '.join(SPLITS)}, got {split!r}")
     inputs = [inputs] if isinstance(inputs, str) else [str(i) for i in inputs]
-    run = _prepare(checkpoints, inputs, out_dir, category, options, incremental, overwrite, progress)
-    summary, counts = run.summary, run.summary.counts
-    skipped = sum(c.skipped for c in counts.values())
-    if not run.planned:
-        summary.seconds = time.time() - run.started
-        progress(f"nothing new to score: all {skipped} images already have rows for their models; nothing written")
-        return summary
-    progress(f"{run.n_files} images: {sum(b.num_rows for b in run.planned)} to score, "
-             f"{skipped} already scored (skipped)")
-    init_ray()
-    pool = actor_pool_size(options.actors, options.gpus_per_actor, options.cpus_per_actor, cluster_capacity())
-    progress(f"run {run.run_id}: {pool[0]}-{pool[1]} scoring actors, batch size {options.batch_size}, "
-             f"maps {options.map_size} px")
-    staging = run.output.start_staging(run.run_id)
     mode = "incremental" if incremental else "overwrite" if overwrite else "plain"
-    try:
-        _run_pipeline(run.planned, run.sources, run.checkpoints, run.output, staging, options, pool)
-        staged = run.output.read_staging(staging)
-        _check_staged(staged.index, run.planned)
-        for name, tally in counts_by_category(staged.index).items():
-            counts[name].ok, counts[name].error = tally["ok"], tally["error"]
-        summary.seconds = time.time() - run.started
-        manifest = _manifest(run, staged.index.num_rows, options, mode, checkpoints)
-        manifest["workers"] = run.output.worker_records(staging)
-    except BaseException:
-        run.output.discard(staging)
-        raise
-    # From here a failure leaves the commit intent in staging, and the next run finishes the commit.
-    summary.manifest = run.output.commit(run.run_id, staged, manifest, run.existing if overwrite else [])
-    summary.rows_written, summary.files_written = staged.index.num_rows, len(staged.files)
-    progress(
-        f"wrote {summary.rows_written} rows in {summary.files_written} files to {out_dir} ({summary.seconds:.1f} s)"
-    )
-    return summary
+    table, run_id = ScoresTable(str(out_dir)), _run_id()
+    if incremental and overwrite:
+        raise UserError("--incremental and --overwrite exclude each other")
+    with Lease(table.location, run_id) as lease:
+        if lease.took_over is not None:
+            progress(f"took over the lease of {lease.took_over.describe()}: that run is gone")
+        run = _prepare(checkpoints, inputs, table, category, options, mode, split, run_id, progress)
+        skipped = sum(c.skipped for c in run.summary.counts.values())
+        if not run.planned:
+            run.summary.seconds = time.time() - run.started
+            progress(f"nothing new to score: all {skipped} images already have ok rows for their models; "
+                     "nothing written")
+            return run.summary
+        progress(f"{run.listing.files.num_rows} images: {sum(b.num_rows for b in run.planned)} to score, "
+                 f"{skipped} already scored (skipped)")
+        _score_and_commit(run, lease, options, checkpoints, progress)
+    return run.summary
 
 
 def _check_staged(index: pa.Table, planned: list[pa.Table]) -> None:
-    """Refuse to commit unless every planned image has exactly one staged row."""
+    """Refuse to commit unless every planned image has exactly one row."""
     expected = pa.chunked_array([chunk for block in planned for chunk in block["path"].chunks], pa.string())
     duplicates = duplicated_paths(index)
     missing = expected.filter(pc.invert(pc.is_in(expected, value_set=index["path"].combine_chunks())))
     if duplicates or len(missing) or index.num_rows != len(expected):
         raise RuntimeError(
-            f"staged output has {index.num_rows} rows for {len(expected)} images "
+            f"the run wrote {index.num_rows} rows for {len(expected)} images "
             f"({len(duplicates)} paths twice, {len(missing)} missing, "
             f"e.g. {(duplicates or missing.to_pylist())[:2]}); nothing was committed"
         )

@@ -1,27 +1,32 @@
-"""The scoring output folder: row schema, atomic commits, manifests and the incremental index.
+"""The scores table: a Delta Lake table at ``OUT_DIR``, one atomic commit per scoring run.
 
-``OUT_DIR`` (a local folder or an ``s3://``/``gs://`` URI) holds only data files at its top level, so
-``pandas.read_parquet(OUT_DIR)`` and ``pyarrow.parquet.read_table(OUT_DIR)`` read it as it is; everything
-else starts with ``_``, which both readers skip:
+Why Delta Lake: a path is a table (no catalog server), every commit is one file in ``_delta_log/`` that is
+either there or not, and the tools users already have read it (``deltalake``, Polars, Spark, DuckDB's
+``delta`` extension, or Arrow from ``deltalake`` into pandas/DuckDB). A reader therefore never sees a run's
+files before its commit, never half a commit, and never a doubled row after a crash.
 
-* ``_staging-<run_id>/`` receives a run's Parquet files while it scores. Nothing in ``OUT_DIR`` changes
-  until the whole dataset is written and checked (one row per image to score, no path twice).
-* The commit first writes ``_staging-<run_id>/_commit.json`` (the moves, the files an ``--overwrite``
-  replaces, and the manifest), then applies it: moves ``<run_id>-NNNNN.parquet`` into ``OUT_DIR``, deletes
-  replaced files, writes ``_manifests/<run_id>.json`` and removes the staging folder. Every step is
-  idempotent, so a run killed during the commit is finished by the next run (roll forward); a staging
-  folder without ``_commit.json`` belongs to a run that died before committing and is deleted. Only one
-  run may write to an ``OUT_DIR`` at a time: a new run treats every other staging folder as abandoned.
-* ``_staging-<run_id>/_workers/<host>-<pid>.json`` is kept up to date by each scoring actor process
-  (batches and rows done, peak resident memory), so the manifest records which processes did the work
-  and a restarted actor shows up as a second process.
+Why not a plain ``write_delta``: a run must do three things in one commit, which Ray's ``write_delta``
+(append or overwrite only) cannot: add its files, remove the error rows it retried, and record its
+manifest in the commit's metadata. So scoring workers write plain Parquet files into ``OUT_DIR`` (through
+:func:`write_data_files`) and the driver commits them with ``deltalake``'s transaction API.
+
+Layout of the files (the Delta log, not the folder, says which files are live):
+
+* ``<run_id>-<task>.parquet``: a write task's ``ok`` rows, ``<run_id>-<task>-errors.parquet`` its error
+  rows. Error rows live in files of their own, so retrying them rewrites only tiny error files, never the
+  files that hold maps.
+* ``_stfpm/lease.json``: the writer's lease (:mod:`stfpm_ray.store.lease`); ``_stfpm/runs/<run_id>/``: the
+  per-process records of a running run, folded into its manifest at commit.
+
+A run that dies before its commit leaves data files that no commit references: readers never see them,
+the run deletes its own on failure, and ``DeltaTable(OUT_DIR).vacuum()`` removes any others.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Iterable
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +34,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from deltalake import DeltaTable, Schema
+from deltalake.exceptions import TableNotFoundError
+from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
 
-from stfpm_ray.errors import OutputExistsError, UserError
-from stfpm_ray.progress import Progress
+from stfpm_ray.errors import InputNotFoundError, OutputExistsError, UserError
 from stfpm_ray.store.fs import Location, read_text, resolve, write_text_atomic
 
 
@@ -42,165 +50,226 @@ def _fields(**types: pa.DataType) -> list[pa.Field]:
 # What the layout says about an input image (filled when the run is planned, before any scoring).
 SAMPLE_FIELDS = _fields(path=pa.string(), category=pa.string(), label=pa.int8(), defect=pa.string(),
                         mask_path=pa.string(), model_id=pa.string())
-# What scoring adds (stfpm_ray.core.score.ScoredImage), then when and how it went.
+# What scoring adds (stfpm_ray.core.score.ScoredImage), then when, by which run and how it went.
 RESULT_FIELDS = _fields(score=pa.float32(), score_norm=pa.float32(), is_anomalous=pa.bool_(),
                         anomaly_map=pa.binary(), map_scale=pa.float32())
-RUN_FIELDS = _fields(scored_at=pa.timestamp("us", tz="UTC"), status=pa.string(), error=pa.string())
+RUN_FIELDS = _fields(run_id=pa.string(), scored_at=pa.timestamp("us", tz="UTC"), status=pa.string(),
+                     error=pa.string())
 _ORDER = ["path", "category", "score", "score_norm", "is_anomalous", "label", "defect", "mask_path", "anomaly_map",
-          "map_scale", "model_id", "scored_at", "status", "error"]
-# One row per input image; evaluate and users read exactly these columns, in this order.
+          "map_scale", "model_id", "run_id", "scored_at", "status", "error"]
+# One row per (input image, model); evaluate and users read exactly these columns, in this order.
 SCHEMA = pa.schema(sorted(SAMPLE_FIELDS + RESULT_FIELDS + RUN_FIELDS, key=lambda f: _ORDER.index(f.name)))
 INDEX_COLUMNS = ["path", "category", "status", "model_id"]
-STAGING_PREFIX = "_staging-"
-MANIFESTS = "_manifests"
-WORKERS = "_workers"
-COMMIT_FILE = "_commit.json"
+# The commit metadata key that holds a run's manifest (see ScoresTable.history).
+MANIFEST_KEY = "stfpm_ray.manifest"
+RUNS = "_stfpm/runs"
+ERRORS_SUFFIX = "-errors.parquet"
 
 
 @dataclass(frozen=True)
-class StagedRun:
-    """What a run wrote into its staging folder, as read back from the files themselves."""
+class DataFile:
+    """A Parquet file a write task put into the table folder, not yet committed."""
 
-    files: list[str]
-    rows_per_file: list[int]
-    index: pa.Table  # INDEX_COLUMNS of every staged row
+    name: str
+    size: int
+    rows: int
+
+    def add_action(self) -> AddAction:
+        return AddAction(path=self.name, size=self.size, partition_values={},
+                         modification_time=int(time.time() * 1000), data_change=True,
+                         stats=json.dumps({"numRecords": self.rows}))
 
 
-class OutputFolder:
-    """One ``OUT_DIR``: checks before a run, the incremental index, staging and commit."""
+def write_data_files(table: pa.Table, root: Location, stem: str) -> list[DataFile]:
+    """Write a task's rows as ``<stem>.parquet`` (ok rows) and ``<stem>-errors.parquet`` (error rows).
+
+    Names derive from the run and the task, so a retried task overwrites its own files instead of adding
+    orphans. Runs on the scoring workers.
+    """
+    written = []
+    is_error = pc.equal(table["status"], "error")
+    for rows, name in ((table.filter(pc.invert(is_error)), f"{stem}.parquet"),
+                       (table.filter(is_error), f"{stem}{ERRORS_SUFFIX}")):
+        if rows.num_rows:
+            path = posixpath.join(root.path, name)
+            pq.write_table(rows.cast(SCHEMA), path, filesystem=root.filesystem)
+            written.append(DataFile(name, root.filesystem.get_file_info(path).size, rows.num_rows))
+    return written
+
+
+def _key(table: pa.Table) -> pa.ChunkedArray:
+    """``path`` and ``model_id`` as one string (null when the model is): the identity of a row."""
+    return pc.binary_join_element_wise(table["path"], table["model_id"], "\n")
+
+
+class ScoresTable:
+    """``OUT_DIR`` as a Delta table: mode checks, the incremental index, worker records and the commit."""
 
     def __init__(self, uri: str) -> None:
-        self.uri = uri
-        location = resolve(uri)
-        self.fs, self.root = location.filesystem, location.path
+        self.uri = str(uri)
+        self.location = resolve(uri)
+        fs = self.location.filesystem
+        if self.location.prefix and not isinstance(fs, (pafs.S3FileSystem, pafs.GcsFileSystem)):
+            raise UserError(f"--out {uri}: a scores table must be a local folder or an s3:// or gs:// URI")
+        self.table_uri = self.location.name if self.location.prefix else self.location.path
 
-    def _join(self, *parts: str) -> str:
-        return posixpath.join(self.root, *parts)
+    # ------------------------------------------------------------------------------------ reading
 
-    def _entries(self, path: str | None = None) -> list[pafs.FileInfo]:
-        info = self.fs.get_file_info(path or self.root)
-        if info.type == pafs.FileType.NotFound:
-            return []
-        if info.type != pafs.FileType.Directory:
-            raise OutputExistsError(f"{self.uri if path is None else path} exists and is not a folder")
-        return self.fs.get_file_info(pafs.FileSelector(path or self.root))
+    def exists(self) -> bool:
+        return DeltaTable.is_deltatable(self.table_uri)
 
-    def data_files(self) -> list[str]:
-        """Top-level Parquet files (the dataset); refuses a folder that also holds other visible things."""
-        visible = [e for e in self._entries() if not e.base_name.startswith(("_", "."))]
-        foreign = [e.base_name for e in visible if e.type != pafs.FileType.File or not e.base_name.endswith(".parquet")]
-        if foreign:
-            raise OutputExistsError(
-                f"{self.uri} holds entries that are not scoring output ({', '.join(sorted(foreign)[:3])}); "
-                "choose an empty or new --out folder"
-            )
-        return sorted(e.path for e in visible)
+    def delta(self, version: int | None = None) -> DeltaTable:
+        """The table at ``version`` (default: the current one), or a clear error."""
+        try:
+            return DeltaTable(self.table_uri, version=version)
+        except TableNotFoundError:
+            raise InputNotFoundError(
+                f"{self.uri} is not a scores table (no _delta_log): write one with `stfpm-ray score`"
+            ) from None
+        except Exception as exc:  # deltalake reports a missing version as a generic error
+            if version is not None:
+                raise UserError(f"{self.uri} has no version {version}: {str(exc).splitlines()[0]}") from None
+            raise
 
-    def check_mode(self, incremental: bool, overwrite: bool) -> list[str]:
-        """The data files already there; a plain run into a folder that has some is refused."""
+    def dataset(self, version: int | None = None) -> pads.Dataset:
+        """The live rows as a pyarrow dataset: only files of the chosen version, never staged or removed ones."""
+        return self.delta(version).to_pyarrow_dataset()
+
+    def history(self) -> list[dict[str, Any]]:
+        """``[{version, timestamp, operation, manifest}]``, newest first; manifest None for foreign commits."""
+        entries = []
+        for commit in self.delta().history():
+            manifest = commit.get(MANIFEST_KEY)
+            entries.append({"version": commit["version"], "timestamp": commit.get("timestamp"),
+                            "operation": commit.get("operation"),
+                            "manifest": json.loads(manifest) if manifest else None})
+        return entries
+
+    # ---------------------------------------------------------------------------------- planning
+
+    def check_mode(self, incremental: bool, overwrite: bool) -> bool:
+        """Whether a table is there; refuses a plain run into a table and a folder that holds other things."""
         if incremental and overwrite:
             raise UserError("--incremental and --overwrite exclude each other")
-        existing = self.data_files()
-        if existing and not (incremental or overwrite):
-            raise OutputExistsError(
-                f"{self.uri} already holds scoring output ({len(existing)} Parquet files); pass --incremental "
-                "to score only images without a row for their model, or --overwrite to replace it"
-            )
-        return existing
+        if self.exists():
+            if not (incremental or overwrite):
+                raise OutputExistsError(
+                    f"{self.uri} already holds a scores table (version {self.delta().version()}); pass "
+                    "--incremental to score only images without an ok row for their model, or --overwrite "
+                    "to replace it"
+                )
+            return True
+        info = self.location.filesystem.get_file_info(self.location.path)
+        if info.type == pafs.FileType.File:
+            raise OutputExistsError(f"{self.uri} exists and is not a folder")
+        if info.type == pafs.FileType.Directory:
+            entries = self.location.filesystem.get_file_info(pafs.FileSelector(self.location.path))
+            foreign = sorted(e.base_name for e in entries if e.base_name != "_stfpm")
+            if foreign:
+                raise OutputExistsError(
+                    f"{self.uri} is not a scores table but holds {', '.join(foreign[:3])}"
+                    f"{' ...' if len(foreign) > 3 else ''}; choose an empty or new --out folder"
+                )
+        return False
 
-    def scored_keys(self) -> dict[str, set[str | None]]:
-        """``path -> model ids`` that already have a row (ok or error), for incremental runs."""
-        if not self.data_files():
-            return {}
-        table = pads.dataset(self.root, filesystem=self.fs, format="parquet").to_table(columns=["path", "model_id"])
-        keys: dict[str, set[str | None]] = {}
-        for path, model_id in zip(table.column("path").to_pylist(), table.column("model_id").to_pylist()):
-            keys.setdefault(path, set()).add(model_id)
-        return keys
+    def already_scored(self, keys: pa.Table) -> pa.Array:
+        """For each ``(path, model_id)`` of ``keys``: does the table hold an ``ok`` row for it?
 
-    def recover(self, progress: Progress) -> None:
-        """Finish runs that died during their commit; delete staging folders of runs that died earlier."""
-        for entry in self._entries():
-            if entry.type != pafs.FileType.Directory or not entry.base_name.startswith(STAGING_PREFIX):
+        The scan pushes the filter (status ok, one of these models, one of these paths) into the Parquet
+        reader and reads only the key columns, so the driver holds the matches, not the archive: memory
+        grows with the new work, whatever the size of the table.
+        """
+        if keys.num_rows == 0 or not self.exists():
+            return pa.array([False] * keys.num_rows, pa.bool_())
+        models = pc.unique(keys["model_id"].drop_null())
+        wanted = (pc.field("status") == "ok") & pc.field("model_id").isin(models) & \
+            pc.field("path").isin(pc.unique(keys["path"]))
+        found = self.dataset().to_table(columns=["path", "model_id"], filter=wanted)
+        return pc.fill_null(pc.is_in(_key(keys), value_set=_key(found).combine_chunks()), False)
+
+    def retried_errors(self, paths: pa.Array, run_id: str) -> tuple[list[str], list[DataFile]]:
+        """Error rows of ``paths`` that this run scores again: files to remove, and their other rows rewritten.
+
+        Only the small error files are read and rewritten (written here, committed with the run).
+        """
+        if not self.exists():
+            return [], []
+        removed, kept = [], []
+        wanted = pc.unique(paths)
+        for i, uri in enumerate(sorted(u for u in self.delta().file_uris() if u.endswith(ERRORS_SUFFIX))):
+            name = posixpath.basename(uri)
+            rows = pq.read_table(posixpath.join(self.location.path, name), filesystem=self.location.filesystem)
+            retried = pc.is_in(rows["path"], value_set=wanted)
+            if not pc.any(retried).as_py():
                 continue
-            intent = self.fs.get_file_info(posixpath.join(entry.path, COMMIT_FILE))
-            if intent.type == pafs.FileType.File:
-                progress(f"finishing the interrupted commit of run {entry.base_name[len(STAGING_PREFIX):]}")
-                self._apply(json.loads(self._read_text(intent.path)), entry.path)
-            else:
-                progress(f"removing {entry.base_name} left by a run that did not finish")
-                self.fs.delete_dir(entry.path)
+            removed.append(name)
+            rest = rows.filter(pc.invert(retried))
+            if rest.num_rows:
+                kept += write_data_files(rest, self.location, f"{run_id}-kept-{i:05d}")
+        return removed, kept
 
-    def start_staging(self, run_id: str) -> str:
-        """Create the staging folder of a run (workers write their records there before any data)."""
-        staging = self._join(STAGING_PREFIX + run_id)
-        self.fs.create_dir(posixpath.join(staging, WORKERS), recursive=True)
-        return staging
+    def read_index(self, files: list[DataFile]) -> pa.Table:
+        """The INDEX_COLUMNS of a run's own (uncommitted) files, for the check before its commit."""
+        if not files:
+            return SCHEMA.empty_table().select(INDEX_COLUMNS)
+        paths = [posixpath.join(self.location.path, f.name) for f in files]
+        return pads.dataset(paths, filesystem=self.location.filesystem, format="parquet").to_table(columns=INDEX_COLUMNS)
 
-    def discard(self, staging: str) -> None:
-        """Delete a run's staging folder after a failure (best effort: the next run retries)."""
+    # ------------------------------------------------------------------------------- run records
+
+    def _run_state(self, run_id: str, *parts: str) -> Location:
+        return self.location.join(RUNS, run_id, *parts)
+
+    def record_worker(self, run_id: str, record: dict[str, Any]) -> None:
+        """Called by scoring actors: their host, pid and progress, kept for the manifest."""
+        write_text_atomic(self._run_state(run_id, f"{record['host']}-{record['pid']}.json"), json.dumps(record))
+
+    def worker_records(self, run_id: str) -> list[dict[str, Any]]:
+        folder = self._run_state(run_id)
+        if folder.filesystem.get_file_info(folder.path).type != pafs.FileType.Directory:
+            return []
+        entries = folder.filesystem.get_file_info(pafs.FileSelector(folder.path))
+        return [json.loads(read_text(Location(folder.filesystem, e.path))) for e in entries
+                if e.base_name.endswith(".json")]
+
+    def clear_runs(self) -> None:
+        """Delete the run records of earlier runs: called by the lease holder, so none of them is live."""
+        folder = self.location.join(RUNS)
+        if folder.filesystem.get_file_info(folder.path).type == pafs.FileType.Directory:
+            folder.filesystem.delete_dir(folder.path)
+
+    def discard(self, run_id: str) -> None:
+        """After a failed run: delete its own uncommitted data files (best effort; vacuum finds the rest)."""
+        fs = self.location.filesystem
         try:
-            self.fs.delete_dir(staging)
+            for entry in fs.get_file_info(pafs.FileSelector(self.location.path)):
+                if entry.base_name.startswith(f"{run_id}-") and entry.base_name.endswith(".parquet"):
+                    fs.delete_file(entry.path)
         except OSError:
             pass
 
-    def record_worker(self, staging: str, record: dict[str, Any]) -> None:
-        """Called by scoring actors: their host, pid and progress, kept for the manifest."""
-        name = f"{record['host']}-{record['pid']}.json"
-        self._write_text(posixpath.join(staging, WORKERS, name), json.dumps(record))
+    # ------------------------------------------------------------------------------------ commit
 
-    def read_staging(self, staging: str) -> StagedRun:
-        files = sorted(
-            e.path for e in self._entries(staging) if e.type == pafs.FileType.File and e.base_name.endswith(".parquet")
-        )
-        if not files:
-            return StagedRun([], [], SCHEMA.empty_table().select(INDEX_COLUMNS))
-        dataset = pads.dataset(files, filesystem=self.fs, format="parquet")
-        rows = [fragment.count_rows() for fragment in dataset.get_fragments()]
-        return StagedRun(files, rows, dataset.to_table(columns=INDEX_COLUMNS))
-
-    def worker_records(self, staging: str) -> list[dict[str, Any]]:
-        entries = self._entries(posixpath.join(staging, WORKERS))
-        return [json.loads(self._read_text(e.path)) for e in entries if e.base_name.endswith(".json")]
-
-    def commit(self, run_id: str, staged: StagedRun, manifest: dict[str, Any], replace: Iterable[str]) -> str:
-        """Move the staged files into place and write the manifest; returns the manifest's path."""
-        staging = self._join(STAGING_PREFIX + run_id)
-        moves = [[src, self._join(f"{run_id}-{i:05d}.parquet")] for i, src in enumerate(staged.files)]
-        manifest = {
-            **manifest,
-            "files": [{"name": posixpath.basename(dst), "rows": n} for (_, dst), n in zip(moves, staged.rows_per_file)],
-        }
-        replaced = sorted(replace)
-        if replaced:
-            replaced += [e.path for e in self._entries(self._join(MANIFESTS)) if e.type == pafs.FileType.File]
-        intent = {"moves": moves, "delete": replaced, "manifest": manifest, "run_id": run_id}
-        self._write_text(posixpath.join(staging, COMMIT_FILE), json.dumps(intent, indent=2))
-        return self._apply(intent, staging)
-
-    def _apply(self, intent: dict[str, Any], staging: str) -> str:
-        """Idempotent: every step checks what is already done, so it can be repeated after a crash."""
-        for src, dst in intent["moves"]:
-            if self.fs.get_file_info(src).type == pafs.FileType.File:
-                self.fs.move(src, dst)
-        for path in intent["delete"]:
-            if self.fs.get_file_info(path).type == pafs.FileType.File:
-                self.fs.delete_file(path)
-        manifest_path = self._join(MANIFESTS, f"{intent['run_id']}.json")
-        self.fs.create_dir(self._join(MANIFESTS), recursive=True)
-        self._write_text(manifest_path, json.dumps(intent["manifest"], indent=2, sort_keys=True))
-        self.fs.delete_dir(staging)
-        return manifest_path
-
-    def _read_text(self, path: str) -> str:
-        return read_text(Location(self.fs, path))
-
-    def _write_text(self, path: str, text: str) -> None:
-        write_text_atomic(Location(self.fs, path), text)
+    def commit(self, files: list[DataFile], removed: list[str], manifest: dict[str, Any], overwrite: bool) -> int:
+        """Publish a run as one Delta commit (add its files, remove retried error files, record the manifest);
+        returns the new version. Until this returns, readers see the previous version unchanged."""
+        adds = [f.add_action() for f in files]
+        properties = CommitProperties(custom_metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
+        if not self.exists():
+            create_table_with_add_actions(self.table_uri, Schema.from_arrow(SCHEMA), adds, mode="error",
+                                          commit_properties=properties)
+            return 0
+        table = self.delta()
+        now = int(time.time() * 1000)
+        removes = [] if overwrite else [RemoveAction(path=name, data_change=True, deletion_timestamp=now)
+                                        for name in removed]
+        table.create_write_transaction([*adds, *removes], mode="overwrite" if overwrite else "append",
+                                       schema=SCHEMA, commit_properties=properties)
+        return self.delta().version()
 
 
 def counts_by_category(index: pa.Table) -> dict[str, dict[str, int]]:
-    """``{category: {"ok": n, "error": n}}`` from staged index columns."""
+    """``{category: {"ok": n, "error": n}}`` from index columns."""
     grouped = index.group_by(["category", "status"]).aggregate([("path", "count")]).to_pylist()
     counts: dict[str, dict[str, int]] = {}
     for row in grouped:
@@ -209,6 +278,6 @@ def counts_by_category(index: pa.Table) -> dict[str, dict[str, int]]:
 
 
 def duplicated_paths(index: pa.Table) -> list[str]:
-    """Paths that occur more than once among staged rows (must be none)."""
+    """Paths that occur more than once among a run's rows (must be none)."""
     grouped = index.group_by("path").aggregate([("path", "count")])
     return grouped.filter(pc.greater(grouped["path_count"], 1))["path"].to_pylist()

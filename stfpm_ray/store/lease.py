@@ -1,0 +1,189 @@
+"""One writer per scores table: an exclusive lease file, ``OUT_DIR/_stfpm/lease.json``.
+
+Two scoring runs into one table would each plan the same new images and each append them, so the lease is
+taken before anything is listed or planned, and checked again right before the commit.
+
+* **Taking it** is an exclusive create: ``O_CREAT | O_EXCL`` on local and shared POSIX filesystems (NFSv3+
+  implements it atomically on the server). A second run refuses at once and names the holder (run id,
+  user, host, pid, age of the heartbeat).
+* **Keeping it**: a daemon thread rewrites the heartbeat every :data:`HEARTBEAT_S` seconds, after checking
+  the file still names this run.
+* **Taking over**: a lease is stale when its holder ran on this host and that pid is gone, or when its
+  heartbeat is older than :data:`STALE_AFTER_S` (a holder on another host that died). The stale file is
+  renamed aside first; rename is atomic, so of two runs taking over at once exactly one wins and the other
+  refuses. A holder that was only paused past the limit finds a foreign run id at its next heartbeat or at
+  its commit check and stops without committing.
+* **Object stores** (``s3://``, ``gs://``) have no exclusive create through pyarrow, so there the lease is
+  written, read back and compared (advisory): the scheduler must not start two runs into one table at the
+  same moment, which cron and Airflow guarantee for one task with ``max_active_runs=1``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import posixpath
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from stfpm_ray.errors import OutputExistsError, StfpmError
+from stfpm_ray.store.fs import Location, read_text, write_text_atomic
+
+LEASE_FILE = "_stfpm/lease.json"
+HEARTBEAT_S = 30.0
+# Ten missed heartbeats: long enough for a stalled NFS server, short enough for the next night's run.
+STALE_AFTER_S = 600.0
+
+
+class LeaseLostError(StfpmError, RuntimeError):
+    """Another run took this run's lease (this one looked dead); it must not commit."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lease, as written in the lease file."""
+
+    run_id: str
+    user: str
+    host: str
+    pid: int
+    started_at: str
+    heartbeat: float
+
+    def describe(self) -> str:
+        age = time.time() - self.heartbeat
+        return (f"run {self.run_id} of {self.user} on {self.host} (pid {self.pid}, started {self.started_at}, "
+                f"last heartbeat {age:.0f} s ago)")
+
+    def is_stale(self, now: float) -> bool:
+        if self.host == socket.gethostname() and not _pid_alive(self.pid):
+            return True
+        return now - self.heartbeat > STALE_AFTER_S
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+class Lease:
+    """The exclusive right of one run to write one table; use as a context manager."""
+
+    def __init__(self, table: Location, run_id: str) -> None:
+        self.location = table.join(LEASE_FILE)
+        self.holder = Holder(run_id, getpass.getuser(), socket.gethostname(), os.getpid(),
+                             datetime.now(timezone.utc).isoformat(timespec="seconds"), time.time())
+        self._stop = threading.Event()
+        self._lost = False
+        self._thread: threading.Thread | None = None
+        self.took_over: Holder | None = None
+
+    @property
+    def _local(self) -> bool:
+        return isinstance(self.location.filesystem, pafs.LocalFileSystem)
+
+    def _text(self, heartbeat: float | None = None) -> str:
+        fields: dict[str, Any] = asdict(self.holder)
+        if heartbeat is not None:
+            fields["heartbeat"] = heartbeat
+        return json.dumps(fields, indent=2)
+
+    def read(self) -> Holder | None:
+        """The current holder, or None when there is no lease file (or it was just removed)."""
+        try:
+            return Holder(**json.loads(read_text(self.location)))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError):  # a half-written file of a run killed while creating it
+            return Holder("unknown", "unknown", "unknown", -1, "unknown", 0.0)
+
+    def _create(self) -> bool:
+        """Exclusive create; False when a lease file exists."""
+        self.location.filesystem.create_dir(posixpath.dirname(self.location.path), recursive=True)
+        if not self._local:
+            if self.read() is not None:
+                return False
+            write_text_atomic(self.location, self._text())
+            return self._is_ours(self.read())
+        try:
+            fd = os.open(self.location.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            handle.write(self._text())
+        return True
+
+    def acquire(self) -> "Lease":
+        """Take the lease, taking over a stale one; refuse with the holder's name when it is live."""
+        for _ in range(2):
+            if self._create():
+                self._start_heartbeat()
+                return self
+            holder = self.read()
+            if holder is None:
+                continue  # released between our create and read: try again
+            if not holder.is_stale(time.time()):
+                raise OutputExistsError(
+                    f"{self.location.prefix}{posixpath.dirname(posixpath.dirname(self.location.path))} is being "
+                    f"written by {holder.describe()}; wait for it to finish (a lease without heartbeat for "
+                    f"{STALE_AFTER_S:.0f} s is taken over)"
+                )
+            self._set_aside(holder)
+        raise OutputExistsError(f"another run took the lease {self.location.name} at the same moment; try again")
+
+    def _set_aside(self, holder: Holder) -> None:
+        aside = posixpath.join(posixpath.dirname(self.location.path), f"lease-stale-{uuid.uuid4().hex[:8]}.json")
+        try:
+            self.location.filesystem.move(self.location.path, aside)
+        except (FileNotFoundError, OSError):
+            return  # another run set it aside first; the create that follows decides
+        self.took_over = holder
+
+    def _start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="stfpm-lease-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            if not self._is_ours(self.read()):
+                self._lost = True
+                return
+            write_text_atomic(self.location, self._text(time.time()))
+
+    def _is_ours(self, holder: Holder | None) -> bool:
+        mine = self.holder
+        return holder is not None and (holder.run_id, holder.host, holder.pid) == (mine.run_id, mine.host, mine.pid)
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLostError` unless this run still holds the lease (called before committing)."""
+        holder = self.read()
+        if self._lost or not self._is_ours(holder):
+            who = "nobody" if holder is None else holder.describe()
+            raise LeaseLostError(f"lost the lease on this table to {who}; nothing was committed")
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lease file if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._is_ours(self.read()):
+            self.location.filesystem.delete_file(self.location.path)
+
+    def __enter__(self) -> "Lease":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
