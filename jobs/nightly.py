@@ -18,8 +18,13 @@ from pathlib import Path
 # `python jobs/nightly.py` puts jobs/ first on sys.path, not the uploaded working directory.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stfpm_ray.cli.nightly import build_parser, main  # noqa: E402,F401
+from stfpm_ray import cli  # noqa: E402
 from stfpm_ray.ray.nightly import format_report, new_anomalies, nightly, write_report  # noqa: E402,F401
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(["nightly", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""jobs/nightly.py: incremental rescoring plus a per-category report of exactly this run's new anomalies."""
+"""jobs/nightly.py (stfpm-ray nightly): incremental rescoring plus a per-category report of exactly this run's new anomalies."""
 
 from __future__ import annotations
 

@@ -488,3 +488,43 @@ def test_an_mvtec_root_behind_a_pyarrow_filesystem_keeps_masks_and_pixel_metrics
     assert (uri["pixel_auroc"], uri["aupro"], uri["image_auroc"]) == (
         local["pixel_auroc"], local["aupro"], local["image_auroc"]
     )
+
+
+def test_an_odd_tree_and_a_tampered_checkpoint(ray_session, trained, synth_root, tmp_path, capsys):
+    """Symlink loops, a link to a file already listed, a dangling link and a name that is not UTF-8 in the
+    input; one category's weights swapped for another's. The run ends, every real file has one row, the
+    odd names and the broken category are error rows with their reasons, and the exit status says so."""
+    good, bad = trained[1][:2]
+    checkpoints = tmp_path / "ckpt"
+    shutil.copytree(trained[0], checkpoints)
+    shutil.copy(trained[0] / good / "student.safetensors", checkpoints / bad / "student.safetensors")
+    root = tmp_path / "in"
+    for category in (good, bad):
+        shutil.copytree(synth_root / category / "test", root / category / "test")
+    folder = root / good / "test" / "good"
+    real = sorted(folder.glob("*.png"))
+    (folder / "loop").symlink_to(".")
+    (root / "up").symlink_to("..")
+    (folder / "again.png").symlink_to(real[0].name)
+    (folder / "gone.png").symlink_to("missing.png")
+    os.close(os.open(os.fsencode(folder) + b"/caf\xe9.png", os.O_CREAT | os.O_WRONLY))
+    os.mkfifo(folder / "pipe.png")
+    out = tmp_path / "out"
+    status = cli.main(["score", "--checkpoints", str(checkpoints), "--input", str(root), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert status == 3
+    [line] = [m for m in printed.splitlines() if "unusable" in m]
+    assert f"{checkpoints / bad / 'student.safetensors'}" in line and "model_id" in line
+    frame = read_scores(out)
+    assert not frame.path.duplicated().any()
+    expected = {str(p) for p in root.rglob("*.png")
+                if p.is_file() and not p.is_symlink() and str(p).isprintable() and "\udce9" not in str(p)}
+    assert expected <= set(frame.path)
+    errors = frame[frame.status == "error"].set_index("path").error
+    assert "dangling symbolic link" in errors[str(folder / "gone.png")]
+    assert "not valid UTF-8" in errors[str(folder) + "/caf\\xe9.png"]
+    broken = frame[frame.category == bad]
+    assert len(broken) and (broken.status == "error").all() and broken.error.str.contains("model_id").all()
+    assert (frame[(frame.category == good) & frame.path.isin(expected)].status == "ok").all()
+    assert set(frame.path) - expected == {str(folder / "gone.png"), str(folder) + "/caf\\xe9.png"}
+    assert "skipped" in printed and "directory symlinks" in printed and "FIFOs" in printed

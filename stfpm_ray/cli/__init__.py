@@ -1,4 +1,4 @@
-"""The ``stfpm-ray`` command line: synth, train, score, evaluate, benchmark.
+"""The ``stfpm-ray`` command line: synth, train, score, nightly, evaluate, benchmark.
 
 Each verb is a module of this package exposing ``SUMMARY``, ``add_arguments(parser)`` and ``run(args) -> int``;
 the ``jobs/*.py`` entry points for ``ray job submit`` call :func:`main` with their verb. A verb's module is
@@ -19,12 +19,13 @@ from stfpm_ray import __version__
 from stfpm_ray.cli.console import setup_logging
 from stfpm_ray.errors import StfpmError
 
-VERBS = ("synth", "train", "score", "evaluate", "benchmark")
+VERBS = ("synth", "train", "score", "nightly", "evaluate", "benchmark")
 SUMMARIES = {
     "synth": "write a synthetic MVTec-layout dataset (for demos and tests)",
     "train": "train one student per category with Ray Train, categories in parallel",
-    "score": "score an image archive with Ray Data into Parquet",
-    "evaluate": "per-category metrics and an HTML report from scoring Parquet",
+    "score": "score an image archive with Ray Data into a scores table (Delta Lake)",
+    "nightly": "score what is new in an archive (incremental) and report the new anomalies",
+    "evaluate": "per-category metrics and an HTML report from a scores table",
     "benchmark": "train, score and evaluate every category of a dataset root",
 }
 

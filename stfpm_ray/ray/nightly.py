@@ -89,12 +89,13 @@ def nightly(
     options: ScoringOptions = ScoringOptions(),
     category: str | None = None,
     progress: Progress = log_progress,
+    split: str = "test",
 ) -> tuple[dict[str, Any], str]:
     """Score what is new under ``inputs`` into ``out_dir`` (incrementally), then report; returns (report, path)."""
     if top < 0:
         raise UserError(f"--top must be >= 0, got {top}")
     summary = score_images(checkpoints, inputs, out_dir, options, category=category, incremental=True,
-                           progress=progress)
+                           split=split, progress=progress)
     report = new_anomalies(str(out_dir), summary, top)
     path = write_report(str(out_dir), report)
     progress(format_report(report))
