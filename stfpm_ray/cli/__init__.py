@@ -34,16 +34,27 @@ def _verb(name: str):
     return importlib.import_module(f"stfpm_ray.cli.{name}")
 
 
+def _add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
+    """``-v``/``-q`` before or after the verb (SUPPRESS: a verb's parser never resets what the top level set)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="also show Ray's own logs and progress bars, and debug messages")
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="only warnings and errors (the exit status tells the outcome)")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stfpm-ray",
         description="STFPM anomaly detection as distributed Ray jobs. Run `stfpm-ray COMMAND --help` for details.",
     )
     parser.add_argument("--version", action="version", version=f"stfpm-ray {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_verbosity(parser, argparse.SUPPRESS)
+    parser.set_defaults(verbose=False, quiet=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in VERBS:
         child = sub.add_parser(name, help=SUMMARIES[name], description=SUMMARIES[name])
+        _add_verbosity(child, argparse.SUPPRESS)
         if command == name:
             _verb(name).add_arguments(child)
     return parser
@@ -53,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in argv if arg in VERBS), None)
     args = build_parser(command).parse_args(argv)
-    setup_logging(args.verbose)
+    if args.verbose and args.quiet:
+        print("stfpm-ray: error: -v/--verbose and -q/--quiet exclude each other", file=sys.stderr)
+        return 2
+    setup_logging(args.verbose, args.quiet)
     try:
         return int(_verb(args.command).run(args) or 0)
     except StfpmError as exc:

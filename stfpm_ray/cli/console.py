@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
-from stfpm_ray.progress import LOGGER
+from stfpm_ray.progress import LOGGER, VERBOSE_VARIABLE
 
 
 class _CurrentStdout(logging.StreamHandler):
@@ -28,9 +29,11 @@ def _is_progress(record: logging.LogRecord) -> bool:
     return record.name.split(".")[0] == LOGGER.name and record.levelno < logging.WARNING
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, quiet: bool = False) -> None:
     """Progress (INFO of ``stfpm_ray``) as plain lines on stdout; other records at WARNING (DEBUG with
-    ``verbose``) and up on stderr, with time and logger name."""
+    ``verbose``) and up on stderr, with time and logger name. ``verbose`` also lets Ray's own output through
+    (``STFPM_RAY_VERBOSE``, read when Ray starts); ``quiet`` keeps only warnings and errors."""
+    os.environ[VERBOSE_VARIABLE] = "1" if verbose else "0"
     root = logging.getLogger()
     for logger in (root, LOGGER):
         for handler in [h for h in logger.handlers if isinstance(h, (_CurrentStdout, _Stderr))]:
@@ -46,4 +49,4 @@ def setup_logging(verbose: bool) -> None:
     progress.setFormatter(logging.Formatter("%(message)s"))
     progress.addFilter(_is_progress)
     LOGGER.addHandler(progress)
-    LOGGER.setLevel(logging.DEBUG if verbose else logging.INFO)
+    LOGGER.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)

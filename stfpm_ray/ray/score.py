@@ -60,9 +60,11 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -90,7 +92,7 @@ from stfpm_ray.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_ima
 from stfpm_ray.data.listing import Listing, list_images
 from stfpm_ray.data.mvtec import sample_for
 from stfpm_ray.errors import InputNotFoundError, UserError
-from stfpm_ray.progress import Progress, fixed_width_table, log_progress
+from stfpm_ray.progress import Meter, Progress, fixed_width_table, log_progress
 from stfpm_ray.ray.session import cluster_capacity, init_ray
 from stfpm_ray.store.lease import Lease
 from stfpm_ray.store.scores import (
@@ -317,7 +319,7 @@ class Scorer:
         self.record = {
             "host": socket.gethostname(), "pid": os.getpid(), "device": self.device,
             "precision": self.settings.precision, "started_at": datetime.now(timezone.utc).isoformat(),
-            "batches": 0, "rows": 0,
+            "batches": 0, "rows": 0, "errors": 0,
         }
         self.table.record_worker(run_id, self.record)
 
@@ -346,6 +348,7 @@ class Scorer:
         ]
         self.record["batches"] += 1
         self.record["rows"] += len(rows)
+        self.record["errors"] += len(rows) - len(scored)
         self.record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         self.table.record_worker(self.run_id, self.record)
         return pa.Table.from_pylist(out, schema=SCHEMA)
@@ -518,6 +521,31 @@ def _manifest(run: _Run, rows: int, files: list[DataFile], options: ScoringOptio
     }
 
 
+@contextmanager
+def _watch(run: _Run, progress: Progress, every_s: float = 2.0) -> Iterator[None]:
+    """Show images done, rate, errors and ETA while the pipeline runs, from the actors' own records
+    (the only progress signal that needs no Ray internals; a restarted actor's rows may count twice)."""
+    meter = Meter(sum(block.num_rows for block in run.planned), "images", progress)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            try:
+                records = run.table.worker_records(run.run_id)
+            except (OSError, ValueError):  # a record being replaced right now: read it next time
+                continue
+            meter.update(sum(r["rows"] for r in records), sum(r.get("errors", 0) for r in records))
+
+    thread = threading.Thread(target=poll, name="stfpm-score-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        meter.close()
+
+
 def _score_and_commit(run: _Run, lease: Lease, options: ScoringOptions, checkpoints: str | Path,
                       progress: Progress) -> None:
     """Ray stages, the pre-commit check, then one commit; a failure before the commit changes nothing."""
@@ -527,7 +555,8 @@ def _score_and_commit(run: _Run, lease: Lease, options: ScoringOptions, checkpoi
     progress(f"run {run.run_id}: {pool[0]}-{pool[1]} scoring actors, batch size {options.batch_size}, "
              f"maps {options.map_size} px")
     try:
-        files = _run_pipeline(run, options, pool)
+        with _watch(run, progress):
+            files = _run_pipeline(run, options, pool)
         index = run.table.read_index(files)
         _check_staged(index, run.planned)
         for name, tally in counts_by_category(index).items():

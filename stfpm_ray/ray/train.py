@@ -298,12 +298,13 @@ def _install_checkpoint(storage_path: str, checkpoint_path: str, target: Path) -
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def format_epoch(category: str, metrics: dict[str, Any]) -> str:
-    """One progress line per category and epoch."""
+def format_epoch(category: str, metrics: dict[str, Any], eta_s: float | None = None) -> str:
+    """One progress line per category and epoch; ``eta_s``: the category's remaining time."""
+    eta = "" if eta_s is None else f", ETA {eta_s // 60:.0f}m{eta_s % 60:02.0f}s"
     return (
         f"[{category}] epoch {metrics['epoch']}/{metrics['epochs']} train_loss={metrics['train_loss']:.5f} "
         f"val_loss={metrics['val_loss']:.5f} best={metrics['best_val_loss']:.5f}@{metrics['best_epoch']} "
-        f"{metrics['images_per_s']:.1f} img/s"
+        f"{metrics['images_per_s']:.1f} img/s{eta}"
     )
 
 
@@ -325,25 +326,37 @@ class Tracker(tune.Callback):
         self.results: dict[str, CategoryResult] = {}
         self.rates: dict[str, list[float]] = {}
         self.last_epoch: dict[str, dict[str, Any]] = {}
+        self.started: dict[str, tuple[float, int]] = {}  # wall time and epochs done when a trial (re)started
+        self.total = 0  # categories in this run, for "k/N done"
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config (callbacks included) for Tuner.restore; what lives only on this
         # driver (the progress function, results so far) is left out: it may not pickle.
         return {"job": self.job, "out_dir": self.out_dir, "progress": print,
-                "results": {}, "rates": {}, "last_epoch": {}}
+                "results": {}, "rates": {}, "last_epoch": {}, "started": {}, "total": 0}
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.started[trial.config["category"]] = (time.time(), 0)
         self.progress(f"[{trial.config['category']}] started")
+
+    def _eta(self, category: str, epoch: dict[str, Any]) -> float | None:
+        """Seconds left for the category, from its mean epoch time since it (re)started."""
+        began, first = self.started.get(category, (time.time(), 0))
+        done = epoch["epoch"] - first
+        if done <= 0:
+            return None
+        return (time.time() - began) / done * (epoch["epochs"] - epoch["epoch"])
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         category = trial.config["category"]
         if "resumed_from" in result:
+            self.started[category] = (time.time(), int(result["resumed_from"]))
             self.progress(f"[{category}] resumed from its checkpoint after epoch {result['resumed_from']}")
         if "history" in result:
             self.last_epoch[category] = {**result, **result["history"][-1]} if result["history"] else result
         for epoch in result.get("history", []):
             self.rates.setdefault(category, []).append(epoch["images_per_s"])
-            self.progress(format_epoch(category, epoch))
+            self.progress(format_epoch(category, epoch, self._eta(category, epoch)))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.finish(trial.config["category"], trial.last_result or {})
@@ -375,7 +388,8 @@ class Tracker(tune.Callback):
             finished_at=float(outcome.get("finished_at", math.nan)),
             status="trained" if error is None else "failed",
         )
-        self.progress(f"[{category}] " + ("done" if error is None else f"FAILED: {error}"))
+        finished = f"({len(self.results)}/{self.total or len(self.results)} categories finished)"
+        self.progress(f"[{category}] " + (f"done {finished}" if error is None else f"FAILED: {error} {finished}"))
 
 
 
@@ -501,6 +515,7 @@ def _run_trials(categories: list[str], job: _Job, out_dir: Path, progress: Progr
              f"{min(concurrency, len(categories))} at a time, {job.resources.workers_per_category} worker(s) each; "
              f"run {job.run_id}, Ray Train state in {job.storage_path}")
     tracker = Tracker(job, out_dir, progress)
+    tracker.total = len(categories)
     trainable = tune.with_resources(tune.with_parameters(_drive_category, job=job),
                                     {"memory": TRIAL_MEMORY_BYTES})
     tuner = tune.Tuner(
