@@ -39,7 +39,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,19 +100,36 @@ class TrainResources:
 
     ``storage_path`` holds Ray Train's run state (default ``CKPT_DIR/_ray``); multi-node clusters need
     storage every node reaches. ``max_failures`` restarts a category's workers from its last checkpoint.
+    ``cpus_per_worker`` None sizes workers from the cluster (:meth:`sized_for`).
     """
 
     workers_per_category: int = 1
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None
     gpus_per_worker: float = 0.0
     storage_path: str | None = None
     max_failures: int = 2
 
     def __post_init__(self) -> None:
-        if (self.workers_per_category < 1 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0
-                or self.max_failures < -1):
+        cpus = 1.0 if self.cpus_per_worker is None else self.cpus_per_worker
+        if self.workers_per_category < 1 or cpus <= 0 or self.gpus_per_worker < 0 or self.max_failures < -1:
             raise UserError("need workers per category >= 1, CPUs per worker > 0, GPUs per worker >= 0, "
                             "max failures >= -1")
+
+
+    def sized_for(self, capacity: dict[str, float], categories: int) -> "TrainResources":
+        """Unset CPUs per worker: the cluster's CPUs shared among the workers that train at once.
+
+        One category on an N-core node then trains with N threads instead of leaving N-1 cores idle; many
+        categories get a core each, as many at once as the CPUs (or, with GPUs, the GPUs) allow.
+        """
+        if self.cpus_per_worker is not None:
+            return self
+        workers, cpus = self.workers_per_category, capacity.get("CPU", 1.0)
+        at_once = cpus // workers
+        if self.gpus_per_worker > 0:
+            at_once = min(at_once, capacity.get("GPU", 0.0) // (workers * self.gpus_per_worker))
+        at_once = max(1, min(categories, int(at_once)))
+        return replace(self, cpus_per_worker=float(max(1, int(cpus // (at_once * workers)))))
 
 
 @dataclass(frozen=True)
@@ -509,11 +526,13 @@ def train_categories(
 def _run_trials(categories: list[str], job: _Job, out_dir: Path, progress: Progress,
                 address: str | None) -> dict[str, CategoryResult]:
     init_ray(address)
-    res = job.resources
-    concurrency = _concurrency(cluster_capacity(), res.workers_per_category, res.cpus_per_worker, res.gpus_per_worker)
+    capacity = cluster_capacity()
+    res = job.resources.sized_for(capacity, len(categories))
+    job = replace(job, resources=res)
+    concurrency = _concurrency(capacity, res.workers_per_category, res.cpus_per_worker, res.gpus_per_worker)
     progress(f"training {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}, "
-             f"{min(concurrency, len(categories))} at a time, {job.resources.workers_per_category} worker(s) each; "
-             f"run {job.run_id}, Ray Train state in {job.storage_path}")
+             f"{min(concurrency, len(categories))} at a time, {res.workers_per_category} worker(s) each with "
+             f"{res.cpus_per_worker:g} CPUs; run {job.run_id}, Ray Train state in {job.storage_path}")
     tracker = Tracker(job, out_dir, progress)
     tracker.total = len(categories)
     trainable = tune.with_resources(tune.with_parameters(_drive_category, job=job),
