@@ -389,6 +389,9 @@ def test_foreign_files_and_bad_arguments_are_refused(tmp_path, trained):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not a scores table"):
         ScoresTable(str(tmp_path)).check_mode(incremental=False, overwrite=True)
+    (tmp_path / "_manifests").mkdir()  # the plain-Parquet layout of earlier versions
+    with pytest.raises(FileExistsError, match="earlier stfpm-ray"):
+        ScoresTable(str(tmp_path)).check_mode(incremental=True, overwrite=False)
     with pytest.raises(ValueError, match="N or MIN,MAX"):
         ray_score.parse_actors("0")
     assert ray_score.parse_actors("2,4") == (2, 4)

@@ -166,6 +166,11 @@ class ScoresTable:
         if info.type == pafs.FileType.Directory:
             entries = self.location.filesystem.get_file_info(pafs.FileSelector(self.location.path))
             foreign = sorted(e.base_name for e in entries if e.base_name != "_stfpm")
+            if "_manifests" in foreign:
+                raise OutputExistsError(
+                    f"{self.uri} holds plain Parquet output of an earlier stfpm-ray (before scores tables); "
+                    "score into a new --out folder (the old files stay readable with pandas.read_parquet)"
+                )
             if foreign:
                 raise OutputExistsError(
                     f"{self.uri} is not a scores table but holds {', '.join(foreign[:3])}"
