@@ -3,7 +3,8 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python jobs/benchmark.py --data ROOT --out RUN_DIR --gpus-per-worker 1 --gpus-per-actor 1
 
-Same arguments as ``stfpm-ray benchmark``. On a multi-node cluster ``--data`` and ``--out`` must be on
+Same arguments as ``stfpm-ray benchmark``, ``--config FILE`` included (a path inside the uploaded working
+directory), and ``--resume`` to continue a job that died. On a multi-node cluster ``--data`` and ``--out`` must be on
 storage every node reads (NFS) and ``--storage-path`` on storage every node reaches (NFS, ``s3://``).
 """
 

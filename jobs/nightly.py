@@ -3,8 +3,9 @@
     ray job submit --working-dir . -- python jobs/nightly.py \\
         --checkpoints CKPT_DIR --input s3://bucket/archive --out s3://bucket/scores [score options]
 
-Takes every option of ``stfpm-ray score`` and always runs it ``--incremental``: images that already have an
-``ok`` row for their current model are skipped, so a nightly run costs what arrived since the last one;
+Takes every option of ``stfpm-ray score`` (``--config FILE`` too: a path inside the uploaded working
+directory) and always runs it ``--incremental``: images that already have an ``ok`` row for their current
+model are skipped, so a nightly run costs what arrived since the last one;
 error rows are retried and replaced, and a run that failed is simply run again. The report lists, per
 category, this run's rows with ``is_anomalous`` true (read from the table version the run committed) and is
 written to ``OUT/_reports/nightly-<run_id>.json`` beside the table. Exit status: 0 when every row is ok,

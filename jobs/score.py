@@ -4,7 +4,8 @@
         python jobs/score.py --checkpoints CKPT_DIR --input s3://bucket/archive --out s3://bucket/scores --incremental
 
 Ray connects the job to its cluster through ``RAY_ADDRESS``; ``--working-dir .`` ships this repository,
-whose root is put on the path so the package imports even where it is not installed.
+whose root is put on the path so the package imports even where it is not installed; a ``--config FILE``
+is a path inside it.
 """
 
 import sys

@@ -3,7 +3,8 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python jobs/train.py --data ROOT --categories all --out CKPT_DIR --storage-path s3://bucket/ray-train
 
-Same arguments as ``stfpm-ray train``. On a multi-node cluster ``--data`` must be readable from every node
+Same arguments as ``stfpm-ray train``, ``--config FILE`` included (a path inside the uploaded working
+directory). On a multi-node cluster ``--data`` must be readable from every node
 and ``--storage-path`` must be storage every node reaches (NFS, ``s3://``, ``gs://``); ``--out`` is written
 by the job's driver only.
 """

@@ -83,7 +83,8 @@ def benchmark(cluster, shared) -> tuple[JobResult, Path]:
     """The benchmark job, run once: its checkpoints also serve the scoring test."""
     out = shared / "benchmark"
     result = cluster.submit(
-        ["jobs/benchmark.py", "--data", str(shared / "data"), "--out", str(out), "--epochs", "2",
+        # -v: the workers' own log lines (prefixed with their node's address) show where training ran
+        ["jobs/benchmark.py", "-v", "--data", str(shared / "data"), "--out", str(out), "--epochs", "2",
          "--image-size", "64", "--batch-size", "8", "--storage-path", str(shared / "ray-benchmark")],
         JOB_TIMEOUT_S, "benchmark.log",
     )
@@ -139,7 +140,7 @@ def test_scoring_finishes_exactly_once_after_losing_a_node(cluster, scoring_setu
     out = shared / "scores-fault"
     job = cluster.submit_async(
         ["jobs/score.py", "--checkpoints", str(checkpoints), "--input", str(archive), "--out", str(out),
-         "--category", category, "--batch-size", str(SCORE_BATCH)],
+         "--category", category, "--score-batch-size", str(SCORE_BATCH)],
         "score-fault.log",
     )
     node = cluster.workers[-1]
@@ -178,7 +179,7 @@ def test_training_resumes_from_its_checkpoint_after_losing_a_node(cluster, share
     category = discover_categories(shared / "data")[0]
     storage, out = shared / "ray-train-fault", shared / "ckpt-fault"
     job = cluster.submit_async(
-        ["jobs/train.py", "--data", str(shared / "data"), "--categories", category, "--out", str(out),
+        ["jobs/train.py", "-v", "--data", str(shared / "data"), "--categories", category, "--out", str(out),
          "--epochs", str(TRAIN_EPOCHS), "--image-size", str(TRAIN_IMAGE_SIZE), "--batch-size", "4",
          "--storage-path", str(storage)],
         "train-fault.log",

@@ -227,7 +227,7 @@ def test_incremental_overwrite_and_refusal(ray_session, trained, synth_root, tmp
     first = _plain_folder(inputs, synth_root, category, 6)
     base = ["score", "--checkpoints", str(trained[0]), "--input", str(inputs), "--out", str(out)]
     base += ["--category", category]
-    assert cli.main([*base, "--batch-size", "4"]) == 0
+    assert cli.main([*base, "--score-batch-size", "4"]) == 0
     assert f"{category}" in capsys.readouterr().out
 
     assert cli.main(base) == 2  # plain rerun into a table is refused

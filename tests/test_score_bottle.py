@@ -27,7 +27,7 @@ def test_score_batch_and_the_ray_pipeline_agree_on_bottle(ray_session, shared_bo
 
     out = tmp_path / "scores"
     argv = ["score", "--checkpoints", str(tmp_path / "ckpt"), "--input", str(shared_bottle / "test"),
-            "--out", str(out), "--batch-size", str(BATCH), "--precision", "fp32"]
+            "--out", str(out), "--score-batch-size", str(BATCH), "--precision", "fp32"]
     assert cli.main(argv) == 0
     rows = read_scores(out).sort_values("path").reset_index(drop=True)
 

@@ -137,7 +137,7 @@ def test_refuses_a_non_empty_category_folder(tmp_path: Path) -> None:
     (tmp_path / CATEGORY_KINDS[1]).mkdir()
     (tmp_path / CATEGORY_KINDS[1] / "keep.txt").write_text("x")
     (tmp_path / CATEGORY_KINDS[0]).mkdir()  # empty: fine to fill
-    with pytest.raises(FileExistsError, match="another output folder"):
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
         generate_dataset(tmp_path, categories=2, **SMALL)
     assert not any((tmp_path / CATEGORY_KINDS[0]).iterdir())  # nothing written before the refusal
     assert generate_dataset(tmp_path, categories=1, **SMALL) == [CATEGORY_KINDS[0]]

@@ -1,12 +1,18 @@
 """The ``stfpm-ray`` command line: synth, train, score, nightly, evaluate, benchmark.
 
-Each verb is a module of this package exposing ``SUMMARY``, ``add_arguments(parser)`` and ``run(args) -> int``;
-the ``jobs/*.py`` entry points for ``ray job submit`` call :func:`main` with their verb. A verb's module is
-imported when that verb runs (a dispatch table), so ``stfpm-ray synth --help`` does not load Ray, and
-``stfpm-ray --help``, ``--version``, a bare ``stfpm-ray`` or a mistyped verb load neither torch nor Ray.
+Each verb is a module of this package exposing ``add_arguments(parser)`` and ``run(args) -> int`` (its
+summary and examples live here, so that help answers without importing it); the ``jobs/*.py`` entry points
+for ``ray job submit`` call :func:`main` with their verb. A verb's module is imported when that verb runs (a
+dispatch table), so ``stfpm-ray synth --help`` does not load Ray, and ``stfpm-ray --help``, ``--version``, a
+bare ``stfpm-ray`` or a mistyped verb load neither torch nor Ray.
 
-A :class:`~stfpm_ray.errors.StfpmError` (wrong input, settings or output folder) is printed as one line with
-exit code 2; anything else is a bug and shows its traceback.
+Every verb writes to ``--out`` and refuses an output that already holds a result unless ``--overwrite``
+(``train`` and ``benchmark`` also take ``--resume``, ``score`` ``--incremental``; ``nightly`` only ever
+appends). ``train``, ``score``, ``nightly`` and ``benchmark`` read ``--config FILE``
+(:mod:`stfpm_ray.cli.flags`).
+
+A :class:`~stfpm_ray.errors.StfpmError` (wrong input, settings, config file or output folder) is printed as
+one line with exit code 2; anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import sys
 
 from stfpm_ray import __version__
 from stfpm_ray.cli.console import setup_logging
+from stfpm_ray.cli.flags import HelpFormatter, with_config
 from stfpm_ray.errors import StfpmError
 
 VERBS = ("synth", "train", "score", "nightly", "evaluate", "benchmark")
@@ -27,6 +34,18 @@ SUMMARIES = {
     "nightly": "score what is new in an archive (incremental) and report the new anomalies",
     "evaluate": "per-category metrics and an HTML report from a scores table",
     "benchmark": "train, score and evaluate every category of a dataset root",
+}
+EXAMPLES = {
+    "synth": ("stfpm-ray synth --out data/synth --num-categories 3",),
+    "train": ("stfpm-ray train --data data/mvtec --categories bottle,screw --out runs/ckpt",
+              "stfpm-ray train --config train.yaml --resume    # flags override the file"),
+    "score": ("stfpm-ray score --checkpoints runs/ckpt --input data/mvtec --out runs/scores",
+              "stfpm-ray score --checkpoints runs/ckpt --input /archive --out runs/scores --incremental"),
+    "nightly": ("stfpm-ray nightly --checkpoints runs/ckpt --input /archive --out runs/scores",
+                "stfpm-ray nightly --config nightly.yaml --print-config > resolved.yaml"),
+    "evaluate": ("stfpm-ray evaluate --scores runs/scores --out runs/report",),
+    "benchmark": ("stfpm-ray benchmark --out runs/demo    # synthetic demo dataset",
+                  "stfpm-ray benchmark --data data/mvtec --categories bottle --out runs/bottle --resume"),
 }
 
 
@@ -43,27 +62,48 @@ def _add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
                        help="only warnings and errors (the exit status tells the outcome)")
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def _parsers(command: str | None) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
+    """The top-level parser, and the parser of ``command`` (None without one), the only verb whose flags
+    are loaded. Verb flags must be spelled in full: a config file names them in full, and an abbreviation
+    that works today breaks when a flag with the same prefix is added."""
     parser = argparse.ArgumentParser(
-        prog="stfpm-ray",
+        prog="stfpm-ray", formatter_class=HelpFormatter,
         description="STFPM anomaly detection as distributed Ray jobs. Run `stfpm-ray COMMAND --help` for details.",
     )
     parser.add_argument("--version", action="version", version=f"stfpm-ray {__version__}")
     _add_verbosity(parser, argparse.SUPPRESS)
     parser.set_defaults(verbose=False, quiet=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = None
     for name in VERBS:
-        child = sub.add_parser(name, help=SUMMARIES[name], description=SUMMARIES[name])
+        child = sub.add_parser(name, help=SUMMARIES[name], description=SUMMARIES[name], allow_abbrev=False,
+                               formatter_class=HelpFormatter, epilog="\n  ".join(("examples:", *EXAMPLES[name])))
         _add_verbosity(child, argparse.SUPPRESS)
         if command == name:
             _verb(name).add_arguments(child)
-    return parser
+            chosen = child
+    return parser, chosen
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    return _parsers(command)[0]
+
+
+def _error(command: str | None, exc: StfpmError) -> int:
+    print(f"stfpm-ray {command}: error: {exc}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in argv if arg in VERBS), None)
-    args = build_parser(command).parse_args(argv)
+    parser, verb_parser = _parsers(command)
+    if verb_parser is not None:
+        try:
+            argv = with_config(verb_parser, argv, argv.index(command) + 1)
+        except StfpmError as exc:
+            return _error(command, exc)
+    args = parser.parse_args(argv)
     if args.verbose and args.quiet:
         print("stfpm-ray: error: -v/--verbose and -q/--quiet exclude each other", file=sys.stderr)
         return 2
@@ -71,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(_verb(args.command).run(args) or 0)
     except StfpmError as exc:
-        print(f"stfpm-ray {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(args.command, exc)
     except KeyboardInterrupt:
         print(f"stfpm-ray {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from stfpm_ray.cli.flags import print_config
 from stfpm_ray.cli.options import add_score_arguments, connect, exit_status, scoring_options
 from stfpm_ray.errors import UserError
 from stfpm_ray.ray.nightly import DEFAULT_TOP, nightly
@@ -13,7 +14,7 @@ from stfpm_ray.ray.nightly import DEFAULT_TOP, nightly
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_score_arguments(parser)
     parser.add_argument("--top", type=int, default=DEFAULT_TOP,
-                        help="anomalous images listed per category in the report (default %(default)s)")
+                        help="anomalous images listed per category in the report")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,6 +22,8 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite:
         raise UserError("nightly runs are incremental; --overwrite would drop earlier nights' rows")
     options = scoring_options(args)
+    if args.print_config:
+        return print_config(args)
     connect(args)
     report, _ = nightly(args.checkpoints, args.input, args.out, top=args.top, options=options,
                         category=args.category, split=args.split)

@@ -1,14 +1,23 @@
-"""Option groups shared by several verbs, and their typed values (TrainConfig, TrainResources, ScoringOptions)."""
+"""Option groups shared by several verbs, and their typed values (TrainConfig, TrainResources, ScoringOptions).
+
+The vocabulary is the same in every verb: ``--batch-size`` is the training batch wherever training happens,
+``--score-batch-size`` the scoring batch, ``--out`` the output, ``--overwrite`` / ``--resume`` what to do
+with an output that already holds a run.
+"""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
+from stfpm_ray.cli.flags import Deprecated, add_config_options
 from stfpm_ray.core.fit import TrainConfig
 from stfpm_ray.core.model import PRECISIONS
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE
 from stfpm_ray.errors import StfpmError
+from stfpm_ray.progress import log_progress
 from stfpm_ray.ray.score import DEFAULT_BATCH_SIZE, SPLITS, ScoringOptions, parse_actors
 from stfpm_ray.ray.session import init_ray
 from stfpm_ray.ray.train import TrainResources
@@ -26,6 +35,8 @@ _CONFIG_FLAGS = (
     ("--augment-strength", "augment_strength", float, "photometric jitter: factors drawn from [1-s, 1+s]"),
     ("--combine", "combine", str, "anomaly map of the levels: product (official) or sum (each level divided by its "
                                   "mean on held-out good images)"),
+    ("--target-far", "target_far", float, "false-alarm rate on good images the threshold is calibrated for, from "
+                                          "held-out good images"),
 )
 
 
@@ -58,26 +69,45 @@ def add_training_options(parser: argparse.ArgumentParser, demo_defaults: dict[st
     """
     defaults, demo = TrainConfig(), demo_defaults or {}
     for flag, field, kind, text in _CONFIG_FLAGS:
-        default = f"{getattr(defaults, field)}" + (f"; demo: {demo[field]}" if field in demo else "")
-        parser.add_argument(flag, type=kind, default=None, help=f"{text} (default {default})")
+        default = f"{getattr(defaults, field)}" + (f"; demo without --data: {demo[field]}" if field in demo else "")
+        parser.add_argument(flag, type=kind, default=None, help=f"{text} (default: {default})")
     parser.add_argument("--workers-per-category", type=int, default=1,
-                        help="Ray Train workers per category; more than 1 trains data-parallel (DDP) "
-                             "(default %(default)s)")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0,
-                        help="CPUs (and torch threads) per worker (default %(default)s)")
-    parser.add_argument("--gpus-per-worker", type=float, default=0.0,
-                        help="GPUs per worker, fractions allowed (default %(default)s)")
+                        help="Ray Train workers per category; more than 1 trains data-parallel (DDP)")
+    parser.add_argument("--cpus-per-worker", type=float, default=None,
+                        help="CPUs (and torch threads) per worker (default: the cluster's CPUs shared among the "
+                             "workers that train at once)")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker, fractions allowed")
     parser.add_argument("--storage-path", default=None,
-                        help="Ray Train run state, a local folder or URI (default CKPT_DIR/_ray); "
+                        help="Ray Train run state, a local folder or URI (default: _ray/ in the checkpoint folder); "
                              "multi-node clusters need storage every node reaches (NFS, s3://, gs://)")
     parser.add_argument("--max-failures", type=int, default=2,
-                        help="restarts of a category's workers from its last checkpoint (default %(default)s)")
+                        help="restarts of a category's workers from its last checkpoint")
 
 
 def train_config(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> TrainConfig:
     """TrainConfig from the flags; unset flags keep ``defaults`` (a preset), else TrainConfig's defaults."""
     chosen = {field: getattr(args, field) for _, field, _, _ in _CONFIG_FLAGS if getattr(args, field) is not None}
     return TrainConfig(**{**(defaults or {}), **chosen})
+
+
+def training_values(config: TrainConfig) -> dict[str, Any]:
+    """The training flags' values in ``config``: what ``--print-config`` shows for flags left unset (None)."""
+    values = asdict(config)
+    return {field: values[field] for _, field, _, _ in _CONFIG_FLAGS}
+
+
+def add_resume_or_overwrite(parser: argparse.ArgumentParser, resume_help: str, overwrite_help: str) -> None:
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help=resume_help)
+    mode.add_argument("--overwrite", action="store_true", help=overwrite_help)
+
+
+def note_fresh_start(args: argparse.Namespace) -> None:
+    """``--resume`` is what a retried job passes on every attempt, so its first attempt (nothing to resume
+    yet) starts fresh instead of failing; this line makes that visible."""
+    out = Path(args.out)
+    if args.resume and not (out.is_dir() and any(out.iterdir())):
+        log_progress(f"nothing to resume in {out}: starting fresh")
 
 
 def train_resources(args: argparse.Namespace) -> TrainResources:
@@ -94,20 +124,16 @@ def _actors_argument(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_scoring_options(parser: argparse.ArgumentParser, batch_size_flag: str = "--batch-size") -> None:
-    """Model and resource flags of ``score``, ``benchmark`` and the nightly job (``benchmark`` renames the
-    batch flag)."""
-    parser.add_argument(batch_size_flag, type=int, default=DEFAULT_BATCH_SIZE, dest="score_batch_size",
-                        help="images per scoring batch (default %(default)s)")
+def add_scoring_options(parser: argparse.ArgumentParser) -> None:
+    """Model and resource flags of ``score``, ``nightly`` and ``benchmark``."""
+    parser.add_argument("--score-batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per scoring batch")
     parser.add_argument(
         "--actors", type=_actors_argument, metavar="N|MIN,MAX",
         help="scoring actors (default: 1 up to the GPUs, or CPUs - 1 without GPUs)",
     )
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per scoring actor (0: CPU)")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor")
-    parser.add_argument(
-        "--map-size", type=int, default=DEFAULT_MAP_SIZE, help="stored anomaly map side in pixels (default 128)"
-    )
+    parser.add_argument("--map-size", type=int, default=DEFAULT_MAP_SIZE, help="stored anomaly map side in pixels")
     parser.add_argument(
         "--precision", choices=PRECISIONS, default="auto",
         help="network precision: auto (bf16 on GPUs, fp32 on CPUs), fp32, or bf16 (also fast on AVX512-BF16/AMX CPUs)",
@@ -122,7 +148,9 @@ def scoring_options(args: argparse.Namespace) -> ScoringOptions:
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
-    """Everything ``stfpm-ray score`` takes (the nightly job takes the same)."""
+    """Everything ``stfpm-ray score`` takes (the nightly job takes the same). ``--batch-size`` was the scoring
+    batch here until ``--batch-size`` came to mean the training batch everywhere; nightly cron lines still
+    pass it, hence one release of grace."""
     parser.add_argument("--checkpoints", required=True, metavar="CKPT_DIR", help="folder of <category>/ checkpoints")
     parser.add_argument(
         "--input", required=True, nargs="+", metavar="PATH_OR_URI",
@@ -132,12 +160,15 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
                         help="scores table: a Delta Lake folder, local or s3://, gs://")
     parser.add_argument("--category", help="score every input image with this category's model (plain archives)")
     parser.add_argument("--split", choices=SPLITS, default="test",
-                        help="MVTec-layout roots: score test/ only, or all (train/good too) (default %(default)s)")
+                        help="MVTec-layout roots: score test/ only, or all (train/good too)")
     add_scoring_options(parser)
+    parser.add_argument("--batch-size", type=int, dest="score_batch_size", action=Deprecated,
+                        use="--score-batch-size")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--incremental", action="store_true",
         help="nightly mode: skip images that already have a row for their model, append the rest",
     )
-    mode.add_argument("--overwrite", action="store_true", help="replace the dataset already in OUT_DIR")
+    mode.add_argument("--overwrite", action="store_true", help="replace the table already in OUT_DIR")
     add_address(parser)
+    add_config_options(parser)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from stfpm_ray.cli.flags import print_config
 from stfpm_ray.cli.options import add_score_arguments, connect, exit_status, scoring_options
 from stfpm_ray.progress import log_progress
 from stfpm_ray.ray.score import score_images
@@ -15,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = scoring_options(args)
+    if args.print_config:
+        return print_config(args)
     connect(args)
     summary = score_images(
         args.checkpoints, args.input, args.out, options, category=args.category, incremental=args.incremental,

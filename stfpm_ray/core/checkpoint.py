@@ -2,7 +2,8 @@
 
 ``student.safetensors`` holds the student's tensors (loading executes no pickle), ``stfpm.json`` holds what
 is needed to rebuild the model and to trust its scores: format version, backbone, layers, image size,
-teacher source and hash, the validation-derived threshold and normalisation, and training figures.
+teacher source and hash, the validation-derived threshold with how it was calibrated, normalisation, and
+training figures.
 The teacher is never stored: it is rebuilt from its source and checked against the recorded hash. Folders
 may be local paths or URIs: every byte goes through :mod:`stfpm_ray.store.fs`.
 
@@ -50,7 +51,8 @@ META_FILE = "stfpm.json"
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "category": (str,), "backbone": (str,), "layers": (list,), "image_size": (int,), "teacher_source": (str,),
     "teacher_sha256": (str,), "threshold": (int, float), "normalization": (dict,), "training": (dict,),
-    "combine": (str,), "level_scales": (list, type(None)), "model_id": (str,), "format_version": (int,),
+    "combine": (str,), "level_scales": (list, type(None)), "calibration": (dict,), "model_id": (str,),
+    "format_version": (int,),
 }
 # bytes per element of the safetensors dtypes, to check that every tensor's byte range fits its shape
 _DTYPE_BYTES = {
@@ -80,6 +82,10 @@ class CheckpointMeta:
     # Checkpoints written before the option existed lack both fields and score with the product.
     combine: str = "product"
     level_scales: list[float] | None = None
+    # How the threshold was set (stfpm_ray.core.fit.calibration): method, target false-alarm rate, number of
+    # validation images, fitted parameters. Checkpoints written before lack it: their threshold is the
+    # validation maximum, and they score with it unchanged.
+    calibration: dict[str, Any] = field(default_factory=dict)
     model_id: str = ""
     format_version: int = FORMAT_VERSION
 

@@ -14,11 +14,12 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from scipy.stats import t as student_t
 from torch import Tensor, nn
 
 from stfpm_ray.core.anomaly_map import COMBINATIONS
@@ -32,6 +33,10 @@ from stfpm_ray.core.teacher import DEFAULT_LAYERS, OFFLINE_BACKBONE, Teacher, lo
 
 log = logging.getLogger(__name__)
 
+# The threshold's model (see calibration) and the fewest validation scores it is fitted to.
+CALIBRATION_METHOD = "lognormal-t"
+MIN_FIT_IMAGES = 3
+
 
 @dataclass
 class TrainConfig:
@@ -41,6 +46,14 @@ class TrainConfig:
     already reach the paper's figures on MVTec AD bottle, at half the cost on CPUs. ``augment="photometric"``
     adds brightness/contrast jitter (:mod:`stfpm_ray.core.augment`) for data whose exposure drifts between
     training and scoring; it is off by default because it costs detection on other data (README: ablation).
+    ``target_far`` is the false-alarm rate on good images the threshold is calibrated for (:func:`calibration`).
+    5%, from ``benchmarks/operating_point.py`` on the demo data (15 fits of 8 validation images, 360 good and
+    540 defective test images): it let through 3.1% of good images, where the old validation maximum let
+    through 7.5%, and kept 68% recall (maximum: 77%). Stricter targets pay for the few validation images
+    (the t quantile) in recall: 2% gives 1.4% false alarms and 56% recall, 1% gives 0.6% and 47%, which on
+    the quick-start demo leaves a category with image AUROC 1.000 detecting none of its defects. Missed
+    defects usually cost more than a second look at a good part, so 5% is the default and ``--target-far``
+    the lever; from about 20 validation images on, the validation maximum binds at 5% anyway.
     """
 
     backbone: str = OFFLINE_BACKBONE
@@ -58,6 +71,7 @@ class TrainConfig:
     augment_strength: float = 0.3
     combine: str = "product"
     cache_teacher: bool = True
+    target_far: float = 0.05
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(v) for v in self.layers)
@@ -73,6 +87,8 @@ class TrainConfig:
             raise UserError(f"combine must be one of {', '.join(COMBINATIONS)}, got {self.combine!r}")
         if not 0.0 <= self.augment_strength < 1.0:
             raise UserError(f"augment strength must be in [0, 1), got {self.augment_strength}")
+        if not 0.0 < self.target_far < 0.5:
+            raise UserError(f"target false-alarm rate must be in (0, 0.5), got {self.target_far}")
 
 
 def seed_everything(seed: int) -> None:
@@ -228,26 +244,44 @@ def validation_scores(model: STFPM, images: Tensor, batch_size: int, device: tor
     return torch.cat(scores).numpy().astype(np.float64)
 
 
-def calibration(scores: np.ndarray) -> tuple[float, dict[str, float]]:
-    """Threshold = the largest validation score, so no held-out good image is flagged.
+def calibration(scores: np.ndarray, target_far: float) -> tuple[float, dict[str, float], dict[str, Any]]:
+    """Threshold at ``target_far`` false alarms on good images, from held-out good scores alone.
 
-    With the few dozen validation images of a typical category, any higher quantile equals the maximum
-    anyway; a user who wants a looser or stricter cut-off applies it to ``score_norm`` (score / threshold).
+    The maximum of a few dozen validation scores is no operating point: with n images the next good image
+    exceeds it with probability 1/(n+1), so 8 validation images flag about 11% of good parts. Instead the
+    log scores are taken as Gaussian (scores are maxima of products of distances: positive, right-skewed)
+    and the threshold is the upper ``1 - target_far`` prediction bound, ``mean + t(n-1) * std * sqrt(1 + 1/n)``:
+    with the Student t quantile, a new good image exceeds it with probability ``target_far`` exactly under
+    that model, whatever n, where a plug-in Gaussian quantile would under-shoot at small n. The threshold
+    never falls below the validation maximum, so no held-out good image is flagged, as before. Fewer than
+    ``MIN_FIT_IMAGES`` scores, or a non-positive one, leave the maximum (method ``max``).
+
+    Returns (threshold, validation statistics, the calibration record stored in the checkpoint).
     """
+    val_max = float(scores.max())
     stats = {
         "val_count": float(len(scores)),
         "val_mean": float(scores.mean()),
         "val_std": float(scores.std()),
         "val_min": float(scores.min()),
-        "val_max": float(scores.max()),
+        "val_max": val_max,
     }
-    return float(scores.max()), stats
+    record: dict[str, Any] = {"method": "max", "target_far": target_far, "n_val": len(scores), "val_max": val_max}
+    if len(scores) < MIN_FIT_IMAGES or not (scores > 0).all():
+        return val_max, stats, record
+    logs = np.log(scores)
+    log_mean, log_std = float(logs.mean()), float(logs.std(ddof=1))
+    factor = float(student_t.ppf(1.0 - target_far, df=len(scores) - 1) * np.sqrt(1.0 + 1.0 / len(scores)))
+    fitted = float(np.exp(log_mean + factor * log_std))
+    record.update(method=CALIBRATION_METHOD, log_mean=log_mean, log_std=log_std, t_factor=factor,
+                  fitted_threshold=fitted, bound="fit" if fitted >= val_max else "val_max")
+    return max(fitted, val_max), stats, record
 
 
 def build_meta(
     category: str, config: TrainConfig, teacher: Teacher, fitter: StudentFitter, val_scores: np.ndarray, extra: dict
 ) -> CheckpointMeta:
-    threshold, stats = calibration(val_scores)
+    threshold, stats, record = calibration(val_scores, config.target_far)
     training = {
         **{k: v for k, v in asdict(config).items() if k not in ("backbone", "layers", "weights", "image_size")},
         "best_epoch": fitter.best_epoch,
@@ -266,6 +300,7 @@ def build_meta(
         threshold=threshold,
         normalization=stats,
         training=training,
+        calibration=record,
         combine=config.combine,
         level_scales=list(fitter.core.level_scales) if fitter.core.level_scales is not None else None,
     )

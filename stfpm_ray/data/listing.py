@@ -126,15 +126,25 @@ def _first_of_runs(columns: Sequence[pa.ChunkedArray]) -> pa.Array:
     return pa.chunked_array([pa.array([True]), *differs.chunks], pa.bool_())
 
 
+def _identity(table: pa.Table) -> pa.ChunkedArray:
+    """``dev:ino`` as text: the real file a row reaches."""
+    return pc.binary_join_element_wise(pc.cast(table["dev"], pa.string()), pc.cast(table["ino"], pa.string()), ":")
+
+
 def _deduplicated(table: pa.Table) -> pa.Table:
-    """One row per real file (non-symlink name first, then path order), then one row per path (first found)."""
-    known = pc.is_valid(table["ino"])
-    keyed = table.filter(known)
-    keys = [("dev", "ascending"), ("ino", "ascending"), ("link", "ascending"), ("path", "ascending"),
-            ("order", "ascending")]
-    keyed = keyed.take(pc.sort_indices(keyed, keys))
-    keyed = keyed.filter(_first_of_runs([keyed["dev"], keyed["ino"]]))
-    rows = pa.concat_tables([keyed, table.filter(pc.invert(known))])
+    """One row per path (first found), and symlinks dropped when they reach a file already listed.
+
+    Only symlinks are folded into their target: hard links are distinct names an archive may hold on
+    purpose (deduplicating storage, one image filed under two cameras), so each keeps its row.
+    """
+    link = pc.fill_null(table["link"], False)
+    known = pc.and_(pc.is_valid(table["ino"]), link)
+    links, rest = table.filter(known), table.filter(pc.invert(known))
+    links = links.filter(pc.invert(pc.is_in(_identity(links), value_set=_identity(rest).combine_chunks())))
+    links = links.take(pc.sort_indices(links, [("dev", "ascending"), ("ino", "ascending"), ("path", "ascending"),
+                                               ("order", "ascending")]))
+    links = links.filter(_first_of_runs([links["dev"], links["ino"]]))
+    rows = pa.concat_tables([rest, links])
     rows = rows.take(pc.sort_indices(rows, [("path", "ascending"), ("order", "ascending")]))
     rows = rows.filter(_first_of_runs([rows["path"]]))
     return rows.select(SCHEMA.names).cast(SCHEMA).combine_chunks()

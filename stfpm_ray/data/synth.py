@@ -533,8 +533,8 @@ def generate_dataset(
     busy = [str(out / name) for name in names if (out / name).exists() and not _is_empty_dir(out / name)]
     if busy:
         raise OutputExistsError(
-            f"{', '.join(busy)} already exist(s) and is not empty; choose another output folder "
-            "(synthetic data never overwrites files)"
+            f"{', '.join(busy)} already exist(s) and is not empty; pass --overwrite to replace them, or choose "
+            "another --out"
         )
     out.mkdir(parents=True, exist_ok=True)
     for index, name in enumerate(names):

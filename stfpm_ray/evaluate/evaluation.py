@@ -16,12 +16,20 @@ reduced to it by :func:`stfpm_ray.data.images.load_mask`, not at the image resol
 The binning of ``PixelMetrics`` is not exact; its guaranteed error bounds are reported beside the values.
 
 Row accounting per category: ``n_images = n_good + n_defective + n_unlabeled + n_errors`` over the rows of
-the evaluated model. Unlabelled rows (label null) count but enter no metric; error rows likewise.
+the evaluated model. Unlabelled rows (label null) enter no detection metric; error rows enter nothing.
+
+Besides the threshold-free metrics (AUROC, AUPRO, and F1-max, whose threshold is chosen on the test labels: an
+oracle), every category is reported at its deployed threshold, the one behind ``is_anomalous``: read from
+the model's checkpoint when the scoring run's checkpoint folder is still reachable, else implied by the rows
+(``score / score_norm``). There the decisions of ``is_anomalous`` give confusion counts, the false-alarm rate
+on good images and recall per defect type; for unlabelled rows (nightly archives) the flagged count and rate
+and the highest-scored flagged images.
 """
 
 from __future__ import annotations
 
 import math
+import posixpath
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from stfpm_ray.core.checkpoint import CheckpointMeta, read_meta
 from stfpm_ray.data.images import load_mask
 from stfpm_ray.errors import InputNotFoundError, StfpmError, UserError
 from stfpm_ray.evaluate import metrics, report
@@ -43,6 +52,8 @@ from stfpm_ray.store.scores import ScoresTable
 AUPRO_FPR_LIMIT = 0.3
 # Examples shown per category and side (highest-scored good, lowest-scored defective).
 N_EXAMPLES = 3
+# Flagged unlabelled images shown per category (the nightly case), highest score first.
+N_FLAGGED = 8
 # Rows per streamed record batch: ~64 small PNG maps, a few MB at most.
 BATCH_ROWS = 64
 # Categories sharing one streaming pass: 64 x 1.5 MiB of histograms.
@@ -50,11 +61,23 @@ CATEGORIES_PER_PASS = 64
 # Keys of a category entry that are averaged over categories (metrics, their binning error bounds) or summed.
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 BOUND_KEYS = ("pixel_auroc_max_binning_error", "aupro_max_binning_error")
-COUNT_KEYS = ("n_images", "n_good", "n_defective", "n_unlabeled", "n_errors")
-SMALL_COLUMNS = ("path", "category", "score", "label", "defect", "mask_path", "map_scale", "model_id", "status")
+RATE_KEYS = ("false_alarm_rate", "recall", "flag_rate")
+COUNT_KEYS = ("n_images", "n_good", "n_defective", "n_unlabeled", "n_errors", "n_flagged", "n_unlabeled_flagged",
+              "tp", "fp", "tn", "fn")
+SMALL_COLUMNS = ("path", "category", "score", "score_norm", "is_anomalous", "label", "defect", "mask_path",
+                 "map_scale", "model_id", "status")
 REQUIRED_COLUMNS = (*SMALL_COLUMNS, "anomaly_map", "scored_at")
 
 RowKey = tuple[str, int]  # (path, scored_at in microseconds): identifies a row across the two reads
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """The threshold behind one model's ``is_anomalous``, where it was read, and how it was calibrated."""
+
+    threshold: float = math.nan
+    source: str | None = None  # "checkpoint", "score / score_norm", or None when neither tells
+    calibration: dict | None = None  # the checkpoint's record; {} for checkpoints older than the record
 
 
 @dataclass
@@ -64,11 +87,32 @@ class CategoryRows:
     name: str
     model_id: str | None
     rows: pd.DataFrame
+    deployed: Deployed = field(default_factory=Deployed)
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        return self.rows[self.rows["status"] == "ok"]
 
     @property
     def labelled(self) -> pd.DataFrame:
         """Rows that enter the metrics: scored successfully and labelled good or defective."""
-        return self.rows[(self.rows["status"] == "ok") & self.rows["label"].notna()]
+        ok = self.ok
+        return ok[ok["label"].notna()]
+
+    @property
+    def flagged(self) -> np.ndarray:
+        """The deployed decision of every ok row: ``is_anomalous`` as stored (score > threshold where null)."""
+        ok = self.ok
+        stored = ok["is_anomalous"].to_numpy(dtype=object)
+        fallback = ok["score"].to_numpy(dtype=np.float64) > self.deployed.threshold
+        return np.where(pd.isna(stored), fallback, np.equal(stored, True).astype(bool))
+
+    @property
+    def top_flagged(self) -> pd.DataFrame:
+        """The highest-scored flagged unlabelled rows: what an operator looks at after a nightly run."""
+        ok = self.ok
+        chosen = ok[self.flagged & ok["label"].isna().to_numpy()]
+        return chosen.nlargest(N_FLAGGED, "score")
 
 
 @dataclass
@@ -168,6 +212,57 @@ def select_rows(index: pd.DataFrame, model_ids: Sequence[str] | None, notes: lis
     return selected
 
 
+def run_metadata(scores_dir: str | Path, version: int | None) -> dict:
+    """What made the evaluated version: its number, the scoring runs' inputs, each model's checkpoint folder.
+
+    Read from the manifests in the commit metadata (:meth:`ScoresTable.history`); commits after the evaluated
+    version do not count, and a model's folder is taken from the newest run that scored with it.
+    """
+    table = ScoresTable(str(scores_dir))
+    current = table.delta(version).version()
+    inputs: set[str] = set()
+    roots: dict[str, str] = {}
+    for entry in table.history():  # newest first
+        manifest = entry["manifest"]
+        if manifest is None or entry["version"] > current:
+            continue
+        inputs.update(manifest.get("inputs") or [])
+        for model in (manifest.get("model_ids") or {}).values():
+            if manifest.get("checkpoints"):
+                roots.setdefault(model, str(manifest["checkpoints"]))
+    return {"table_version": current, "inputs": sorted(inputs), "checkpoint_roots": roots}
+
+
+def _checkpoint_meta(category: str, model_id: str, root: str) -> CheckpointMeta | None:
+    """The checkpoint that made ``model_id``, if it is still where its scoring run found it (a folder of
+    categories or the one checkpoint itself); None when it moved, changed or cannot be read."""
+    for folder in (posixpath.join(root, category), root):
+        try:
+            meta = read_meta(folder)
+        except (StfpmError, OSError, ValueError):
+            continue
+        if meta.model_id == model_id:
+            return meta
+    return None
+
+
+def deployed_threshold(group: CategoryRows, roots: dict[str, str]) -> Deployed:
+    """The threshold of the category's model: its checkpoint's, else the one its rows imply.
+
+    Every row stores ``score_norm = score / threshold``, so the ratio gives the threshold back (to float32
+    precision, hence the median) even when the checkpoints are out of reach, as on a reporting machine.
+    """
+    root = roots.get(group.model_id or "")
+    meta = _checkpoint_meta(group.name, group.model_id, root) if root and group.model_id else None
+    if meta is not None:
+        return Deployed(float(meta.threshold), "checkpoint", dict(meta.calibration))
+    ok = group.ok
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = ok["score"].to_numpy(dtype=np.float64) / ok["score_norm"].to_numpy(dtype=np.float64)
+    ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
+    return Deployed(float(np.median(ratio)), "score / score_norm") if ratio.size else Deployed()
+
+
 def _example_keys(labelled: pd.DataFrame) -> set[RowKey]:
     """Keys of the highest-scored good and lowest-scored defective rows: the hardest cases to look at."""
     good = labelled[labelled["label"] == 0].nlargest(N_EXAMPLES, "score")
@@ -175,9 +270,10 @@ def _example_keys(labelled: pd.DataFrame) -> set[RowKey]:
     return {(row.path, int(row.ts)) for row in pd.concat([good, defective]).itertuples()}
 
 
-def _max_map_value(labelled: pd.DataFrame) -> float:
+def _max_map_value(*frames: pd.DataFrame) -> float:
     """Upper bound of every stored map value (map_scale is each map's maximum); 1.0 for all-zero maps."""
-    top = float(labelled["map_scale"].max()) if len(labelled) else math.nan
+    scales = np.concatenate([frame["map_scale"].to_numpy(dtype=np.float64) for frame in frames])
+    top = float(np.nanmax(scales)) if np.isfinite(scales).any() else math.nan
     return top if math.isfinite(top) and top > 0 else 1.0
 
 
@@ -195,7 +291,8 @@ def _map_batches(dataset: ds.Dataset, row_filter: pc.Expression) -> Iterator[pa.
     whatever its readahead arguments: on 15 files of 93 MiB of maps it had 1.2 GiB buffered. Scanning
     file by file bounds the buffers by a few times one file's map column.
     """
-    columns = ["path", "category", "label", "mask_path", "defect", "score", "anomaly_map", "map_scale", "scored_at"]
+    columns = ["path", "category", "label", "mask_path", "defect", "score", "score_norm", "anomaly_map", "map_scale",
+               "scored_at"]
     for fragment in dataset.get_fragments(filter=row_filter):
         yield from fragment.to_batches(
             schema=dataset.schema, columns=columns, filter=row_filter, batch_size=BATCH_ROWS, batch_readahead=1
@@ -207,13 +304,17 @@ def stream_maps(dataset: ds.Dataset, groups: list[CategoryRows]) -> dict[str, Pi
     wanted: dict[str, set[RowKey]] = {}
     examples: dict[str, set[RowKey]] = {}
     passes: dict[str, PixelPass] = {}
+    flagged_paths: list[str] = []
     for group in groups:
-        labelled = group.labelled
-        wanted[group.name] = {(row.path, int(row.ts)) for row in labelled.itertuples()}
-        examples[group.name] = _example_keys(labelled)
-        passes[group.name] = PixelPass(metrics.PixelMetrics(_max_map_value(labelled)))
-    row_filter = (
-        pc.field("category").isin(list(wanted)) & (pc.field("status") == "ok") & pc.field("label").is_valid()
+        labelled, flagged = group.labelled, group.top_flagged
+        flagged_keys = {(row.path, int(row.ts)) for row in flagged.itertuples()}
+        wanted[group.name] = {(row.path, int(row.ts)) for row in labelled.itertuples()} | flagged_keys
+        examples[group.name] = _example_keys(labelled) | flagged_keys
+        passes[group.name] = PixelPass(metrics.PixelMetrics(_max_map_value(labelled, flagged)))
+        flagged_paths += list(flagged["path"])
+    # unlabelled rows are read only for the flagged images shown: a nightly table holds millions of maps
+    row_filter = pc.field("category").isin(list(wanted)) & (pc.field("status") == "ok") & (
+        pc.field("label").is_valid() | pc.field("path").isin(pa.array(flagged_paths, pa.string()))
     )
     for batch in _map_batches(dataset, row_filter):
         timestamps = _timestamps_us(batch.column("scored_at"))
@@ -235,11 +336,11 @@ def _add_row(row: dict, key: RowKey, state: PixelPass, is_example: bool) -> None
     mask = _read_mask(row["category"], row["mask_path"], row["path"], height) if row["mask_path"] else None
     if row["label"] == 1 and mask is None:
         state.without_mask += 1  # its pixels would all count as normal: keep it out of pixel metrics
-    else:
+    elif row["label"] is not None:  # an unlabelled row is here only to be shown
         state.pixel.update(anomaly_map, mask)
     if is_example:
         state.examples[key] = report.Example(
-            row["path"], float(row["score"]), int(row["label"]), row["defect"], anomaly_map, mask
+            row["path"], float(row["score"]), row["label"], row["defect"], anomaly_map, mask, row["score_norm"]
         )
 
 
@@ -278,23 +379,59 @@ def category_metrics(group: CategoryRows, state: PixelPass, notes: list[str]) ->
         "map_size": next(iter(state.map_sizes), None),
         "pixel_auroc_max_binning_error": auroc_bound,
         "aupro_max_binning_error": aupro_bound,
+        **deployed_metrics(group),
+    }
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return {}
+    return {"p50": float(np.median(values)), "p90": float(np.quantile(values, 0.9)),
+            "p99": float(np.quantile(values, 0.99)), "max": float(values.max())}
+
+
+def deployed_metrics(group: CategoryRows) -> dict:
+    """The category at its deployed threshold: what ``is_anomalous`` decided, against labels where they exist.
+
+    ``score_norm_quantiles`` and ``top_flagged`` describe every ok row, labelled or not, so a nightly table
+    without labels still says how many images were flagged, which, and how far the scores are from 1.
+    """
+    ok, flagged = group.ok, group.flagged
+    point = metrics.operating_point(
+        ok["label"].fillna(-1).to_numpy(dtype=np.int64), flagged, ok["defect"].to_numpy(dtype=object)
+    )
+    unlabelled = ok["label"].isna().to_numpy()
+    top = group.top_flagged
+    return {
+        "threshold": group.deployed.threshold,
+        "threshold_source": group.deployed.source,
+        "calibration": group.deployed.calibration,
+        "n_flagged": int(flagged.sum()),
+        "flag_rate": float(flagged.mean()) if flagged.size else math.nan,
+        "n_unlabeled_flagged": int((flagged & unlabelled).sum()),
+        **point,
+        "score_norm_quantiles": _quantiles(ok["score_norm"].to_numpy(dtype=np.float64)),
+        "top_flagged": [{"path": row.path, "score": float(row.score), "score_norm": float(row.score_norm)}
+                        for row in top.itertuples()],
     }
 
 
 def mean_metrics(per_category: dict[str, dict]) -> dict:
     """Unweighted mean over categories where each metric is defined; counts are totals.
 
-    The F1 threshold has no mean: raw scores are on a different scale in every category.
+    Thresholds have no mean: raw scores are on a different scale in every category.
     """
     entries = list(per_category.values())
     mean: dict = {}
-    for key in METRIC_KEYS + BOUND_KEYS:
+    for key in METRIC_KEYS + BOUND_KEYS + RATE_KEYS:
         values = [entry[key] for entry in entries if not math.isnan(entry[key])]
         mean[key] = float(np.mean(values)) if values else math.nan
     for key in COUNT_KEYS:
         mean[key] = sum(entry[key] for entry in entries)
     sizes = {entry["map_size"] for entry in entries if entry["map_size"] is not None}
-    mean.update(image_f1_threshold=math.nan, model_id=None, map_size=sizes.pop() if len(sizes) == 1 else None)
+    mean.update(image_f1_threshold=math.nan, model_id=None, map_size=sizes.pop() if len(sizes) == 1 else None,
+                threshold=math.nan, threshold_source=None)
     mean["n_categories"] = len(entries)
     return mean
 
@@ -303,12 +440,44 @@ def _undefined_notes(per_category: dict[str, dict]) -> list[str]:
     notes = []
     for name, entry in per_category.items():
         undefined = [key for key in METRIC_KEYS if math.isnan(entry[key])]
-        if undefined:
+        if undefined and entry["n_good"] + entry["n_defective"] == 0:
+            notes.append(
+                f"{name}: no labelled rows (an unlabelled archive): {', '.join(undefined)} undefined, left out of "
+                f"the mean; {entry['n_flagged']} of {entry['n_images'] - entry['n_errors']} images flagged."
+            )
+        elif undefined:
             notes.append(
                 f"{name}: {', '.join(undefined)} undefined (they need good and defective images); "
                 "left out of the mean."
             )
     return notes
+
+
+def _evaluate_groups(
+    dataset: ds.Dataset, groups: list[CategoryRows], notes: list[str], say: Progress
+) -> tuple[dict[str, dict], list[report.CategoryDetail]]:
+    """Metrics and figure inputs of every category, ``CATEGORIES_PER_PASS`` categories per pass over the maps."""
+    per_category: dict[str, dict] = {}
+    details: list[report.CategoryDetail] = []
+    for start in range(0, len(groups), CATEGORIES_PER_PASS):
+        chunk = groups[start : start + CATEGORIES_PER_PASS]
+        say(f"streaming anomaly maps of {', '.join(group.name for group in chunk)}")
+        passes = stream_maps(dataset, chunk)
+        for group in chunk:
+            state = passes[group.name]
+            per_category[group.name] = category_metrics(group, state, notes)
+            labelled, ok = group.labelled, group.ok
+            details.append(
+                report.CategoryDetail(
+                    name=group.name,
+                    labels=labelled["label"].to_numpy(dtype=np.int64),
+                    scores=labelled["score"].to_numpy(dtype=np.float64),
+                    examples=list(state.examples.values()),
+                    map_max=state.pixel.max_score,
+                    unlabeled_scores=ok.loc[ok["label"].isna(), "score"].to_numpy(dtype=np.float64),
+                )
+            )
+    return per_category, details
 
 
 def evaluate_scores(
@@ -326,38 +495,28 @@ def evaluate_scores(
     say = progress or quiet
     dataset = open_scores(scores_dir, version)
     index = read_index(dataset)
-    which = "current version" if version is None else f"version {version}"
-    say(f"read {len(index)} rows from {len(dataset.files)} Parquet file(s) of the {which} of {scores_dir}")
+    runs = run_metadata(scores_dir, version)
+    say(f"read {len(index)} rows from {len(dataset.files)} Parquet file(s) of version {runs['table_version']} of "
+        f"{scores_dir}")
     notes: list[str] = []
     groups = select_rows(index, [model_id] if isinstance(model_id, str) else model_id, notes)
-    per_category: dict[str, dict] = {}
-    details: list[report.CategoryDetail] = []
-    for start in range(0, len(groups), CATEGORIES_PER_PASS):
-        chunk = groups[start : start + CATEGORIES_PER_PASS]
-        say(f"streaming anomaly maps of {', '.join(group.name for group in chunk)}")
-        passes = stream_maps(dataset, chunk)
-        for group in chunk:
-            state = passes[group.name]
-            per_category[group.name] = category_metrics(group, state, notes)
-            labelled = group.labelled
-            details.append(
-                report.CategoryDetail(
-                    name=group.name,
-                    labels=labelled["label"].to_numpy(dtype=np.int64),
-                    scores=labelled["score"].to_numpy(dtype=np.float64),
-                    examples=list(state.examples.values()),
-                    map_max=state.pixel.max_score,
-                )
-            )
+    for group in groups:
+        group.deployed = deployed_threshold(group, runs["checkpoint_roots"])
+    per_category, details = _evaluate_groups(dataset, groups, notes, say)
     result = {
         "categories": per_category,
         "mean": mean_metrics(per_category),
         "settings": {
             "scores": str(scores_dir),
             "version": version,
+            "table_version": runs["table_version"],
+            "inputs": runs["inputs"],
+            "checkpoints": sorted(set(runs["checkpoint_roots"].values())),
+            "model_ids": {name: entry["model_id"] for name, entry in per_category.items()},
             "pixel_resolution": "anomaly maps as stored (map_size x map_size); masks reduced to that size",
             "aupro_fpr_limit": AUPRO_FPR_LIMIT,
             "pixel_metrics": report.PIXEL_METRICS_NOTE,
+            "f1_max": report.F1_ORACLE_NOTE,
         },
         "notes": notes + _undefined_notes(per_category),
     }

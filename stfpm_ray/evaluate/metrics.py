@@ -89,6 +89,33 @@ def roc_curve_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray
     return fpr, tpr
 
 
+def _rate(hits: int, total: int) -> float:
+    return hits / total if total else math.nan
+
+
+def operating_point(labels: np.ndarray, flagged: np.ndarray, defects: np.ndarray) -> dict:
+    """Confusion counts, false-alarm rate and recall of the decisions actually made (``is_anomalous``).
+
+    Unlike :func:`f1_max`, whose threshold is chosen on the test labels it is scored against, these are the
+    figures a deployment sees. Recall is also broken down by defect type (``defects``: one name per image,
+    None when unknown), because one type the model misses hides inside a good overall recall.
+    """
+    positive, flagged = np.asarray(labels) == 1, np.asarray(flagged, dtype=bool)
+    negative = np.asarray(labels) == 0
+    tp, fn = int((positive & flagged).sum()), int((positive & ~flagged).sum())
+    fp, tn = int((negative & flagged).sum()), int((negative & ~flagged).sum())
+    per_defect = {}
+    names = np.array([name if isinstance(name, str) else "unknown" for name in defects], dtype=object)
+    for name in sorted(set(names[positive])):
+        chosen = positive & (names == name)
+        detected = int((chosen & flagged).sum())
+        per_defect[name] = {"n": int(chosen.sum()), "detected": detected, "recall": _rate(detected, int(chosen.sum()))}
+    return {
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+        "false_alarm_rate": _rate(fp, fp + tn), "recall": _rate(tp, tp + fn), "recall_per_defect": per_defect,
+    }
+
+
 def _check_fpr_limit(fpr_limit: float) -> None:
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")

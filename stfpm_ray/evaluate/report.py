@@ -13,7 +13,7 @@ import io
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -60,6 +60,13 @@ PIXEL_METRICS_NOTE = (
     "one bin treated as tied; *_max_binning_error are guaranteed bounds on the difference (measured errors "
     "are far smaller, about 1e-6)."
 )
+F1_ORACLE_NOTE = (
+    "F1-max is an oracle: its threshold is chosen on the same test labels it is scored against, so no deployment "
+    "reaches it. The deployed threshold (behind is_anomalous) comes from held-out good training images only; "
+    "false-alarm rate and recall are measured there."
+)
+# Inputs of the scoring runs listed in the report's header; metrics.json holds them all.
+N_INPUTS_SHOWN = 10
 COLORMAP = "jet"
 OVERLAY_ALPHA = 0.5
 
@@ -70,10 +77,11 @@ class Example:
 
     path: str
     score: float
-    label: int
+    label: int | None  # None: unlabelled, shown because it was flagged
     defect: str | None
     anomaly_map: np.ndarray
     mask: np.ndarray | None
+    score_norm: float | None = None
 
 
 @dataclass
@@ -85,6 +93,7 @@ class CategoryDetail:
     scores: np.ndarray
     examples: list[Example]
     map_max: float  # top of the colour scale of this category's overlays
+    unlabeled_scores: np.ndarray = field(default_factory=lambda: np.empty(0))
 
 
 def _is_missing(value: object) -> bool:
@@ -116,14 +125,19 @@ def metrics_json(result: dict) -> str:
 
 
 def metrics_csv(result: dict) -> str:
-    """One row per category plus a ``mean`` row; undefined values are empty cells."""
-    columns = list(next(iter(result["categories"].values())))
+    """One row per category plus a ``mean`` row; undefined values are empty cells.
+
+    Nested figures (calibration, recall per defect, flagged images) have no cell: metrics.json holds them.
+    """
+    first = next(iter(result["categories"].values()))
+    columns = [key for key, value in first.items() if not isinstance(value, (dict, list))]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["category", *columns], extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     rows = [*result["categories"].items(), ("mean", result["mean"])]
     for name, entry in rows:
-        writer.writerow({"category": name, **{key: "" if _is_missing(entry[key]) else entry[key] for key in columns}})
+        cells = {key: "" if _is_missing(entry.get(key)) else entry[key] for key in columns}
+        writer.writerow({"category": name, **cells})
     return buffer.getvalue()
 
 
@@ -144,16 +158,20 @@ def _table_rows(result: dict) -> list[tuple[str, dict, tuple[float, float] | Non
 
 def format_table(result: dict) -> str:
     """The per-category table as fixed-width text, for the terminal and job logs."""
-    header = ("category", "img AUROC", "(paper)", "pix AUROC", "(paper)", "AUPRO", "F1-max", "good", "defect",
-              "unlab", "errors")
+    header = ("category", "img AUROC", "(paper)", "pix AUROC", "(paper)", "AUPRO", "F1 oracle", "threshold", "FAR",
+              "recall", "flagged", "good", "defect", "unlab", "errors")
     rows = []
     for name, entry, paper in _table_rows(result):
         paper_image, paper_pixel = paper if paper else (None, None)
         rows.append((name, _fmt(entry["image_auroc"]), _fmt(paper_image), _fmt(entry["pixel_auroc"]),
-                     _fmt(paper_pixel), _fmt(entry["aupro"]), _fmt(entry["image_f1_max"]), entry["n_good"],
-                     entry["n_defective"], entry["n_unlabeled"], entry["n_errors"]))
+                     _fmt(paper_pixel), _fmt(entry["aupro"]), _fmt(entry["image_f1_max"]),
+                     _fmt(entry["threshold"], 4), _fmt(entry["false_alarm_rate"]), _fmt(entry["recall"]),
+                     entry["n_flagged"], entry["n_good"], entry["n_defective"], entry["n_unlabeled"],
+                     entry["n_errors"]))
     table = fixed_width_table(header, rows, rule=True)
-    return f"{table}\npixel metrics at the stored map resolution: {_resolution(result)}"
+    return (f"{table}\nFAR (false alarms on good images), recall and flagged: at the deployed threshold "
+            "(is_anomalous); F1 oracle: threshold chosen on the test labels\n"
+            f"pixel metrics at the stored map resolution: {_resolution(result)}")
 
 
 def _resolution(result: dict) -> str:
@@ -185,45 +203,88 @@ def _roc_axes(axes: Axes, detail: CategoryDetail, label: str) -> bool:
     return bool(len(fpr))
 
 
-def _overview_figure(details: list[CategoryDetail], per_category: dict[str, dict]) -> str:
+def _overview_figure(details: list[CategoryDetail], per_category: dict[str, dict]) -> str | None:
+    """All categories' ROC curves; None when no category has both good and defective images to draw one."""
     figure = Figure(figsize=(7.5, 4.2), dpi=100, layout="constrained")
     axes = figure.add_subplot()
     palette = "tab10" if len(details) <= 10 else "tab20"  # MVTec AD has 15 categories: keep colours distinct
     axes.set_prop_cycle(color=matplotlib.colormaps[palette].colors)
-    for detail in details:
-        _roc_axes(axes, detail, f"{detail.name} ({_fmt(per_category[detail.name]['image_auroc'])})")
+    drawn = [_roc_axes(axes, d, f"{d.name} ({_fmt(per_category[d.name]['image_auroc'])})") for d in details]
+    if not any(drawn):
+        return None
     axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     axes.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02))
     axes.set_title("Image ROC per category (AUROC)")
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small", frameon=False)
+    axes.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small", frameon=False)
     return _figure_data_uri(figure)
+
+
+def _histogram_axes(axes: Axes, detail: CategoryDetail, entry: dict) -> None:
+    """Scores of good, defective and unlabelled images with the deployed threshold, the line that decides
+    ``is_anomalous``, and the F1-max threshold for comparison."""
+    every = np.concatenate([detail.scores, detail.unlabeled_scores])
+    if every.size:
+        edges = np.histogram_bin_edges(every, bins=min(40, max(5, every.size // 3)))
+        for chosen, name, color in ((detail.scores[detail.labels == 0], "good", "tab:green"),
+                                    (detail.scores[detail.labels == 1], "defective", "tab:red"),
+                                    (detail.unlabeled_scores, "unlabelled", "tab:blue")):
+            if chosen.size:
+                axes.hist(chosen, bins=edges, alpha=0.55, color=color, label=f"{name} ({chosen.size})")
+    else:
+        axes.text(0.5, 0.5, "no scored images", ha="center", va="center")
+    lines = [(value, label, style) for value, label, style in ((entry["threshold"], "deployed threshold", "-"),
+             (entry["image_f1_threshold"], "F1-max threshold (oracle)", ":")) if not _is_missing(value)]
+    for value, label, style in lines:
+        axes.axvline(value, color="black", linestyle=style, linewidth=1.3, label=f"{label} {_fmt(value, 4)}")
+    if lines:  # a threshold far above every score (a strict calibration) must still be in view
+        low, high = axes.get_xlim()
+        low, high = min(low, *(v for v, _, _ in lines)), max(high, *(v for v, _, _ in lines))
+        axes.set_xlim(low - 0.03 * (high - low), high + 0.03 * (high - low))
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize="small")
+    axes.set(xlabel="image score (max of anomaly map)", ylabel="images", title="Image scores")
 
 
 def _category_figure(detail: CategoryDetail, entry: dict) -> str:
-    """Image ROC and score histograms of good vs defective images, side by side."""
-    figure = Figure(figsize=(10.0, 3.4), dpi=100, layout="constrained")
-    roc, hist = figure.subplots(1, 2)
-    if not _roc_axes(roc, detail, f"AUROC {_fmt(entry['image_auroc'])}"):
-        roc.text(0.5, 0.5, "undefined: needs good and defective images", ha="center", va="center")
-    roc.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    roc.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02), title="Image ROC")
-    if roc.get_legend_handles_labels()[0]:
+    """Image ROC (where good and defective images exist) beside the score histogram."""
+    has_roc = 0 < int(detail.labels.sum()) < detail.labels.size
+    figure = Figure(figsize=(10.0 if has_roc else 5.6, 3.4), dpi=100, layout="constrained")
+    if has_roc:
+        roc, hist = figure.subplots(1, 2)
+        _roc_axes(roc, detail, f"AUROC {_fmt(entry['image_auroc'])}")
+        roc.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        roc.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02),
+                title="Image ROC")
         roc.legend(loc="lower right")
-    if detail.scores.size:
-        edges = np.histogram_bin_edges(detail.scores, bins=min(30, max(5, detail.scores.size // 3)))
-        for label, name, color in ((0, "good", "tab:green"), (1, "defective", "tab:red")):
-            chosen = detail.scores[detail.labels == label]
-            if chosen.size:
-                hist.hist(chosen, bins=edges, alpha=0.55, color=color, label=f"{name} ({chosen.size})")
-        threshold = entry["image_f1_threshold"]
-        if not _is_missing(threshold):
-            hist.axvline(threshold, color="black", linestyle="--", linewidth=1, label="F1-max threshold")
-        hist.legend(fontsize="small")
     else:
-        hist.text(0.5, 0.5, "no labelled images", ha="center", va="center")
-    hist.set(xlabel="image score (max of anomaly map)", ylabel="images", title="Image scores")
+        hist = figure.subplots()
+    _histogram_axes(hist, detail, entry)
     return _figure_data_uri(figure)
+
+
+def threshold_origin(entry: dict) -> str:
+    """Where the deployed threshold came from and how it was set, in words, for the report."""
+    record, source = entry.get("calibration"), entry.get("threshold_source")
+    if source is None:
+        return "unknown: no checkpoint reachable and no score_norm in the rows"
+    if source != "checkpoint":
+        return f"implied by the rows ({source}): the model's checkpoint was not reachable"
+    if not record:
+        return "from the checkpoint: the maximum of the validation scores (written before calibration was recorded)"
+    if record.get("method") == "max":
+        return f"from the checkpoint: the maximum of {record.get('n_val')} validation scores"
+    bound = "the validation maximum, above the fit" if record.get("bound") == "val_max" else "the fit"
+    return (f"from the checkpoint: {record.get('method')} fit to {record.get('n_val')} held-out good images, "
+            f"target false-alarm rate {_fmt(record.get('target_far'), 4)} (binding: {bound})")
+
+
+def _defect_table(per_category: dict[str, dict]) -> tuple[list[str], list[dict]]:
+    """Recall at the deployed threshold per category (rows) and defect type (columns); None where a category
+    has no images of that defect."""
+    defects = sorted({name for entry in per_category.values() for name in entry["recall_per_defect"]})
+    rows = [{"name": name, "cells": [entry["recall_per_defect"].get(defect) for defect in defects]}
+            for name, entry in per_category.items() if entry["recall_per_defect"]]
+    return defects, rows
 
 
 def _example_tile(example: Example, map_max: float) -> tuple[str, str | None]:
@@ -256,17 +317,26 @@ _TEMPLATES = jinja2.Environment(
 )
 
 
+def _kind(example: Example) -> str:
+    if example.label is None:
+        return f"unlabelled, {_fmt(example.score_norm)} x threshold"
+    return "good" if example.label == 0 else f"defective ({example.defect or 'unknown defect'})"
+
+
 def _example_sets(detail: CategoryDetail) -> list[tuple[str, list[dict]]]:
     good = sorted((e for e in detail.examples if e.label == 0), key=lambda e: -e.score)
     defective = sorted((e for e in detail.examples if e.label == 1), key=lambda e: e.score)
+    flagged = sorted((e for e in detail.examples if e.label is None), key=lambda e: -e.score)
+    chosen = [("Highest-scored good images (likely false positives)", good),
+              ("Lowest-scored defective images (likely misses)", defective)] if detail.labels.size else []
+    if detail.unlabeled_scores.size:
+        chosen.append(("Flagged unlabelled images, highest score first", flagged))
     sets = []
-    for title, examples in (("Highest-scored good images (likely false positives)", good),
-                            ("Lowest-scored defective images (likely misses)", defective)):
+    for title, examples in chosen:
         tiles = []
         for example in examples:
             uri, missing = _example_tile(example, detail.map_max)
-            kind = "good" if example.label == 0 else f"defective ({example.defect or 'unknown defect'})"
-            tiles.append({"uri": uri, "missing": missing, "kind": kind, "score": example.score,
+            tiles.append({"uri": uri, "missing": missing, "kind": _kind(example), "score": example.score,
                           "path": example.path, "file": Path(example.path).name})
         sets.append((title, tiles))
     return sets
@@ -282,14 +352,16 @@ def render_html(result: dict, details: list[CategoryDetail]) -> str:
     sections = [
         {"name": detail.name, "entry": result["categories"][detail.name], "map_max": detail.map_max,
          "figure": _category_figure(detail, result["categories"][detail.name]),
-         "example_sets": _example_sets(detail)}
+         "origin": threshold_origin(result["categories"][detail.name]), "example_sets": _example_sets(detail)}
         for detail in details
     ]
+    defects, defect_rows = _defect_table(result["categories"])
     return _TEMPLATES.get_template("report.html.j2").render(
         settings=result["settings"], n_categories=len(result["categories"]), resolution=_resolution(result),
         generated=datetime.now(timezone.utc).isoformat(timespec="seconds"), table=table, fmt=_fmt,
         paper_source=PAPER_SOURCE, notes=result["notes"], overview=_overview_figure(details, result["categories"]),
-        sections=sections, colormap=COLORMAP,
+        sections=sections, colormap=COLORMAP, defects=defects, defect_rows=defect_rows,
+        n_inputs_shown=N_INPUTS_SHOWN,
     )
 
 

@@ -38,11 +38,17 @@ def run_benchmark(
     categories: str = "all",
     overwrite: bool = False,
     progress: Progress = log_progress,
+    resume: bool = False,
 ) -> dict:
-    """Train, score and evaluate; return ``{"stages": {...seconds}, "metrics": {...}, "failed": [...]}``."""
+    """Train, score and evaluate; return ``{"stages": {...seconds}, "metrics": {...}, "failed": [...]}``.
+
+    ``resume`` continues a benchmark in ``out``: training resumes (see ``train_categories``), scoring and
+    evaluation run again on what it trained.
+    """
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{out} is not empty; pass --overwrite to replace its benchmark, or another --out")
+    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+        raise OutputExistsError(f"{out} is not empty; pass --resume to continue its benchmark, --overwrite to "
+                                "replace it, or another --out")
     stages: dict[str, float] = {}
     if data is None:
         data = out / "data"
@@ -52,8 +58,8 @@ def run_benchmark(
     names = resolve_categories(data, categories)
 
     started = time.perf_counter()
-    results = train_categories(data, names, out / "checkpoints", config, resources, overwrite=overwrite,
-                               progress=progress)
+    results = train_categories(data, names, out / "checkpoints", config, resources, resume=resume,
+                               overwrite=overwrite, progress=progress)
     stages["train_s"] = time.perf_counter() - started
     trained = [r.category for r in results if r.ok]
     failed = [r.category for r in results if not r.ok]

@@ -1,0 +1,120 @@
+"""The deployed threshold: calibrated on held-out good scores at a target false-alarm rate, recorded in the
+checkpoint; checkpoints written before the record keep scoring with their stored threshold."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from stfpm_ray.cli.options import add_training_options, train_config
+from stfpm_ray.core.checkpoint import META_FILE, load_checkpoint, read_meta, save_checkpoint, validate_checkpoint
+from stfpm_ray.core.fit import CALIBRATION_METHOD, TrainConfig, calibration, fit_category, load_images
+from stfpm_ray.core.score import score_batch
+from stfpm_ray.data import mvtec
+from stfpm_ray.errors import UserError
+
+# Validation scores drawn from a known distribution, many times: the false-alarm rate of each threshold on
+# the population is exact (the distribution's survival function), not estimated from a few test images.
+DRAWS = 2000
+
+
+def _population_far(distribution, n: int, target: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(calibrated, maximum) thresholds' population false-alarm rates over DRAWS validation sets of size n."""
+    rng = np.random.default_rng(seed)
+    new, old = np.empty(DRAWS), np.empty(DRAWS)
+    for i in range(DRAWS):
+        scores = distribution.rvs(n, random_state=rng)
+        new[i] = distribution.sf(calibration(scores, target)[0])
+        old[i] = distribution.sf(scores.max())
+    return new, old
+
+
+@pytest.mark.parametrize("n", [5, 8, 20, 42])
+def test_small_validation_sets_give_the_target_rate_on_log_normal_scores(n):
+    """The t prediction bound gives the target rate in expectation at any n; the maximum gives 1/(n+1)."""
+    new, old = _population_far(stats.lognorm(0.3, scale=0.2), n, target=0.01)
+    assert 0.006 < new.mean() < 0.0115
+    assert old.mean() == pytest.approx(1 / (n + 1), rel=0.15)
+    assert new.mean() < old.mean() / 2
+
+
+def test_heavier_tailed_scores_stay_within_a_few_times_the_target():
+    """Image scores are maxima over a map: a Gumbel tail, heavier than the log-normal the fit assumes. With
+    8 validation images the rate stays a few times the target, far below the maximum's 11%."""
+    new, old = _population_far(stats.gumbel_r(loc=1.0, scale=0.1), 8, target=0.01)
+    assert new.mean() < 0.035 and old.mean() > 0.09
+
+
+def test_record_and_floor_at_the_validation_maximum():
+    scores = np.array([0.20, 0.21, 0.22, 0.23, 0.24, 0.25, 0.26, 0.40])
+    threshold, normalization, record = calibration(scores, 0.01)
+    logs = np.log(scores)
+    factor = stats.t.ppf(0.99, df=7) * math.sqrt(1 + 1 / 8)
+    assert record["method"] == CALIBRATION_METHOD and record["target_far"] == 0.01 and record["n_val"] == 8
+    assert record["log_mean"] == pytest.approx(logs.mean()) and record["log_std"] == pytest.approx(logs.std(ddof=1))
+    assert record["t_factor"] == pytest.approx(factor)
+    assert record["fitted_threshold"] == pytest.approx(math.exp(logs.mean() + factor * logs.std(ddof=1)))
+    assert threshold == max(record["fitted_threshold"], 0.40) and record["val_max"] == normalization["val_max"] == 0.40
+    assert record["bound"] == ("fit" if record["fitted_threshold"] >= 0.40 else "val_max")
+    # a loose target puts the fit below an outlying maximum: the maximum still binds, no good image is flagged
+    loose, _, loose_record = calibration(scores, 0.3)
+    assert loose == 0.40 and loose_record["bound"] == "val_max" and loose_record["fitted_threshold"] < 0.40
+    json.dumps(record)  # stored in stfpm.json
+
+
+@pytest.mark.parametrize("scores", [np.array([0.3, 0.2]), np.array([0.3, 0.0, 0.2, 0.25])])
+def test_too_few_or_non_positive_scores_keep_the_maximum(scores):
+    threshold, _, record = calibration(scores, 0.01)
+    assert threshold == 0.3 and record == {"method": "max", "target_far": 0.01, "n_val": len(scores), "val_max": 0.3}
+
+
+@pytest.mark.parametrize("far", [0.0, 0.5, -0.1])
+def test_target_far_out_of_range_is_refused(far):
+    with pytest.raises(UserError, match="target false-alarm rate"):
+        TrainConfig(target_far=far)
+
+
+def test_the_cli_flag_sets_the_target():
+    parser = argparse.ArgumentParser()
+    add_training_options(parser)
+    assert train_config(parser.parse_args(["--target-far", "0.002"])).target_far == 0.002
+    assert train_config(parser.parse_args([])).target_far == TrainConfig().target_far
+
+
+@pytest.fixture(scope="module")
+def fitted(synth_root, tmp_path_factory):
+    category = mvtec.discover_categories(synth_root)[0]
+    config = TrainConfig(image_size=64, epochs=1, batch_size=8, weights="offline", target_far=0.05)
+    result = fit_category(synth_root, category, config)
+    folder = tmp_path_factory.mktemp("calibrated") / category
+    return synth_root, category, folder, save_checkpoint(folder, result.model.student, result.meta)
+
+
+def test_the_checkpoint_records_the_calibration(fitted):
+    _, _, folder, meta = fitted
+    record = read_meta(folder).calibration
+    assert record == meta.calibration and record["method"] == CALIBRATION_METHOD and record["target_far"] == 0.05
+    assert record["n_val"] == meta.training["val_images"] == int(meta.normalization["val_count"])
+    assert meta.threshold == max(record["fitted_threshold"], record["val_max"]) and meta.training["target_far"] == 0.05
+    assert validate_checkpoint(folder) == meta
+
+
+def test_a_checkpoint_without_the_record_scores_with_its_stored_threshold(fitted):
+    root, category, folder, meta = fitted
+    raw = json.loads((folder / META_FILE).read_text())
+    del raw["calibration"]  # as written before calibration was recorded
+    (folder / META_FILE).write_text(json.dumps(raw))
+    old = validate_checkpoint(folder)  # model_id still matches: it covers the threshold, not how it was set
+    assert old.calibration == {} and old.threshold == meta.threshold and old.model_id == meta.model_id
+    model, loaded = load_checkpoint(folder)
+    images, _ = load_images([sample.path for sample in mvtec.test_samples(root, category)], meta.image_size)
+    with torch.inference_mode():
+        scored = score_batch(model, loaded, images)
+    assert [s.is_anomalous for s in scored] == [s.score > meta.threshold for s in scored]
+    assert [s.score_norm for s in scored] == pytest.approx([s.score / meta.threshold for s in scored])
