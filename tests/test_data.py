@@ -88,4 +88,6 @@ def test_sum_combination_is_calibrated_on_held_out_good_images(synth_root):
     maps, scores = model.predict(fitter.val_images)
     # every level divided by its mean on these very images: the combined map averages about 1 there
     assert maps.mean().item() == pytest.approx(1.0, rel=0.1)
-    assert meta.threshold == pytest.approx(float(scores.max()))
+    # the threshold is calibrated on these scores: never below their maximum (core.fit.calibration)
+    assert meta.calibration["val_max"] == pytest.approx(float(scores.max()))
+    assert meta.threshold >= float(scores.max()) - 1e-9

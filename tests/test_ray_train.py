@@ -131,7 +131,9 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, synth_root,
             for pid in killed:
                 os.kill(pid, signal.SIGKILL)
 
-    [result] = train_categories(synth_root, ["grain"], tmp_path / "ckpt", config, progress=progress)
+    # one CPU per worker, so that the plain loop below can reproduce it with one thread
+    [result] = train_categories(synth_root, ["grain"], tmp_path / "ckpt", config, TrainResources(cpus_per_worker=1),
+                                progress=progress)
     assert len(killed) == 1, lines
     assert result.ok and result.epochs == 60, result
     resumed = [int(m.group(1)) for line in lines if (m := re.search(r"resumed .* after epoch (\d+)", line))]

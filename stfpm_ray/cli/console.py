@@ -13,7 +13,7 @@ class _CurrentStdout(logging.StreamHandler):
     """Writes to whatever ``sys.stdout`` is at the time of each record (redirections, test capture)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stdout)
+        self.stream = sys.stdout  # not setStream: it flushes the previous stream, which may be closed by now
         super().emit(record)
 
 
@@ -21,7 +21,7 @@ class _Stderr(logging.StreamHandler):
     """Everything but the progress lines, on stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stderr)
+        self.stream = sys.stderr  # not setStream: it flushes the previous stream, which may be closed by now
         super().emit(record)
 
 
