@@ -9,7 +9,8 @@ import pyarrow.fs as pafs
 import pytest
 
 from stfpm_ray.data import listing
-from stfpm_ray.data.listing import Listing, is_mvtec_mask, list_images
+from stfpm_ray.data.listing import Listing, list_images
+from stfpm_ray.data.mvtec import is_mask
 from stfpm_ray.errors import InputNotFoundError
 from stfpm_ray.store.fs import register_filesystem
 
@@ -148,8 +149,8 @@ def test_hidden_entries_masks_and_other_extensions_are_skipped_in_folders(tmp_pa
         str(root / "bottle/test/broken/001.JPEG"), str(root / "bottle/test/good/000.png"),
         str(root / "bottle/x.tiff"), str(root / "bottle/y.Bmp"),
     ]
-    assert is_mvtec_mask("bottle/ground_truth/broken/001_mask.png")
-    assert not is_mvtec_mask("bottle/test/broken/001.png")
+    assert is_mask("bottle/ground_truth/broken/001_mask.png")
+    assert not is_mask("bottle/test/broken/001.png")
 
 
 def test_a_file_input_is_taken_whatever_its_extension_and_inputs_keep_their_source(tmp_path):

@@ -5,9 +5,9 @@ files first; it therefore has to survive whatever a real archive holds without r
 
 * Local folders are walked by hand (``os.scandir`` on bytes paths) rather than through pyarrow, whose
   recursive selector follows directory symlinks: a ``loop -> .`` link made it recurse until the path was
-  too long. Directory symlinks are counted and not followed; file symlinks are followed, and a file
-  reached through several names (symlinks, hard links) is listed once, under the name that is not a
-  symlink, so it is scored once.
+  too long. Directory symlinks are counted and not followed; file symlinks are followed, and a symlink
+  to a file already listed (directly or through another symlink) is dropped, so the file is scored once.
+  Hard links keep their rows: each is a name of its own.
 * A file that cannot become a proper row (a dangling link, a name that is not UTF-8, which Arrow strings
   and Parquet cannot hold) becomes an error row: the user sees it in the output instead of losing it
   silently or losing the whole run to one bad name.
@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from stfpm_ray.data.images import IMAGE_EXTENSIONS
+from stfpm_ray.data.mvtec import is_mask
 from stfpm_ray.errors import InputNotFoundError, UserError
 from stfpm_ray.store.fs import resolve
 
@@ -74,12 +75,6 @@ class Listing:
     files: pa.Table
     sources: list[tuple[pafs.FileSystem, str]]
     skipped: dict[str, int] = field(default_factory=dict)
-
-
-def is_mvtec_mask(path: str) -> bool:
-    """Ground-truth masks of an MVTec-layout root (``<category>/ground_truth/<defect>/*``) are not inputs."""
-    parts = path.split("/")
-    return len(parts) >= 3 and parts[-3] == "ground_truth"
 
 
 class _Rows:
@@ -160,7 +155,7 @@ def _text(path: bytes) -> tuple[str, bool]:
 
 def _is_candidate(path: bytes) -> bool:
     """A folder entry worth a row by its name: an image extension, and not an MVTec mask."""
-    return path.lower().endswith(_SUFFIXES) and not is_mvtec_mask(path.decode("utf-8", "backslashreplace"))
+    return path.lower().endswith(_SUFFIXES) and not is_mask(path.decode("utf-8", "backslashreplace"))
 
 
 def _follow(path: bytes) -> os.stat_result | OSError:
@@ -270,7 +265,7 @@ def _list_remote(rows: _Rows, uri: str, filesystem: pafs.FileSystem, base: str, 
             entry.type == pafs.FileType.File
             and entry.extension.lower() in _EXTENSIONS
             and not any(part.startswith(".") for part in entry.path[len(base):].split("/"))
-            and not is_mvtec_mask(entry.path)
+            and not is_mask(entry.path)
         ):
             rows.add(prefix + entry.path, source, entry.size or 0)
 

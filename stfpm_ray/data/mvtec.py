@@ -95,13 +95,29 @@ def mask_path_for(image: str | Path) -> str | None:
     return mask if is_file(mask) else None
 
 
+def _parts(path: str | Path) -> list[str]:
+    return str(path).replace(os.sep, "/").rstrip("/").split("/")
+
+
+def is_training_image(path: str | Path) -> bool:
+    """An image under ``<category>/train/<kind>/``: what a model learnt from, not what it is judged on."""
+    parts = _parts(path)
+    return len(parts) >= 4 and parts[-3] == "train"
+
+
+def is_mask(path: str | Path) -> bool:
+    """A ground-truth mask (``<category>/ground_truth/<defect>/*``): never an input image."""
+    parts = _parts(path)
+    return len(parts) >= 3 and parts[-3] == "ground_truth"
+
+
 def sample_for(path: str | Path, category: str | None = None) -> Sample:
     """Route an image path: inside ``<cat>/test/<defect>/`` it gets category, label, defect and mask.
 
     Outside the test layout only the category is known: ``category`` if given, else the folder above
     ``train``/``test`` when the path has one, else the parent folder's name.
     """
-    parts = str(path).replace(os.sep, "/").rstrip("/").split("/")
+    parts = _parts(path)
     if len(parts) >= 4 and parts[-3] == "test":
         defect = parts[-2]
         return Sample(
@@ -112,7 +128,7 @@ def sample_for(path: str | Path, category: str | None = None) -> Sample:
             mask_path=mask_path_for(path),
         )
     if category is None:
-        category = parts[-4] if len(parts) >= 4 and parts[-3] == "train" else (parts[-2] if len(parts) >= 2 else "")
+        category = parts[-4] if is_training_image(path) else (parts[-2] if len(parts) >= 2 else "")
     return Sample(path=str(path), category=category)
 
 

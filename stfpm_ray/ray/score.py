@@ -90,7 +90,7 @@ from stfpm_ray.core.score import (
 )
 from stfpm_ray.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
 from stfpm_ray.data.listing import Listing, list_images
-from stfpm_ray.data.mvtec import sample_for
+from stfpm_ray.data.mvtec import is_training_image, sample_for
 from stfpm_ray.errors import InputNotFoundError, UserError
 from stfpm_ray.progress import Meter, Progress, fixed_width_table, log_progress
 from stfpm_ray.ray.session import cluster_capacity, init_ray
@@ -200,11 +200,6 @@ class ScoringOptions:
 SPLITS = ("test", "all")
 
 
-def _is_training_image(path: str) -> bool:
-    parts = path.split("/")
-    return len(parts) >= 4 and parts[-3] == "train"
-
-
 def _routes(
     paths: list[str], checkpoints: dict[str, tuple[str, CheckpointMeta]], category: str | None
 ) -> tuple[list[Any], list[str | None]]:
@@ -244,7 +239,7 @@ def plan(
     """
     files = listing.files
     if category is None and split == "test":  # an MVTec root: train/good is what the model learnt from
-        files = files.filter(pc.invert(pa.array([_is_training_image(p) for p in files["path"].to_pylist()], pa.bool_())))
+        files = files.filter(pc.invert(pa.array([is_training_image(p) for p in files["path"].to_pylist()], pa.bool_())))
     paths = files["path"].to_pylist()
     samples, models = _routes(paths, checkpoints, category)
     keys = pa.table({"path": files["path"], "model_id": pa.array(models, pa.string())})
@@ -555,19 +550,22 @@ def _score_and_commit(run: _Run, lease: Lease, options: ScoringOptions, checkpoi
     progress(f"run {run.run_id}: {pool[0]}-{pool[1]} scoring actors, batch size {options.batch_size}, "
              f"maps {options.map_size} px")
     try:
-        with _watch(run, progress):
-            files = _run_pipeline(run, options, pool)
-        index = run.table.read_index(files)
-        _check_staged(index, run.planned)
-        for name, tally in counts_by_category(index).items():
-            counts[name].ok, counts[name].error = tally["ok"], tally["error"]
-        removed, kept = run.table.retried_errors(index["path"], run.run_id) if run.mode == "incremental" else ([], [])
-        manifest = {**_manifest(run, index.num_rows, files, options, checkpoints), "replaced_error_files": removed}
-        lease.check()
+        try:
+            with _watch(run, progress):
+                files = _run_pipeline(run, options, pool)
+            index = run.table.read_index(files)
+            _check_staged(index, run.planned)
+            for name, tally in counts_by_category(index).items():
+                counts[name].ok, counts[name].error = tally["ok"], tally["error"]
+            removed, kept = (run.table.retried_errors(index["path"], run.run_id) if run.mode == "incremental"
+                             else ([], []))
+            manifest = {**_manifest(run, index.num_rows, files, options, checkpoints), "replaced_error_files": removed}
+            lease.check()
+        except BaseException:
+            run.table.discard(run.run_id)
+            raise
+        # Not under discard: once the log entry may exist, these files may be live and must never be deleted.
         summary.version = run.table.commit(files + kept, removed, manifest, overwrite=run.mode == "overwrite")
-    except BaseException:
-        run.table.discard(run.run_id)
-        raise
     finally:
         run.table.clear_runs()
     summary.seconds = time.time() - run.started
@@ -593,11 +591,11 @@ def score_images(
     """
     if split not in SPLITS:
         raise UserError(f"--split takes {' or '.join(SPLITS)}, got {split!r}")
+    if incremental and overwrite:
+        raise UserError("--incremental and --overwrite exclude each other")
     inputs = [inputs] if isinstance(inputs, str) else [str(i) for i in inputs]
     mode = "incremental" if incremental else "overwrite" if overwrite else "plain"
     table, run_id = ScoresTable(str(out_dir)), _run_id()
-    if incremental and overwrite:
-        raise UserError("--incremental and --overwrite exclude each other")
     with Lease(table.location, run_id) as lease:
         if lease.took_over is not None:
             progress(f"took over the lease of {lease.took_over.describe()}: that run is gone")

@@ -3,8 +3,8 @@
 Two scoring runs into one table would each plan the same new images and each append them, so the lease is
 taken before anything is listed or planned, and checked again right before the commit.
 
-* **Taking it** is an exclusive create: ``O_CREAT | O_EXCL`` on local and shared POSIX filesystems (NFSv3+
-  implements it atomically on the server). A second run refuses at once and names the holder (run id,
+* **Taking it** is an exclusive create: the lease is written whole under a private name and hard-linked
+  into place, which fails if a lease exists (atomic on local and shared POSIX filesystems, NFS included). A second run refuses at once and names the holder (run id,
   user, host, pid, age of the heartbeat).
 * **Keeping it**: a daemon thread rewrites the heartbeat every :data:`HEARTBEAT_S` seconds, after checking
   the file still names this run.
@@ -118,12 +118,17 @@ class Lease:
                 return False
             write_text_atomic(self.location, self._text())
             return self._is_ours(self.read())
+        # Written whole under a private name, then hard-linked into place: link() fails when the lease exists
+        # (atomically, NFS included), and a reader never sees an empty file that it would take for stale.
+        draft = f"{self.location.path}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(draft, "w") as handle:
+            handle.write(self._text())
         try:
-            fd = os.open(self.location.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(draft, self.location.path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as handle:
-            handle.write(self._text())
+        finally:
+            os.unlink(draft)
         return True
 
     def acquire(self) -> "Lease":
@@ -148,8 +153,8 @@ class Lease:
         aside = posixpath.join(posixpath.dirname(self.location.path), f"lease-stale-{uuid.uuid4().hex[:8]}.json")
         try:
             self.location.filesystem.move(self.location.path, aside)
-        except (FileNotFoundError, OSError):
-            return  # another run set it aside first; the create that follows decides
+        except OSError:  # another run set it aside first; the create that follows decides
+            return
         self.took_over = holder
 
     def _start_heartbeat(self) -> None:

@@ -150,8 +150,6 @@ class ScoresTable:
 
     def check_mode(self, incremental: bool, overwrite: bool) -> bool:
         """Whether a table is there; refuses a plain run into a table and a folder that holds other things."""
-        if incremental and overwrite:
-            raise UserError("--incremental and --overwrite exclude each other")
         if self.exists():
             if not (incremental or overwrite):
                 raise OutputExistsError(
