@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 import torch
@@ -471,6 +472,27 @@ def test_an_unexpected_decoder_error_becomes_an_error_row(trained, synth_root, t
     decoded = ray_score.decode_batch(block, sources)
     errors = {Path(p).name: e for p, e in zip(decoded["path"].to_pylist(), decoded["error"].to_pylist())}
     assert errors == {images[0].name: "unexpected error while decoding: TypeError: a decoder bug", images[1].name: None}
+
+
+def test_planning_looks_up_masks_only_for_images_it_will_score(trained, synth_root, monkeypatch):
+    """A night over an archive of labelled test images: already-scored paths cost no file-system call."""
+    from stfpm_ray.data import mvtec
+
+    category = trained[1][0]
+    listing = list_images([str(synth_root)])
+    found, _ = discover_checkpoints(trained[0])
+    defective = sorted(p for p in listing.files["path"].to_pylist() if f"/{category}/test/" in p and "/good/" not in p)
+    fresh = defective[0]
+    looked_up: list[str] = []
+    monkeypatch.setattr(mvtec, "is_file", lambda path: looked_up.append(path) or True)
+
+    def scored(keys):
+        return pa.array([path != fresh for path in keys["path"].to_pylist()])
+
+    blocks, counts = ray_score.plan(listing, found, {}, None, scored, 64)
+    [row] = [r for block in blocks for r in block.to_pylist()]
+    assert row["path"] == fresh and row["label"] == 1 and row["mask_path"] == looked_up[0]
+    assert len(looked_up) == 1 and counts[category].skipped > len(defective) - 1
 
 
 def test_an_mvtec_root_behind_a_pyarrow_filesystem_keeps_masks_and_pixel_metrics(

@@ -111,25 +111,32 @@ def is_mask(path: str | Path) -> bool:
     return len(parts) >= 3 and parts[-3] == "ground_truth"
 
 
-def sample_for(path: str | Path, category: str | None = None) -> Sample:
-    """Route an image path: inside ``<cat>/test/<defect>/`` it gets category, label, defect and mask.
+def category_for(path: str | Path, category: str | None = None) -> str:
+    """The category a path belongs to, from its text alone (no file-system call, so planning a night over
+    millions of archived paths stays cheap): ``category`` if given, else the folder above
+    ``train``/``test`` when the path has one, else the parent folder's name."""
+    if category is not None:
+        return category
+    parts = _parts(path)
+    if len(parts) >= 4 and (parts[-3] == "test" or is_training_image(path)):
+        return parts[-4]
+    return parts[-2] if len(parts) >= 2 else ""
 
-    Outside the test layout only the category is known: ``category`` if given, else the folder above
-    ``train``/``test`` when the path has one, else the parent folder's name.
-    """
+
+def sample_for(path: str | Path, category: str | None = None) -> Sample:
+    """Route an image path: inside ``<cat>/test/<defect>/`` it gets label, defect and mask (one existence
+    check for the mask), elsewhere only the category of :func:`category_for`."""
     parts = _parts(path)
     if len(parts) >= 4 and parts[-3] == "test":
         defect = parts[-2]
         return Sample(
             path=str(path),
-            category=category or parts[-4],
+            category=category_for(path, category),
             label=0 if defect == "good" else 1,
             defect=defect,
             mask_path=mask_path_for(path),
         )
-    if category is None:
-        category = parts[-4] if is_training_image(path) else (parts[-2] if len(parts) >= 2 else "")
-    return Sample(path=str(path), category=category)
+    return Sample(path=str(path), category=category_for(path, category))
 
 
 def test_samples(root: str | Path, category: str) -> list[Sample]:

@@ -90,7 +90,7 @@ from stfpm_ray.core.score import (
 )
 from stfpm_ray.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
 from stfpm_ray.data.listing import Listing, list_images
-from stfpm_ray.data.mvtec import is_training_image, sample_for
+from stfpm_ray.data.mvtec import category_for, is_training_image, sample_for
 from stfpm_ray.errors import InputNotFoundError, UserError
 from stfpm_ray.progress import Meter, Progress, fixed_width_table, log_progress
 from stfpm_ray.ray.session import cluster_capacity, init_ray
@@ -200,15 +200,6 @@ class ScoringOptions:
 SPLITS = ("test", "all")
 
 
-def _routes(
-    paths: list[str], checkpoints: dict[str, tuple[str, CheckpointMeta]], category: str | None
-) -> tuple[list[Any], list[str | None]]:
-    """Sample (category, label, defect, mask) and model id of every listed path."""
-    samples = [sample_for(path, category) for path in paths]
-    models = [checkpoints[s.category][1].model_id if s.category in checkpoints else None for s in samples]
-    return samples, models
-
-
 def _row_error(listed: str | None, sample: Any, size: int, checkpoints: dict, problems: dict[str, str]) -> str | None:
     """Why a planned file will not be scored, or None: listing problem, broken or missing checkpoint, size."""
     if listed is not None:
@@ -241,17 +232,19 @@ def plan(
     if category is None and split == "test":  # an MVTec root: train/good is what the model learnt from
         files = files.filter(pc.invert(pa.array([is_training_image(p) for p in files["path"].to_pylist()], pa.bool_())))
     paths = files["path"].to_pylist()
-    samples, models = _routes(paths, checkpoints, category)
+    categories = [category_for(path, category) for path in paths]
+    models = [checkpoints[name][1].model_id if name in checkpoints else None for name in categories]
     keys = pa.table({"path": files["path"], "model_id": pa.array(models, pa.string())})
     skip = (scored(keys) if scored else pa.array([False] * len(paths))).to_pylist()
     sources, sizes, errors = (files[name].to_pylist() for name in ("source", "size", "error"))
     counts: dict[str, CategoryCounts] = {}
     rows = []
-    for i, (sample, model_id) in enumerate(zip(samples, models)):
-        tally = counts.setdefault(sample.category, CategoryCounts())
+    for i, model_id in enumerate(models):
+        tally = counts.setdefault(categories[i], CategoryCounts())
         if skip[i]:
             tally.skipped += 1
             continue
+        sample = sample_for(paths[i], category)  # label, defect and mask: only for what will be scored
         rows.append({
             "path": paths[i], "source": sources[i], "size": sizes[i], "category": sample.category,
             "label": sample.label, "defect": sample.defect, "mask_path": sample.mask_path, "model_id": model_id,
