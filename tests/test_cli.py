@@ -67,6 +67,15 @@ def test_the_old_scoring_batch_flag_still_works_for_one_release(verb, capsys):
     assert "--batch-size is deprecated" in err and "--score-batch-size" in err
 
 
+def test_nightly_shows_no_table_modes_but_takes_incremental_out_of_habit(capsys):
+    """nightly is always incremental: neither mode is in its help or its config; a typed --incremental runs."""
+    with pytest.raises(SystemExit):
+        cli.main(["nightly", "--help"])
+    assert "--incremental" not in capsys.readouterr().out
+    config = _printed(capsys, ["nightly", *REQUIRED["nightly"], "--incremental"])
+    assert "incremental" not in config and "overwrite" not in config
+
+
 def test_config_gives_defaults_that_flags_override(tmp_path, capsys):
     config = _write(tmp_path / "train.yaml", "data: /data\nout: /ckpt\nimage_size: 64\nepochs: 3\n"
                                               "max-failures: 5\nresume: true\n")
@@ -136,11 +145,16 @@ def test_flag_mistakes_exit_with_status_2(argv, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_a_bad_value_in_a_config_file_is_refused_like_a_typed_one(tmp_path, capsys):
-    config = _write(tmp_path / "bad.yaml", "data: d\nout: o\nepochs: ten\n")
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train", "--config", str(config)])
-    assert exit_info.value.code == 2 and "argument --epochs: invalid int value: 'ten'" in capsys.readouterr().err
+@pytest.mark.parametrize(("verb", "text", "message"), [
+    ("train", "epochs: ten\n", "epochs: 'ten' is not a valid int"),
+    ("score", "precision: fp8\n", "precision: 'fp8' is not one of auto, fp32, bf16"),
+    ("score", "actors: '3,1'\n", "actors: '3,1': "),
+])
+def test_a_bad_value_in_a_config_file_is_refused_naming_the_file(verb, text, message, tmp_path, capsys):
+    config = _write(tmp_path / "bad.yaml", text)
+    assert cli.main([verb, *REQUIRED[verb], "--config", str(config)]) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"stfpm-ray {verb}: error: config file {config}: ") and message in line
 
 
 def test_evaluate_refuses_a_folder_that_holds_a_report(tmp_path, capsys):

@@ -2,8 +2,8 @@
 ``--config FILE`` / ``--print-config``.
 
 A config file is turned into flags placed right after the verb, before the ones typed: argparse then
-checks a file's values exactly as it checks typed ones (types, choices, required flags), and a typed flag,
-coming later, wins. PyYAML is imported only where a file is read or printed, so that ``stfpm-ray --help``
+checks a file's values as it checks typed ones (required flags, exclusive pairs; types and choices are
+checked first, so that a mistake names the file), and a typed flag, coming later, wins. PyYAML is imported only where a file is read or printed, so that ``stfpm-ray --help``
 stays fast.
 """
 
@@ -49,7 +49,7 @@ class Deprecated(argparse.Action):
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE",
                         help="YAML file of flag values, keyed by the long flag names without -- (- or _ "
-                             "alike: image_size: 128); flags given on the command line override it")
+                             "alike: image_size: 128; relative paths are taken from the working directory, as typed ones); flags given on the command line override it")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration as YAML (a file for --config) and exit")
 
@@ -140,14 +140,25 @@ def _flag_tokens(action: argparse.Action, flag: str, value: Any, error: Callable
         return [flag] if value else []
     if action.nargs in ("+", "*"):
         items = value if isinstance(value, list) else [value]
-        return [flag, *(_scalar(item, error) for item in items)]
-    return [f"{flag}={_scalar(value, error)}"]
+        return [flag, *(_scalar(action, item, error) for item in items)]
+    return [f"{flag}={_scalar(action, value, error)}"]
 
 
-def _scalar(value: Any, error: Callable[[str], Exception]) -> str:
+def _scalar(action: argparse.Action, value: Any, error: Callable[[str], Exception]) -> str:
+    """One value as text, checked here against the flag's type and choices so that a bad value is reported
+    with the file's name (argparse would report it as if it had been typed)."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise error(f"expected a single value, got {value!r}")
-    return str(value)
+    text = str(value)
+    try:
+        converted = action.type(text) if callable(action.type) else text
+    except argparse.ArgumentTypeError as exc:  # a flag's own parser, with its own message
+        raise error(f"{text!r}: {exc}") from None
+    except (TypeError, ValueError):
+        raise error(f"{text!r} is not a valid {getattr(action.type, '__name__', 'value')}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise error(f"{text!r} is not one of {', '.join(map(str, action.choices))}")
+    return text
 
 
 def _flag_value(value: Any) -> Any:

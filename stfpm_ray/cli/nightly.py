@@ -12,15 +12,20 @@ from stfpm_ray.ray.nightly import DEFAULT_TOP, nightly
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_score_arguments(parser)
+    add_score_arguments(parser, table_modes=False)
+    # Not shown and not configuration: `score`'s modes typed out of habit. --incremental is what nightly
+    # always does; --overwrite is refused with the reason rather than argparse's "unrecognized arguments".
+    parser.add_argument("--incremental", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.add_argument("--top", type=int, default=DEFAULT_TOP,
                         help="anomalous images listed per category in the report")
 
 
 def run(args: argparse.Namespace) -> int:
     """Exit status 0 when every row is ok, whatever it found; 3 when error rows were written."""
-    if args.overwrite:
+    if getattr(args, "overwrite", False):
         raise UserError("nightly runs are incremental; --overwrite would drop earlier nights' rows")
+    vars(args).pop("incremental", None)  # what nightly always does: not part of its configuration
     options = scoring_options(args)
     if args.print_config:
         return print_config(args)

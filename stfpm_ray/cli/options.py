@@ -147,8 +147,9 @@ def scoring_options(args: argparse.Namespace) -> ScoringOptions:
     )
 
 
-def add_score_arguments(parser: argparse.ArgumentParser) -> None:
-    """Everything ``stfpm-ray score`` takes (the nightly job takes the same). ``--batch-size`` was the scoring
+def add_score_arguments(parser: argparse.ArgumentParser, table_modes: bool = True) -> None:
+    """Everything ``stfpm-ray score`` takes; the nightly job takes the same without ``table_modes``
+    (``--incremental``/``--overwrite``: it is always incremental). ``--batch-size`` was the scoring
     batch here until ``--batch-size`` came to mean the training batch everywhere; nightly cron lines still
     pass it, hence one release of grace."""
     parser.add_argument("--checkpoints", required=True, metavar="CKPT_DIR", help="folder of <category>/ checkpoints")
@@ -164,11 +165,12 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     add_scoring_options(parser)
     parser.add_argument("--batch-size", type=int, dest="score_batch_size", action=Deprecated,
                         use="--score-batch-size")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--incremental", action="store_true",
-        help="nightly mode: skip images that already have a row for their model, append the rest",
-    )
-    mode.add_argument("--overwrite", action="store_true", help="replace the table already in OUT_DIR")
+    if table_modes:
+        mode = parser.add_mutually_exclusive_group()
+        mode.add_argument(
+            "--incremental", action="store_true",
+            help="nightly mode: skip images that already have a row for their model, append the rest",
+        )
+        mode.add_argument("--overwrite", action="store_true", help="replace the table already in OUT_DIR")
     add_address(parser)
     add_config_options(parser)
