@@ -365,6 +365,25 @@ def test_a_second_run_is_refused_while_the_first_scores(ray_session, trained, sy
     assert sorted(frame.path) == sorted(map(str, images)) and result["summary"].version == 0
 
 
+def test_takeovers_keep_only_the_most_recent_set_aside_leases(tmp_path):
+    from stfpm_ray.store import lease as lease_module
+    from stfpm_ray.store.fs import resolve
+
+    folder = (tmp_path / lease_module.LEASE_FILE).parent
+    folder.mkdir(parents=True)
+    old = [folder / f"lease-stale-2026010{i}T000000-0000000{i}.json" for i in range(1, 10)]
+    older = [folder / f"lease-stale-2025010{i}T000000-0000000{i}.json" for i in range(1, 4)]
+    for path in old + older:
+        path.write_text("{}")
+    dead = {"run_id": "run-a", "user": "u", "host": "elsewhere", "pid": 1, "started_at": "t", "heartbeat": 0.0}
+    (tmp_path / lease_module.LEASE_FILE).write_text(json.dumps(dead))
+    lease = lease_module.Lease(resolve(str(tmp_path)), "run-b").acquire()
+    lease.release()
+    kept = sorted(p.name for p in folder.glob("lease-stale-*.json"))
+    assert len(kept) == lease_module.KEEP_SET_ASIDE and not any(p.exists() for p in older)
+    assert kept[:-1] == sorted(p.name for p in old) and json.loads((folder / kept[-1]).read_text())["run_id"] == "run-a"
+
+
 def test_a_stale_lease_from_another_host_is_taken_over(tmp_path):
     from stfpm_ray.store import lease as lease_module
     from stfpm_ray.store.fs import resolve

@@ -41,6 +41,8 @@ LEASE_FILE = "_stfpm/lease.json"
 HEARTBEAT_S = 30.0
 # Ten missed heartbeats: long enough for a stalled NFS server, short enough for the next night's run.
 STALE_AFTER_S = 600.0
+# Leases set aside by takeovers are kept as evidence of what happened; the most recent ones are enough.
+KEEP_SET_ASIDE = 10
 
 
 class LeaseLostError(StfpmError, RuntimeError):
@@ -136,6 +138,8 @@ class Lease:
         for _ in range(2):
             if self._create():
                 self._start_heartbeat()
+                if self.took_over is not None:
+                    self._prune_set_aside()
                 return self
             holder = self.read()
             if holder is None:
@@ -150,12 +154,26 @@ class Lease:
         raise OutputExistsError(f"another run took the lease {self.location.name} at the same moment; try again")
 
     def _set_aside(self, holder: Holder) -> None:
-        aside = posixpath.join(posixpath.dirname(self.location.path), f"lease-stale-{uuid.uuid4().hex[:8]}.json")
+        # named by the time of the takeover, so that names sort by age on object stores too
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        aside = posixpath.join(posixpath.dirname(self.location.path), f"lease-stale-{stamp}-{uuid.uuid4().hex[:8]}.json")
         try:
             self.location.filesystem.move(self.location.path, aside)
         except OSError:  # another run set it aside first; the create that follows decides
             return
         self.took_over = holder
+
+    def _prune_set_aside(self) -> None:
+        """Delete all but the :data:`KEEP_SET_ASIDE` most recent set-aside leases (a table taken over every
+        night would otherwise collect one file per night for ever)."""
+        folder = posixpath.dirname(self.location.path)
+        found = self.location.filesystem.get_file_info(pafs.FileSelector(folder))
+        names = sorted(info.path for info in found if posixpath.basename(info.path).startswith("lease-stale-"))
+        for path in names[:-KEEP_SET_ASIDE]:
+            try:
+                self.location.filesystem.delete_file(path)
+            except OSError:  # pruned by a run that took over at the same time
+                pass
 
     def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="stfpm-lease-heartbeat", daemon=True)
