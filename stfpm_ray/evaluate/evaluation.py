@@ -125,13 +125,16 @@ class PixelPass:
     without_mask: int = 0
 
 
-def open_scores(scores_dir: str | Path, version: int | None = None) -> ds.Dataset:
-    """The scores table (its current version, or ``version``) as a pyarrow dataset, or a clear error when it
-    is missing, empty or foreign."""
+def open_scores(scores_dir: str | Path, version: int | None = None) -> tuple[ds.Dataset, dict]:
+    """The scores table (its current version, or ``version``) as a pyarrow dataset, with what made that
+    version (:func:`run_metadata`), or a clear error when the table is missing, empty or foreign. The Delta
+    log is read once for both."""
     location = str(scores_dir)
     if not is_dir(resolve(location)):
         raise InputNotFoundError(f"scores table {location} does not exist (write one with `stfpm-ray score`)")
-    dataset = ScoresTable(location).dataset(version)
+    table = ScoresTable(location)
+    delta = table.delta(version)
+    dataset = delta.to_pyarrow_dataset()
     if not dataset.files:
         raise UserError(f"the scores table {location} holds no data files: expected the output of `stfpm-ray score`")
     missing = [name for name in REQUIRED_COLUMNS if name not in dataset.schema.names]
@@ -139,7 +142,7 @@ def open_scores(scores_dir: str | Path, version: int | None = None) -> ds.Datase
         raise UserError(
             f"{location} lacks column(s) {', '.join(missing)}: is it the output of `stfpm-ray score`?"
         )
-    return dataset
+    return dataset, run_metadata(table.history(delta), delta.version())
 
 
 def _timestamps_us(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -212,17 +215,15 @@ def select_rows(index: pd.DataFrame, model_ids: Sequence[str] | None, notes: lis
     return selected
 
 
-def run_metadata(scores_dir: str | Path, version: int | None) -> dict:
-    """What made the evaluated version: its number, the scoring runs' inputs, each model's checkpoint folder.
+def run_metadata(history: list[dict], current: int) -> dict:
+    """What made version ``current``: its number, the scoring runs' inputs, each model's checkpoint folder.
 
     Read from the manifests in the commit metadata (:meth:`ScoresTable.history`); commits after the evaluated
     version do not count, and a model's folder is taken from the newest run that scored with it.
     """
-    table = ScoresTable(str(scores_dir))
-    current = table.delta(version).version()
     inputs: set[str] = set()
     roots: dict[str, str] = {}
-    for entry in table.history():  # newest first
+    for entry in history:  # newest first
         manifest = entry["manifest"]
         if manifest is None or entry["version"] > current:
             continue
@@ -493,9 +494,8 @@ def evaluate_scores(
     category's most recently scored model is used and a note says when there was a choice.
     """
     say = progress or quiet
-    dataset = open_scores(scores_dir, version)
+    dataset, runs = open_scores(scores_dir, version)
     index = read_index(dataset)
-    runs = run_metadata(scores_dir, version)
     say(f"read {len(index)} rows from {len(dataset.files)} Parquet file(s) of version {runs['table_version']} of "
         f"{scores_dir}")
     notes: list[str] = []

@@ -136,10 +136,11 @@ class ScoresTable:
         """The live rows as a pyarrow dataset: only files of the chosen version, never staged or removed ones."""
         return self.delta(version).to_pyarrow_dataset()
 
-    def history(self) -> list[dict[str, Any]]:
-        """``[{version, timestamp, operation, manifest}]``, newest first; manifest None for foreign commits."""
+    def history(self, delta: DeltaTable | None = None) -> list[dict[str, Any]]:
+        """``[{version, timestamp, operation, manifest}]``, newest first; manifest None for foreign commits.
+        ``delta`` reuses a table already loaded (its log is not read again)."""
         entries = []
-        for commit in self.delta().history():
+        for commit in (delta or self.delta()).history():
             manifest = commit.get(MANIFEST_KEY)
             entries.append({"version": commit["version"], "timestamp": commit.get("timestamp"),
                             "operation": commit.get("operation"),
