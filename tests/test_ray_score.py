@@ -257,6 +257,11 @@ def test_incremental_overwrite_and_refusal(ray_session, trained, synth_root, tmp
     assert summary.rows_written == 9
     frame = read_scores(out)
     assert len(frame) == 18 and not frame.duplicated(["path", "model_id"]).any()
+    # an earlier version evaluates with what made it: its rows and its runs' checkpoints only
+    then = evaluate_scores(out, tmp_path / "report-v1", version=1, progress=None)["settings"]
+    now = evaluate_scores(out, tmp_path / "report-now", progress=None)["settings"]
+    assert (then["table_version"], then["checkpoints"]) == (1, [str(trained[0])])
+    assert (now["table_version"], now["checkpoints"]) == (2, sorted([str(trained[0]), str(changed.parent)]))
 
     summary = ray_score.score_images(trained[0], str(inputs), out, category=category, overwrite=True, progress=QUIET)
     assert len(read_scores(out)) == 9 and len(_live_files(out)) == summary.files_written

@@ -127,8 +127,7 @@ class PixelPass:
 
 def open_scores(scores_dir: str | Path, version: int | None = None) -> tuple[ds.Dataset, dict]:
     """The scores table (its current version, or ``version``) as a pyarrow dataset, with what made that
-    version (:func:`run_metadata`), or a clear error when the table is missing, empty or foreign. The Delta
-    log is read once for both."""
+    version (:func:`run_metadata`), or a clear error when the table is missing, empty or foreign."""
     location = str(scores_dir)
     if not is_dir(resolve(location)):
         raise InputNotFoundError(f"scores table {location} does not exist (write one with `stfpm-ray score`)")
@@ -142,7 +141,10 @@ def open_scores(scores_dir: str | Path, version: int | None = None) -> tuple[ds.
         raise UserError(
             f"{location} lacks column(s) {', '.join(missing)}: is it the output of `stfpm-ray score`?"
         )
-    return dataset, run_metadata(table.history(delta), delta.version())
+    # The history of a table loaded at an older version lists the newest commits under shifted numbers
+    # (deltalake 1.x), so an older version's history comes from the current table.
+    history = table.history(delta if version is None else None)
+    return dataset, run_metadata(history, delta.version())
 
 
 def _timestamps_us(column: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -138,7 +138,8 @@ class ScoresTable:
 
     def history(self, delta: DeltaTable | None = None) -> list[dict[str, Any]]:
         """``[{version, timestamp, operation, manifest}]``, newest first; manifest None for foreign commits.
-        ``delta`` reuses a table already loaded (its log is not read again)."""
+        ``delta`` reuses the current table already loaded; never pass one loaded at an older version, whose
+        history deltalake 1.x numbers wrongly (it lists the newest commits counting down from that version)."""
         entries = []
         for commit in (delta or self.delta()).history():
             manifest = commit.get(MANIFEST_KEY)
