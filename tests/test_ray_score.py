@@ -370,6 +370,32 @@ def test_a_second_run_is_refused_while_the_first_scores(ray_session, trained, sy
     assert sorted(frame.path) == sorted(map(str, images)) and result["summary"].version == 0
 
 
+def test_error_files_beyond_the_limit_are_merged_into_one_in_the_retrying_commit(tmp_path, monkeypatch):
+    from stfpm_ray.store import scores as scores_module
+    from stfpm_ray.store.scores import write_data_files
+
+    monkeypatch.setattr(scores_module, "MAX_ERROR_FILES", 4)
+    table = ScoresTable(str(tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+
+    def night(run: str, names: list[str]) -> list:
+        rows = [{"path": f"/archive/{name}", "category": "c", "model_id": "m", "run_id": run, "status": "error",
+                 "error": "cannot decode"} for name in names]
+        return [f for i, row in enumerate(rows)
+                for f in write_data_files(pa.Table.from_pylist([row], SCHEMA), table.location, f"{run}-{i}")]
+
+    table.commit(night("r0", ["a", "b", "c"]), [], {}, overwrite=False)
+    removed, kept = table.retried_errors(pa.array(["/archive/a"]), "r1")  # three files: within the limit
+    assert removed == ["r0-0-errors.parquet"] and kept == []
+    table.commit(night("r1", ["a", "d", "e"]), removed, {}, overwrite=False)
+    assert len(_live_files(tmp_path / "out")) == 5
+    removed, kept = table.retried_errors(pa.array(["/archive/e"]), "r2")  # five: merged
+    assert len(removed) == 5 and len(kept) == 1 and kept[0].rows == 4
+    table.commit(kept, removed, {}, overwrite=False)
+    frame = read_scores(tmp_path / "out")
+    assert sorted(frame.path) == [f"/archive/{n}" for n in "abcd"] and len(_live_files(tmp_path / "out")) == 1
+
+
 def test_takeovers_keep_only_the_most_recent_set_aside_leases(tmp_path):
     from stfpm_ray.store import lease as lease_module
     from stfpm_ray.store.fs import resolve

@@ -65,6 +65,8 @@ MANIFEST_KEY = "stfpm_ray.manifest"
 RUNS = "_stfpm/runs"
 FILES_PER_SCAN = 256
 ERRORS_SUFFIX = "-errors.parquet"
+# Live error files an incremental run reads and rewrites in place; beyond this it merges them into one.
+MAX_ERROR_FILES = 64
 
 
 @dataclass(frozen=True)
@@ -207,22 +209,28 @@ class ScoresTable:
     def retried_errors(self, paths: pa.Array, run_id: str) -> tuple[list[str], list[DataFile]]:
         """Error rows of ``paths`` that this run scores again: files to remove, and their other rows rewritten.
 
-        Only the small error files are read and rewritten (written here, committed with the run).
+        Only the small error files are read and rewritten (written here, committed with the run). Error rows
+        of files that never come back stay, so their files would pile up night after night: beyond
+        :data:`MAX_ERROR_FILES` live error files, all of them are merged into one in the same commit.
         """
         if not self.exists():
             return [], []
-        removed, kept = [], []
+        errors = sorted(p for p in self._live_paths() if p.endswith(ERRORS_SUFFIX))
+        merge = len(errors) > MAX_ERROR_FILES
+        removed, rests = [], []
         wanted = pc.unique(paths)
-        for i, path in enumerate(sorted(p for p in self._live_paths() if p.endswith(ERRORS_SUFFIX))):
-            name = posixpath.basename(path)
+        for path in errors:
             rows = pq.read_table(path, filesystem=self.location.filesystem)
             retried = pc.is_in(rows["path"], value_set=wanted)
-            if not pc.any(retried).as_py():
+            if not merge and not pc.any(retried).as_py():
                 continue
-            removed.append(name)
+            removed.append(posixpath.basename(path))
             rest = rows.filter(pc.invert(retried))
             if rest.num_rows:
-                kept += write_data_files(rest, self.location, f"{run_id}-kept-{i:05d}")
+                rests.append(rest)
+        groups = [pa.concat_tables(rests)] if merge and rests else rests
+        kept = [file for i, rest in enumerate(groups)
+                for file in write_data_files(rest, self.location, f"{run_id}-kept-{i:05d}")]
         return removed, kept
 
     def read_index(self, files: list[DataFile]) -> pa.Table:
