@@ -245,7 +245,7 @@ def test_refuses_weights_of_another_architecture(good, teacher):
     meta = read_meta(good)
     save_checkpoint(good, create_features("tf_efficientnet_lite1", LAYERS), meta)
     message = _refusal(good)
-    assert f"{good / 'student.safetensors'} does not hold a tf_efficientnet_lite0 student" in message
+    assert f"{good / 'student.safetensors'} does not hold a mirror tf_efficientnet_lite0 student" in message
     assert "missing tensors" in message
 
 

@@ -76,6 +76,13 @@ def test_nightly_shows_no_table_modes_but_takes_incremental_out_of_habit(capsys)
     assert "incremental" not in config and "overwrite" not in config
 
 
+def test_the_learning_rate_follows_the_student_unless_given(capsys):
+    assert _printed(capsys, ["train", *REQUIRED["train"]])["lr"] == 0.4
+    reverse = _printed(capsys, ["train", *REQUIRED["train"], "--student", "reverse"])
+    assert (reverse["student"], reverse["lr"]) == ("reverse", 0.005)
+    assert _printed(capsys, ["train", *REQUIRED["train"], "--student", "reverse", "--lr", "0.01"])["lr"] == 0.01
+
+
 def test_config_gives_defaults_that_flags_override(tmp_path, capsys):
     config = _write(tmp_path / "train.yaml", "data: /data\nout: /ckpt\nimage_size: 64\nepochs: 3\n"
                                               "max-failures: 5\nresume: true\n")

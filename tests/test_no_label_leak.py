@@ -41,16 +41,17 @@ def _shuffle_test_labels(category_dir: Path, seed: int) -> None:
     defect.rename(test_dir / "renamed_defect")
 
 
-def _fit(root: Path, category: str, out: Path, augment: str) -> tuple[bytes, dict]:
-    config = TrainConfig(image_size=64, epochs=3, batch_size=8, weights="offline", seed=5, augment=augment)
+def _fit(root: Path, category: str, out: Path, augment: str, student: str) -> tuple[bytes, dict]:
+    config = TrainConfig(image_size=64, epochs=3, batch_size=8, weights="offline", seed=5, augment=augment,
+                         student=student)
     result = fit_category(root, category, config)
     meta = save_checkpoint(out, result.model.student, result.meta)
     return (out / "student.safetensors").read_bytes(), meta
 
 
 # with augmentation on, its random draws are part of what must not depend on the test split
-@pytest.mark.parametrize("augment", ["none", "photometric"])
-def test_shuffled_test_labels_give_identical_checkpoints(synth_root, tmp_path, augment):
+@pytest.mark.parametrize(("augment", "student"), [("none", "mirror"), ("photometric", "mirror"), ("none", "reverse")])
+def test_shuffled_test_labels_give_identical_checkpoints(synth_root, tmp_path, augment, student):
     category = discover_categories(synth_root)[0]
     shuffled = tmp_path / "shuffled"
     shutil.copytree(synth_root / category, shuffled / category)
@@ -59,9 +60,9 @@ def test_shuffled_test_labels_give_identical_checkpoints(synth_root, tmp_path, a
     after = sorted(str(p.relative_to(shuffled)) for p in (shuffled / category / "test").rglob("*.png"))
     assert before != after  # the labels really moved
 
-    weights, meta = _fit(synth_root, category, tmp_path / "ckpt-original", augment)
-    weights_shuffled, meta_shuffled = _fit(shuffled, category, tmp_path / "ckpt-shuffled", augment)
-    assert meta.training["augment"] == augment
+    weights, meta = _fit(synth_root, category, tmp_path / "ckpt-original", augment, student)
+    weights_shuffled, meta_shuffled = _fit(shuffled, category, tmp_path / "ckpt-shuffled", augment, student)
+    assert (meta.training["augment"], meta.student) == (augment, student)
     assert weights == weights_shuffled
     assert meta.threshold == meta_shuffled.threshold
     assert meta.training["best_epoch"] == meta_shuffled.training["best_epoch"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stfpm_ray.cli.flags import Deprecated, add_config_options
-from stfpm_ray.core.fit import TrainConfig
+from stfpm_ray.core.fit import DEFAULT_LR, TrainConfig
 from stfpm_ray.core.model import PRECISIONS
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE
 from stfpm_ray.errors import StfpmError
@@ -27,7 +27,9 @@ _CONFIG_FLAGS = (
     ("--epochs", "epochs", int, "epochs per category"),
     ("--batch-size", "batch_size", int, "images per SGD step (split across a category's workers)"),
     ("--image-size", "image_size", int, "model input side in pixels, a multiple of 32"),
-    ("--lr", "lr", float, "SGD learning rate"),
+    ("--student", "student", str, "mirror: the teacher's architecture reading the image (STFPM); reverse: a "
+                                  "decoder reading the teacher's features through a bottleneck (reverse distillation)"),
+    ("--lr", "lr", float, "learning rate: SGD's for a mirror student, Adam's for a reverse one"),
     ("--backbone", "backbone", str, "timm backbone of teacher and student (offline: tf_efficientnet_lite0/1/2)"),
     ("--weights", "weights", str, "teacher weights: auto|offline|hub|file:PATH"),
     ("--seed", "seed", int, "seed of the validation split, student init and batch order"),
@@ -69,7 +71,9 @@ def add_training_options(parser: argparse.ArgumentParser, demo_defaults: dict[st
     """
     defaults, demo = TrainConfig(), demo_defaults or {}
     for flag, field, kind, text in _CONFIG_FLAGS:
-        default = f"{getattr(defaults, field)}" + (f"; demo without --data: {demo[field]}" if field in demo else "")
+        default = (", ".join(f"{rate} for {kind_}" for kind_, rate in DEFAULT_LR.items()) if field == "lr"
+                   else f"{getattr(defaults, field)}")
+        default += f"; demo without --data: {demo[field]}" if field in demo else ""
         parser.add_argument(flag, type=kind, default=None, help=f"{text} (default: {default})")
     parser.add_argument("--workers-per-category", type=int, default=1,
                         help="Ray Train workers per category; more than 1 trains data-parallel (DDP)")

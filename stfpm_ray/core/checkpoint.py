@@ -30,8 +30,8 @@ import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load, save
 
-from stfpm_ray.core.model import STFPM
-from stfpm_ray.core.teacher import OFFLINE_WEIGHTS, Teacher, create_features, load_teacher
+from stfpm_ray.core.model import STFPM, create_student
+from stfpm_ray.core.teacher import OFFLINE_WEIGHTS, Teacher, load_teacher
 from stfpm_ray.errors import InputNotFoundError, UserError
 from stfpm_ray.store.fs import (
     Location,
@@ -51,7 +51,7 @@ META_FILE = "stfpm.json"
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "category": (str,), "backbone": (str,), "layers": (list,), "image_size": (int,), "teacher_source": (str,),
     "teacher_sha256": (str,), "threshold": (int, float), "normalization": (dict,), "training": (dict,),
-    "combine": (str,), "level_scales": (list, type(None)), "calibration": (dict,), "model_id": (str,),
+    "combine": (str,), "student": (str,), "level_scales": (list, type(None)), "calibration": (dict,), "model_id": (str,),
     "format_version": (int,),
 }
 # bytes per element of the safetensors dtypes, to check that every tensor's byte range fits its shape
@@ -82,6 +82,9 @@ class CheckpointMeta:
     # Checkpoints written before the option existed lack both fields and score with the product.
     combine: str = "product"
     level_scales: list[float] | None = None
+    # Which student (stfpm_ray.core.model.create_student); checkpoints written before the reverse student
+    # existed lack it and hold a mirror student.
+    student: str = "mirror"
     # How the threshold was set (stfpm_ray.core.fit.calibration): method, target false-alarm rate, number of
     # validation images, fitted parameters. Checkpoints written before lack it: their threshold is the
     # validation maximum, and they score with it unchanged.
@@ -172,10 +175,10 @@ def read_meta(folder: str | Path) -> CheckpointMeta:
 
 
 @lru_cache(maxsize=None)
-def _student_shapes(backbone: str, layers: tuple[int, ...]) -> Mapping[str, tuple[int, ...]]:
+def _student_shapes(backbone: str, layers: tuple[int, ...], kind: str) -> Mapping[str, tuple[int, ...]]:
     """Names and shapes of the student's state dict, built on the meta device: no memory, no weights."""
     with torch.device("meta"):
-        student = create_features(backbone, layers)
+        student = create_student(kind, backbone, layers)
     return MappingProxyType({name: tuple(t.shape) for name, t in student.state_dict().items()})
 
 
@@ -193,8 +196,8 @@ def _offline_teacher_sha256(backbone: str, layers: tuple[int, ...]) -> str:
 def _check_architecture(meta: CheckpointMeta, meta_file: str) -> Mapping[str, tuple[int, ...]]:
     """Backbone and recorded teacher against what this installation can rebuild; the student's shapes."""
     try:
-        shapes = _student_shapes(meta.backbone, tuple(meta.layers))
-    except UserError as exc:  # unknown backbone, or layers it cannot return
+        shapes = _student_shapes(meta.backbone, tuple(meta.layers), meta.student)
+    except UserError as exc:  # unknown backbone or student, or layers it cannot return
         raise CheckpointError(f"{meta_file}: {_one_line(exc)}") from exc
     if meta.teacher_source == "offline":
         if meta.backbone not in OFFLINE_WEIGHTS:
@@ -260,7 +263,7 @@ def _check_weights(location: Location, meta: CheckpointMeta, expected: Mapping[s
     data = _read(weights, "the student's weights are not in this checkpoint")
     if problem := _shape_problem(_tensor_shapes(data, weights.name), expected):
         raise CheckpointError(
-            f"{weights.name} does not hold a {meta.backbone} student with layers {meta.layers}: {problem}"
+            f"{weights.name} does not hold a {meta.student} {meta.backbone} student with layers {meta.layers}: {problem}"
         )
     if _model_id(data, meta) != meta.model_id:
         raise CheckpointError(
@@ -376,7 +379,7 @@ def load_checkpoint(
             f"{folder} was trained against teacher {meta.teacher_source} ({meta.teacher_sha256[:12]}), "
             f"but the teacher at hand is {teacher.source} ({teacher.sha256[:12]}); scores would be meaningless"
         )
-    model = STFPM(teacher, meta.backbone, meta.layers)
+    model = STFPM(teacher, meta.backbone, meta.layers, student=meta.student)
     model.level_scales = tuple(meta.level_scales) if meta.level_scales is not None else None
     state = load(read_bytes(resolve(folder).join(WEIGHTS_FILE)))
     try:

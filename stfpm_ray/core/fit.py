@@ -26,13 +26,17 @@ from stfpm_ray.core.anomaly_map import COMBINATIONS
 from stfpm_ray.core.augment import AUGMENTATIONS, photometric_jitter
 from stfpm_ray.core.checkpoint import CheckpointMeta
 from stfpm_ray.data.images import ImageDecodeError, load_image
-from stfpm_ray.core.model import STFPM, stfpm_loss
+from stfpm_ray.core.model import STFPM, STUDENTS, stfpm_loss
 from stfpm_ray.data.mvtec import DatasetError, train_images
 from stfpm_ray.errors import UserError
 from stfpm_ray.core.teacher import DEFAULT_LAYERS, OFFLINE_BACKBONE, Teacher, load_teacher
 
 log = logging.getLogger(__name__)
 
+# Learning rate by student: SGD's of the official STFPM code for the mirror student, Adam's of the reverse
+# distillation paper (betas 0.5, 0.999) for the reverse one.
+DEFAULT_LR = {"mirror": 0.4, "reverse": 0.005}
+REVERSE_BETAS = (0.5, 0.999)
 # The threshold's model (see calibration) and the fewest validation scores it is fitted to.
 CALIBRATION_METHOD = "lognormal-t"
 MIN_FIT_IMAGES = 3
@@ -62,7 +66,7 @@ class TrainConfig:
     image_size: int = 256
     epochs: int = 50
     batch_size: int = 32
-    lr: float = 0.4
+    lr: float | None = None  # None: the student's own (DEFAULT_LR)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
@@ -72,9 +76,14 @@ class TrainConfig:
     combine: str = "product"
     cache_teacher: bool = True
     target_far: float = 0.05
+    student: str = "mirror"
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(v) for v in self.layers)
+        if self.student not in STUDENTS:
+            raise UserError(f"student must be one of {', '.join(STUDENTS)}, got {self.student!r}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.student]
         if self.image_size < 32 or self.image_size % 32:
             raise UserError(f"image size must be a multiple of 32 and >= 32, got {self.image_size}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -121,6 +130,13 @@ def load_images(paths: Sequence[Path], size: int) -> tuple[Tensor, list[str]]:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), problems
 
 
+def _optimizer(student: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.student == "reverse":
+        return torch.optim.Adam(student.parameters(), lr=config.lr, betas=REVERSE_BETAS)
+    return torch.optim.SGD(student.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
 class StudentFitter:
     """Epoch loop over in-memory uint8 images, optionally data-parallel.
 
@@ -147,9 +163,7 @@ class StudentFitter:
         self.device = torch.device(device)
         self.train_images, self.val_images = train, val
         self.rank, self.world_size = rank, world_size
-        self.optimizer = torch.optim.SGD(
-            self.core.student.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
+        self.optimizer = _optimizer(self.core.student, config)
         self.epoch = 0
         self.best_val_loss = float("inf")
         self.best_epoch = -1
@@ -302,6 +316,7 @@ def build_meta(
         training=training,
         calibration=record,
         combine=config.combine,
+        student=config.student,
         level_scales=list(fitter.core.level_scales) if fitter.core.level_scales is not None else None,
     )
 
@@ -351,7 +366,8 @@ def fit_category(
     teacher = teacher or load_teacher(config.backbone, config.layers, config.weights)
     for problem in problems:
         log.warning("skipped unreadable training image %s", problem)
-    model: nn.Module = STFPM(teacher, config.backbone, config.layers, seed=config.seed).to(device)
+    model: nn.Module = STFPM(teacher, config.backbone, config.layers, seed=config.seed, student=config.student)
+    model = model.to(device)
     if wrap_model is not None:
         model = wrap_model(model)
     fitter = StudentFitter(model, config, train, val, device=device, rank=rank, world_size=world_size)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from stfpm_ray.core.anomaly_map import anomaly_map, feature_distance, image_scores, level_distances
 from stfpm_ray.core.inference_graph import optimize_for_inference
+from stfpm_ray.core.reverse import ReverseStudent
 from stfpm_ray.core.teacher import Teacher, create_features
 from stfpm_ray.errors import UserError
 
@@ -41,20 +42,39 @@ def stfpm_loss(teacher_features: Sequence[Tensor], student_features: Sequence[Te
     return sum(feature_distance(t, s).mean() for t, s in zip(teacher_features, student_features, strict=True))
 
 
+STUDENTS = ("mirror", "reverse")
+
+
+def create_student(kind: str, backbone: str, layers: Sequence[int]) -> nn.Module:
+    """``mirror``: the teacher's architecture, randomly initialised, reading the image (STFPM).
+    ``reverse``: a decoder reading the teacher's features through a bottleneck (:mod:`stfpm_ray.core.reverse`)."""
+    if kind not in STUDENTS:
+        raise UserError(f"student must be one of {', '.join(STUDENTS)}, got {kind!r}")
+    if kind == "mirror":
+        return create_features(backbone, tuple(layers))
+    with torch.device("meta"):  # only the pyramid's channels and strides are needed
+        info = create_features(backbone, tuple(layers)).feature_info
+    return ReverseStudent(info.channels(), info.reduction())
+
+
 class STFPM(nn.Module):
     """Teacher and student feature pyramids behind one input normalisation.
 
     Inputs are uint8 (or float in 0..255) NCHW images, so that callers ship compact uint8 tensors and the
-    teacher's own mean/std is applied in exactly one place for training and scoring alike.
+    teacher's own mean/std is applied in exactly one place for training and scoring alike. The student is
+    a mirror of the teacher (the paper's) or a reverse one (:func:`create_student`); loss and map are the same.
     """
 
-    def __init__(self, teacher: Teacher, backbone: str, layers: Sequence[int], seed: int = 0) -> None:
+    def __init__(
+        self, teacher: Teacher, backbone: str, layers: Sequence[int], seed: int = 0, student: str = "mirror"
+    ) -> None:
         super().__init__()
         self.teacher = teacher.network
         self.teacher.eval().requires_grad_(False)
+        self.student_kind = student
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.student = create_features(backbone, tuple(layers))
+            self.student = create_student(student, backbone, layers)
         # channels_last is the faster convolution layout on CPUs (oneDNN) and on tensor-core GPUs
         self.to(memory_format=torch.channels_last)
         scale = 255.0 * torch.tensor(teacher.std).view(1, 3, 1, 1)
@@ -89,7 +109,8 @@ class STFPM(nn.Module):
         if teacher_features is None:
             with torch.no_grad():
                 teacher_features = list(self.teacher(x))
-        return teacher_features, list(self.student(x))
+        student_input = teacher_features if self.student_kind == "reverse" else x
+        return teacher_features, list(self.student(student_input))
 
     def for_inference(self) -> "STFPM":
         """Fold BatchNorm into convolutions and drop unused blocks, in teacher and student; scoring only.
@@ -100,7 +121,8 @@ class STFPM(nn.Module):
         """
         self.eval()
         self.teacher = optimize_for_inference(self.teacher)
-        self.student = optimize_for_inference(self.student)
+        if self.student_kind == "mirror":  # the reverse student is a small decoder with nothing to drop
+            self.student = optimize_for_inference(self.student)
         return self.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()

@@ -1,0 +1,83 @@
+"""The reverse student (stfpm_ray.core.reverse): its pyramid, its recipe, and checkpoints that keep it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from stfpm_ray.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, validate_checkpoint
+from stfpm_ray.core.fit import REVERSE_BETAS, TrainConfig, fit_category
+from stfpm_ray.core.model import STFPM
+from stfpm_ray.core.score import load_scoring_model
+from stfpm_ray.core.teacher import load_teacher
+from stfpm_ray.data.mvtec import discover_categories
+from stfpm_ray.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_teacher("tf_efficientnet_lite0", (1, 2, 3), "offline")
+
+
+@pytest.fixture(scope="module")
+def fitted(synth_root, tmp_path_factory):
+    category = discover_categories(synth_root)[0]
+    config = TrainConfig(image_size=64, epochs=2, batch_size=8, weights="offline", student="reverse")
+    result = fit_category(synth_root, category, config)
+    folder = tmp_path_factory.mktemp("reverse") / category
+    save_checkpoint(folder, result.model.student, result.meta)
+    return result, folder
+
+
+def test_it_rebuilds_every_teacher_level_from_the_features_alone(teacher):
+    model = STFPM(teacher, "tf_efficientnet_lite0", (1, 2, 3), student="reverse").eval()
+    images = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8)
+    teacher_features, student_features = model(images)
+    assert [t.shape for t in teacher_features] == [s.shape for s in student_features]
+    # it reads the teacher's features, not the image: the same features give the same output on any pixels
+    _, from_blank = model(torch.zeros_like(images), teacher_features=teacher_features)
+    assert all(torch.equal(a, b) for a, b in zip(student_features, from_blank))
+
+
+def test_a_pyramid_without_doubling_strides_is_refused_with_the_strides():
+    teacher = load_teacher("tf_efficientnet_lite0", (1, 3), "offline")
+    with pytest.raises(UserError, match=r"strides \[4, 16\]"):
+        STFPM(teacher, "tf_efficientnet_lite0", (1, 3), student="reverse")
+
+
+def test_an_unknown_student_is_a_user_error():
+    with pytest.raises(UserError, match="student must be one of mirror, reverse"):
+        TrainConfig(student="sideways")
+
+
+def test_the_reverse_recipe_is_adam_at_its_own_rate(fitted):
+    result, _ = fitted
+    assert isinstance(result.fitter.optimizer, torch.optim.Adam)
+    assert result.fitter.optimizer.defaults["betas"] == REVERSE_BETAS
+    assert result.meta.training["lr"] == 0.005 and TrainConfig().lr == 0.4
+    assert TrainConfig(student="reverse", lr=0.01).lr == 0.01
+
+
+def test_its_checkpoint_scores_as_it_was_validated(fitted):
+    result, folder = fitted
+    meta = validate_checkpoint(folder)
+    assert meta.student == "reverse" and meta.model_id == result.meta.model_id
+    images = result.fitter.val_images
+    expected = result.model.predict(images)[1]
+    loaded, _ = load_checkpoint(folder)
+    scoring, _ = load_scoring_model(str(folder))
+    assert torch.equal(loaded.predict(images)[1], expected)
+    assert torch.allclose(scoring.predict(images)[1], expected, rtol=1e-4)
+
+
+def test_a_checkpoint_whose_student_kind_was_edited_is_refused(fitted, tmp_path):
+    _, folder = fitted
+    meta_file = folder / "stfpm.json"
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    (edited / "student.safetensors").write_bytes((folder / "student.safetensors").read_bytes())
+    (edited / "stfpm.json").write_text(json.dumps({**json.loads(meta_file.read_text()), "student": "mirror"}))
+    with pytest.raises(CheckpointError, match="does not hold a mirror tf_efficientnet_lite0 student"):
+        validate_checkpoint(edited)
