@@ -198,3 +198,18 @@ def test_installed_checkpoint_folders_are_readable_by_others(synth_root, tmp_pat
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "installed").stat().st_mode) == 0o755
     assert read_meta(tmp_path / "installed").model_id == meta.model_id
+
+
+def test_a_reverse_student_trains_and_scores_through_the_cli(ray_session, synth_root, tmp_path):
+    from conftest import read_scores
+
+    ckpt, scores = tmp_path / "ckpt", tmp_path / "scores"
+    argv = ["train", "--data", str(synth_root), "--categories", "grain", "--out", str(ckpt), *TINY]
+    assert cli.main([*argv, "--student", "reverse", "--epochs", "2"]) == 0
+    meta = read_meta(ckpt / "grain")
+    assert (meta.student, meta.training["lr"], meta.training["epochs"]) == ("reverse", 0.005, 2)
+    assert cli.main(["score", "--checkpoints", str(ckpt), "--input", str(synth_root / "grain"), "--out",
+                     str(scores)]) == 0
+    frame = read_scores(scores)
+    assert len(frame) == len(mvtec.test_samples(synth_root, "grain")) and (frame.status == "ok").all()
+    assert set(frame.model_id) == {meta.model_id}
