@@ -76,11 +76,14 @@ def test_nightly_shows_no_table_modes_but_takes_incremental_out_of_habit(capsys)
     assert "incremental" not in config and "overwrite" not in config
 
 
-def test_the_learning_rate_follows_the_student_unless_given(capsys):
-    assert _printed(capsys, ["train", *REQUIRED["train"]])["lr"] == 0.4
-    reverse = _printed(capsys, ["train", *REQUIRED["train"], "--student", "reverse"])
-    assert (reverse["student"], reverse["lr"]) == ("reverse", 0.005)
-    assert _printed(capsys, ["train", *REQUIRED["train"], "--student", "reverse", "--lr", "0.01"])["lr"] == 0.01
+def test_the_recipe_follows_the_student_unless_given(capsys):
+    keys = ("student", "lr", "epochs", "batch-size")
+    values = _printed(capsys, ["train", *REQUIRED["train"]])
+    assert tuple(values[k] for k in keys) == ("reverse", 0.005, 100, 16)
+    mirror = _printed(capsys, ["train", *REQUIRED["train"], "--student", "mirror"])
+    assert tuple(mirror[k] for k in keys) == ("mirror", 0.4, 50, 32)
+    given = _printed(capsys, ["train", *REQUIRED["train"], "--student", "mirror", "--lr", "0.1", "--epochs", "7"])
+    assert (given["lr"], given["epochs"], given["batch-size"]) == (0.1, 7, 32)
 
 
 def test_config_gives_defaults_that_flags_override(tmp_path, capsys):

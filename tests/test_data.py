@@ -67,16 +67,17 @@ def test_corrupt_training_image_is_skipped_with_a_message(tmp_path, synth_root, 
     assert meta.training["train_images"] + meta.training["val_images"] == 7
 
 
-def test_plain_training_separates_defects(synth_root):
+@pytest.mark.parametrize("student", ["mirror", "reverse"])
+def test_plain_training_separates_defects(synth_root, student):
     category = discover_categories(synth_root)[0]
-    config = TrainConfig(image_size=64, epochs=20, batch_size=8, weights="offline", lr=0.4)
+    config = TrainConfig(image_size=64, epochs=20, batch_size=8, weights="offline", student=student)
     model, meta, _ = fit_category(synth_root, category, config)
     assert meta.threshold > 0 and meta.training["best_epoch"] >= 1
     samples = mvtec.test_samples(synth_root, category)
     images = torch.from_numpy(np.stack([load_image(s.path, 64) for s in samples])).permute(0, 3, 1, 2)
     _, scores = model.predict(images)
     auroc = image_auroc(np.array([s.label for s in samples]), scores.numpy())
-    print(f"{category}: image AUROC {auroc:.3f}")
+    print(f"{category}, {student} student: image AUROC {auroc:.3f}")
     assert auroc >= 0.9
 
 

@@ -56,7 +56,7 @@ def test_the_reverse_recipe_is_adam_at_its_own_rate(fitted):
     result, _ = fitted
     assert isinstance(result.fitter.optimizer, torch.optim.Adam)
     assert result.fitter.optimizer.defaults["betas"] == REVERSE_BETAS
-    assert result.meta.training["lr"] == 0.005 and TrainConfig().lr == 0.4
+    assert result.meta.training["lr"] == 0.005 and TrainConfig(student="mirror").lr == 0.4
     assert TrainConfig(student="reverse", lr=0.01).lr == 0.01
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stfpm_ray.cli.flags import Deprecated, add_config_options
-from stfpm_ray.core.fit import DEFAULT_LR, TrainConfig
+from stfpm_ray.core.fit import RECIPES, TrainConfig
 from stfpm_ray.core.model import PRECISIONS
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE
 from stfpm_ray.errors import StfpmError
@@ -25,7 +25,7 @@ from stfpm_ray.ray.train import TrainResources
 # Flags that set TrainConfig fields: (flag, field, type, help).
 _CONFIG_FLAGS = (
     ("--epochs", "epochs", int, "epochs per category"),
-    ("--batch-size", "batch_size", int, "images per SGD step (split across a category's workers)"),
+    ("--batch-size", "batch_size", int, "images per optimizer step (split across a category's workers)"),
     ("--image-size", "image_size", int, "model input side in pixels, a multiple of 32"),
     ("--student", "student", str, "mirror: the teacher's architecture reading the image (STFPM); reverse: a "
                                   "decoder reading the teacher's features through a bottleneck (reverse distillation)"),
@@ -71,8 +71,8 @@ def add_training_options(parser: argparse.ArgumentParser, demo_defaults: dict[st
     """
     defaults, demo = TrainConfig(), demo_defaults or {}
     for flag, field, kind, text in _CONFIG_FLAGS:
-        default = (", ".join(f"{rate} for {kind_}" for kind_, rate in DEFAULT_LR.items()) if field == "lr"
-                   else f"{getattr(defaults, field)}")
+        default = (", ".join(f"{recipe[field]} for {kind_}" for kind_, recipe in RECIPES.items())
+                   if field in RECIPES[defaults.student] else f"{getattr(defaults, field)}")
         default += f"; demo without --data: {demo[field]}" if field in demo else ""
         parser.add_argument(flag, type=kind, default=None, help=f"{text} (default: {default})")
     parser.add_argument("--workers-per-category", type=int, default=1,
