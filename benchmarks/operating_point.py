@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128, help="model input side for --mvtec categories")
     parser.add_argument("--demo-seeds", type=_seeds, default=[0], help="seeds of the demo fits; [] skips the demo")
     parser.add_argument("--demo-test", type=int, default=DEMO_DATA["n_test"], help="test images per demo category")
+    parser.add_argument("--demo-epochs", type=int, default=DEMO_TRAINING["epochs"], help="epochs of the demo fits")
+    parser.add_argument("--student", default=TrainConfig().student, help="student of every fit (mirror or reverse)")
     parser.add_argument("--far", type=float, action="append", default=[], help="extra target FARs to pool")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -119,10 +121,12 @@ def main() -> None:
     fars = sorted({TrainConfig().target_far, *args.far}, reverse=True)
     fits = []
     with tempfile.TemporaryDirectory() as scratch:
-        runs = [("mvtec", args.mvtec, args.mvtec_seeds, {"epochs": args.epochs, "image_size": args.image_size})]
+        runs = [("mvtec", args.mvtec, args.mvtec_seeds,
+                 {"epochs": args.epochs, "image_size": args.image_size, "student": args.student})]
         if args.demo_seeds:
             generate_dataset(scratch, **{**DEMO_DATA, "n_test": args.demo_test})
-            runs.append(("demo", scratch, args.demo_seeds, DEMO_TRAINING))
+            runs.append(("demo", scratch, args.demo_seeds,
+                         {**DEMO_TRAINING, "epochs": args.demo_epochs, "student": args.student}))
         for dataset, root, seeds, settings in runs:
             if root is None:
                 continue

@@ -8,9 +8,9 @@ half the coarsest level's resolution), so what it can rebuild is what defect-fre
 squeezed out by the bottleneck, comes back wrong.
 
 The layout follows the teacher's levels: each level must have twice the stride of the one before
-(EfficientNet and ResNet levels 1-3: strides 4, 8, 16). Small on purpose: the student decodes features,
-not pixels, so it trains several times faster per epoch than a mirror student, teacher forward included
-once (README: quality ablation).
+(EfficientNet and ResNet levels 1-3: strides 4, 8, 16). It decodes features, not pixels, and the teacher's
+features of a training image are computed once, so an epoch costs about half a mirror student's on CPUs
+(README: the student table).
 """
 
 from __future__ import annotations
