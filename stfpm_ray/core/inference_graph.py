@@ -1,4 +1,4 @@
-"""Rewriting a frozen feature network into a faster one that computes the same features.
+"""Rewriting a frozen network into a faster one that computes the same outputs.
 
 Scoring never trains, so two kinds of work in a timm ``features_only`` network are pure overhead there:
 
@@ -83,15 +83,24 @@ def drop_unused_blocks(network: nn.Module) -> int:
     return max(cut, 0)
 
 
-def optimize_for_inference(network: nn.Module) -> nn.Module:
-    """A faster eval-mode copy of a frozen feature network, or the network itself if a rewrite misbehaves."""
+def image_probe(device: torch.device | str) -> torch.Tensor:
+    """The input a rewritten image network is checked on."""
+    probe = torch.rand(2, 3, _PROBE_SIZE, _PROBE_SIZE, generator=torch.Generator().manual_seed(0))
+    return probe.to(device, memory_format=torch.channels_last)
+
+
+def optimize_for_inference(network: nn.Module, probe: object = None) -> nn.Module:
+    """A faster eval-mode copy of a frozen network, or the network itself if a rewrite misbehaves.
+
+    ``probe`` is what the network reads (default: an image batch, :func:`image_probe`); a network of
+    features, such as the reverse student, is checked on features.
+    """
     network.eval()
     rewritten = copy.deepcopy(network)
     if fold_batchnorm(rewritten) + drop_unused_blocks(rewritten) == 0:
         return network
-    parameter = next(network.parameters())
-    probe = torch.rand(2, 3, _PROBE_SIZE, _PROBE_SIZE, generator=torch.Generator().manual_seed(0))
-    probe = probe.to(parameter.device, memory_format=torch.channels_last)
+    if probe is None:
+        probe = image_probe(next(network.parameters()).device)
     with torch.inference_mode():
         expected, got = network(probe), rewritten(probe)
     deviation = max(

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from stfpm_ray.core.anomaly_map import anomaly_map, feature_distance, image_scores, level_distances
-from stfpm_ray.core.inference_graph import optimize_for_inference
+from stfpm_ray.core.inference_graph import image_probe, optimize_for_inference
 from stfpm_ray.core.reverse import ReverseStudent
 from stfpm_ray.core.teacher import Teacher, create_features
 from stfpm_ray.errors import UserError
@@ -121,8 +121,11 @@ class STFPM(nn.Module):
         """
         self.eval()
         self.teacher = optimize_for_inference(self.teacher)
-        if self.student_kind == "mirror":  # the reverse student is a small decoder with nothing to drop
-            self.student = optimize_for_inference(self.student)
+        probe = image_probe(self.pixel_offset.device)
+        if self.student_kind == "reverse":  # it reads features: checked on the teacher's features of the probe
+            with torch.inference_mode():
+                probe = list(self.teacher(probe))
+        self.student = optimize_for_inference(self.student, probe)
         return self.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
