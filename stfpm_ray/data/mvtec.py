@@ -118,7 +118,7 @@ def category_for(path: str | Path, category: str | None = None) -> str:
     if category is not None:
         return category
     parts = _parts(path)
-    if len(parts) >= 4 and (parts[-3] == "test" or is_training_image(path)):
+    if len(parts) >= 4 and parts[-3] in ("test", "train"):
         return parts[-4]
     return parts[-2] if len(parts) >= 2 else ""
 

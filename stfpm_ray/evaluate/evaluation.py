@@ -141,10 +141,7 @@ def open_scores(scores_dir: str | Path, version: int | None = None) -> tuple[ds.
         raise UserError(
             f"{location} lacks column(s) {', '.join(missing)}: is it the output of `stfpm-ray score`?"
         )
-    # The history of a table loaded at an older version lists the newest commits under shifted numbers
-    # (deltalake 1.x), so an older version's history comes from the current table.
-    history = table.history(delta if version is None else None)
-    return dataset, run_metadata(history, delta.version())
+    return dataset, run_metadata(table.history(), delta.version())
 
 
 def _timestamps_us(column: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -138,12 +138,13 @@ class ScoresTable:
         """The live rows as a pyarrow dataset: only files of the chosen version, never staged or removed ones."""
         return self.delta(version).to_pyarrow_dataset()
 
-    def history(self, delta: DeltaTable | None = None) -> list[dict[str, Any]]:
+    def history(self) -> list[dict[str, Any]]:
         """``[{version, timestamp, operation, manifest}]``, newest first; manifest None for foreign commits.
-        ``delta`` reuses the current table already loaded; never pass one loaded at an older version, whose
-        history deltalake 1.x numbers wrongly (it lists the newest commits counting down from that version)."""
+
+        Always read from the current table: deltalake 1.x numbers the history of a table loaded at an older
+        version wrongly (it lists the newest commits, counting down from that version)."""
         entries = []
-        for commit in (delta or self.delta()).history():
+        for commit in self.delta().history():
             manifest = commit.get(MANIFEST_KEY)
             entries.append({"version": commit["version"], "timestamp": commit.get("timestamp"),
                             "operation": commit.get("operation"),
