@@ -73,8 +73,18 @@ def run(root: str, categories: list[str], variants: list[tuple[str, dict]], base
             seconds = time.perf_counter() - started
             image, pixel, score_rate = test_quality(model, root, category, config.image_size)
             train_rate = config.epochs * len(fitter.train_images) / seconds
-            rows.append((category, name, f"{image:.3f}", f"{pixel:.3f}", meta.training["best_epoch"],
-                         f"{seconds:.0f}", f"{train_rate:.1f}", f"{score_rate:.1f}"))
+            rows.append(
+                (
+                    category,
+                    name,
+                    f"{image:.3f}",
+                    f"{pixel:.3f}",
+                    meta.training["best_epoch"],
+                    f"{seconds:.0f}",
+                    f"{train_rate:.1f}",
+                    f"{score_rate:.1f}",
+                )
+            )
             print(fixed_width_table(COLUMNS, rows[-1:]), flush=True)
     return rows
 

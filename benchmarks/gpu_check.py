@@ -31,18 +31,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from precision_check import compare  # the sibling script (run as benchmarks/gpu_check.py)
 
 from stfpm_ray.core.checkpoint import CheckpointMeta, save_checkpoint
 from stfpm_ray.core.fit import TrainConfig, fit_category
 from stfpm_ray.core.model import STFPM
-from stfpm_ray.core.score import DEFAULT_MAP_SIZE as MAP_SIZE, ScoreSettings, score_batch
+from stfpm_ray.core.score import DEFAULT_MAP_SIZE as MAP_SIZE
+from stfpm_ray.core.score import ScoreSettings, score_batch
 from stfpm_ray.data.images import ImageDecodeError, load_image
 from stfpm_ray.data.mvtec import test_samples
 from stfpm_ray.data.synth import generate_dataset
 from stfpm_ray.progress import quiet
-
-from precision_check import compare  # the sibling script (run as benchmarks/gpu_check.py)
-
 
 
 class Files(torch.utils.data.Dataset):
@@ -108,9 +107,11 @@ def main() -> None:
         model, meta, _ = fit_category(root, category, config, device=device)
         seconds = time.perf_counter() - started
         images_seen = meta.training.get("train_images", 0) * args.epochs
-        print(f"  wall {seconds:.0f} s (decode and teacher cache included); "
-              f"best epoch {meta.training.get('best_epoch')}"
-              + (f"; {images_seen / meta.training['seconds']:.0f} images/s in the epoch loop" if images_seen else ""))
+        print(
+            f"  wall {seconds:.0f} s (decode and teacher cache included); "
+            f"best epoch {meta.training.get('best_epoch')}"
+            + (f"; {images_seen / meta.training['seconds']:.0f} images/s in the epoch loop" if images_seen else "")
+        )
         save_checkpoint(work / "ckpt" / category, model.student, meta)
 
         print("quality and model paths (test images):")
@@ -122,8 +123,12 @@ def main() -> None:
         print(f"scoring {n} files ({len(sources)} distinct):")
         with Pool(cpus) as pool:
             pool.starmap(load_image, [(p, size) for p in paths[:cpus]])  # start the workers
-            decode = rate(f"decode-only ceiling ({cpus} processes)", n, lambda: pool.starmap(
-                load_image, [(p, size) for p in paths], chunksize=16), device)
+            decode = rate(
+                f"decode-only ceiling ({cpus} processes)",
+                n,
+                lambda: pool.starmap(load_image, [(p, size) for p in paths], chunksize=16),
+                device,
+            )
         decoded = torch.from_numpy(np.stack([load_image(p, size) for p in sources])).permute(0, 3, 1, 2)
         decoded = decoded[torch.arange(n) % len(sources)].contiguous()
         batches = [decoded[i : i + batch] for i in range(0, n, batch)]
@@ -131,15 +136,27 @@ def main() -> None:
             batches = [b.pin_memory() for b in batches]
         results = {"decode": decode}
         for precision in ("fp32", "bf16"):
-            results[f"model {precision}"] = rate(f"model-only ceiling, {precision} (forward + map + PNG)", n,
-                                                 lambda: score_all(model, meta, batches, precision, device), device)
+            results[f"model {precision}"] = rate(
+                f"model-only ceiling, {precision} (forward + map + PNG)",
+                n,
+                lambda precision=precision: score_all(model, meta, batches, precision, device),
+                device,
+            )
         loader = torch.utils.data.DataLoader(
-            Files(paths, size), batch_size=batch, num_workers=max(1, cpus - 1), pin_memory=device == "cuda",
-            persistent_workers=True, prefetch_factor=4,
+            Files(paths, size),
+            batch_size=batch,
+            num_workers=max(1, cpus - 1),
+            pin_memory=device == "cuda",
+            persistent_workers=True,
+            prefetch_factor=4,
         )
         next(iter(loader))  # start the workers
-        results["core"] = rate("core end to end (DataLoader decode, bf16 model, PNG maps)", n,
-                               lambda: score_all(model, meta, loader, "bf16", device), device)
+        results["core"] = rate(
+            "core end to end (DataLoader decode, bf16 model, PNG maps)",
+            n,
+            lambda: score_all(model, meta, loader, "bf16", device),
+            device,
+        )
         if importlib.util.find_spec("ray") is not None:
             from stfpm_ray.ray.score import ScoringOptions, score_images  # optional on GPU images
 
@@ -148,9 +165,19 @@ def main() -> None:
             for i, path in enumerate(paths):
                 os.symlink(path, archive / f"{i:06d}{path.suffix}")
             gpus = 1.0 if device == "cuda" else 0.0
-            results["pipeline"] = rate("Ray pipeline (files -> Parquet)", n, lambda: score_images(
-                work / "ckpt", str(archive), work / "scores", ScoringOptions(batch_size=batch, gpus_per_actor=gpus),
-                category=category, progress=quiet), device)
+            results["pipeline"] = rate(
+                "Ray pipeline (files -> Parquet)",
+                n,
+                lambda: score_images(
+                    work / "ckpt",
+                    str(archive),
+                    work / "scores",
+                    ScoringOptions(batch_size=batch, gpus_per_actor=gpus),
+                    category=category,
+                    progress=quiet,
+                ),
+                device,
+            )
         else:
             print("  Ray pipeline: skipped, ray is not installed here")
         best = max(results.get("pipeline", 0.0), results["core"])

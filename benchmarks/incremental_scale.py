@@ -26,9 +26,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from stfpm_ray.core.checkpoint import CheckpointMeta
+from stfpm_ray.data.listing import list_images
 from stfpm_ray.progress import fixed_width_table
 from stfpm_ray.ray.score import ROWS_PER_FILE, plan
-from stfpm_ray.data.listing import list_images
 from stfpm_ray.store.scores import SCHEMA, DataFile, ScoresTable, write_data_files
 
 MODEL_ID = "0123456789abcdef"
@@ -49,10 +49,14 @@ def build_table(folder: Path, inbox: Path, rows: int) -> None:
         columns = {field.name: pa.nulls(n, field.type) for field in SCHEMA}
         columns.update(
             path=pa.array([_path(inbox, i) for i in range(start, start + n)], pa.string()),
-            category=pa.array([CATEGORY] * n, pa.string()), model_id=pa.array([MODEL_ID] * n, pa.string()),
-            status=pa.array(["ok"] * n, pa.string()), run_id=pa.array(["bench"] * n, pa.string()),
+            category=pa.array([CATEGORY] * n, pa.string()),
+            model_id=pa.array([MODEL_ID] * n, pa.string()),
+            status=pa.array(["ok"] * n, pa.string()),
+            run_id=pa.array(["bench"] * n, pa.string()),
         )
-        files += write_data_files(pa.table(columns, schema=SCHEMA), table.location, f"bench-{start // ROWS_PER_FILE:06d}")
+        files += write_data_files(
+            pa.table(columns, schema=SCHEMA), table.location, f"bench-{start // ROWS_PER_FILE:06d}"
+        )
     table.commit(files, [], {"run_id": "bench", "rows": rows}, overwrite=False)
 
 
@@ -66,8 +70,17 @@ def make_inbox(inbox: Path, rows: int, new: int) -> None:
 
 def measure(folder: str, inbox: str) -> dict:
     """In this (fresh) process: list and plan, returning seconds and the extra peak memory."""
-    meta = CheckpointMeta(category=CATEGORY, backbone="b", layers=[1], image_size=256, teacher_source="t",
-                          teacher_sha256="0", threshold=1.0, normalization={}, model_id=MODEL_ID)
+    meta = CheckpointMeta(
+        category=CATEGORY,
+        backbone="b",
+        layers=[1],
+        image_size=256,
+        teacher_source="t",
+        teacher_sha256="0",
+        threshold=1.0,
+        normalization={},
+        model_id=MODEL_ID,
+    )
     table = ScoresTable(folder)
     table.dataset()  # open the table first: its log is read by every run, whatever it plans
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -76,8 +89,13 @@ def measure(folder: str, inbox: str) -> dict:
     blocks, counts = plan(listing, {CATEGORY: ("", meta)}, {}, CATEGORY, table.already_scored, 32)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds": seconds, "extra_peak_bytes": max(0, peak - before), "listed": listing.files.num_rows,
-            "to_score": sum(b.num_rows for b in blocks), "skipped": counts[CATEGORY].skipped}
+    return {
+        "seconds": seconds,
+        "extra_peak_bytes": max(0, peak - before),
+        "listed": listing.files.num_rows,
+        "to_score": sum(b.num_rows for b in blocks),
+        "skipped": counts[CATEGORY].skipped,
+    }
 
 
 def main() -> None:
@@ -100,12 +118,21 @@ def main() -> None:
             child = [sys.executable, __file__, "--measure", str(work / "scores"), str(work / "inbox")]
             result = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout)
             assert (result["to_score"], result["skipped"]) == (args.new - args.new // 2, args.new // 2), result
-            results.append((f"{rows:,}", result["listed"], result["to_score"], f"{result['seconds']:.2f}",
-                            f"{result['extra_peak_bytes'] / 1e6:.1f}", f"{result['extra_peak_bytes'] / rows:.1f}"))
+            results.append(
+                (
+                    f"{rows:,}",
+                    result["listed"],
+                    result["to_score"],
+                    f"{result['seconds']:.2f}",
+                    f"{result['extra_peak_bytes'] / 1e6:.1f}",
+                    f"{result['extra_peak_bytes'] / rows:.1f}",
+                )
+            )
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    print(fixed_width_table(("archived rows", "listed", "to score", "plan s", "extra peak MB", "bytes/archived"),
-                            results))
+    print(
+        fixed_width_table(("archived rows", "listed", "to score", "plan s", "extra peak MB", "bytes/archived"), results)
+    )
     print("target: <= 100 bytes of driver memory per archived image")
 
 

@@ -33,8 +33,19 @@ from stfpm_ray.data.synth import generate_dataset
 from stfpm_ray.progress import fixed_width_table
 from stfpm_ray.ray.benchmark import DEMO_DATA, DEMO_TRAINING
 
-COLUMNS = ("dataset", "category", "seed", "n val", "good/defect", "thr old", "thr new", "FAR old", "FAR new",
-           "recall old", "recall new")
+COLUMNS = (
+    "dataset",
+    "category",
+    "seed",
+    "n val",
+    "good/defect",
+    "thr old",
+    "thr new",
+    "FAR old",
+    "FAR new",
+    "recall old",
+    "recall new",
+)
 POOLED_COLUMNS = ("dataset", "threshold", "fits", "max binds", "FAR on good test", "recall")
 
 
@@ -76,11 +87,19 @@ def measure(dataset: str, root: str, category: str, config: TrainConfig) -> Fit:
 
 def _row(fit: Fit) -> tuple:
     old, new = fit.val.max(), fit.threshold
-    return (fit.dataset, fit.category, fit.seed, fit.val.size, f"{fit.good.size}/{fit.defective.size}", f"{old:.4g}",
-            f"{new:.4g}", _rate(int((fit.good > old).sum()), fit.good.size),
-            _rate(int((fit.good > new).sum()), fit.good.size),
-            _rate(int((fit.defective > old).sum()), fit.defective.size),
-            _rate(int((fit.defective > new).sum()), fit.defective.size))
+    return (
+        fit.dataset,
+        fit.category,
+        fit.seed,
+        fit.val.size,
+        f"{fit.good.size}/{fit.defective.size}",
+        f"{old:.4g}",
+        f"{new:.4g}",
+        _rate(int((fit.good > old).sum()), fit.good.size),
+        _rate(int((fit.good > new).sum()), fit.good.size),
+        _rate(int((fit.defective > old).sum()), fit.defective.size),
+        _rate(int((fit.defective > new).sum()), fit.defective.size),
+    )
 
 
 def pooled(fits: list[Fit], fars: list[float]) -> list[tuple]:
@@ -93,9 +112,16 @@ def pooled(fits: list[Fit], fars: list[float]) -> list[tuple]:
             binds = sum(t == fit.val.max() for t, fit in zip(thresholds, chosen))
             alarms = sum(int((fit.good > t).sum()) for t, fit in zip(thresholds, chosen))
             hits = sum(int((fit.defective > t).sum()) for t, fit in zip(thresholds, chosen))
-            rows.append((dataset, "max (old)" if far is None else f"target FAR {far:g}", len(chosen), binds,
-                         _rate(alarms, sum(fit.good.size for fit in chosen)),
-                         _rate(hits, sum(fit.defective.size for fit in chosen))))
+            rows.append(
+                (
+                    dataset,
+                    "max (old)" if far is None else f"target FAR {far:g}",
+                    len(chosen),
+                    binds,
+                    _rate(alarms, sum(fit.good.size for fit in chosen)),
+                    _rate(hits, sum(fit.defective.size for fit in chosen)),
+                )
+            )
     return rows
 
 
@@ -121,22 +147,40 @@ def main() -> None:
     fars = sorted({TrainConfig().target_far, *args.far}, reverse=True)
     fits = []
     with tempfile.TemporaryDirectory() as scratch:
-        runs = [("mvtec", args.mvtec, args.mvtec_seeds,
-                 {"epochs": args.epochs, "image_size": args.image_size, "student": args.student})]
+        runs = [
+            (
+                "mvtec",
+                args.mvtec,
+                args.mvtec_seeds,
+                {"epochs": args.epochs, "image_size": args.image_size, "student": args.student},
+            )
+        ]
         if args.demo_seeds:
             generate_dataset(scratch, **{**DEMO_DATA, "n_test": args.demo_test})
-            runs.append(("demo", scratch, args.demo_seeds,
-                         {**DEMO_TRAINING, "epochs": args.demo_epochs, "student": args.student}))
+            runs.append(
+                (
+                    "demo",
+                    scratch,
+                    args.demo_seeds,
+                    {**DEMO_TRAINING, "epochs": args.demo_epochs, "student": args.student},
+                )
+            )
         for dataset, root, seeds, settings in runs:
             if root is None:
                 continue
             names = resolve_categories(root, args.mvtec_categories if dataset == "mvtec" else "all")
-            print(f"{dataset} ({root}): {', '.join(names)}; {settings}, seeds {seeds}, target FAR "
-                  f"{TrainConfig().target_far}", flush=True)
-            fits += [measure(dataset, root, name, TrainConfig(**settings, seed=seed))
-                     for seed in seeds for name in names]
-    print(f"\nold: threshold = max of validation scores; new: target FAR {TrainConfig().target_far:g} (lognormal-t, "
-          "never below the validation maximum). FAR on good test images, recall on defective ones.")
+            print(
+                f"{dataset} ({root}): {', '.join(names)}; {settings}, seeds {seeds}, target FAR "
+                f"{TrainConfig().target_far}",
+                flush=True,
+            )
+            fits += [
+                measure(dataset, root, name, TrainConfig(**settings, seed=seed)) for seed in seeds for name in names
+            ]
+    print(
+        f"\nold: threshold = max of validation scores; new: target FAR {TrainConfig().target_far:g} (lognormal-t, "
+        "never below the validation maximum). FAR on good test images, recall on defective ones."
+    )
     print(fixed_width_table(COLUMNS, [_row(fit) for fit in fits], rule=True))
     print("\npooled over each dataset's fits, from the same validation scores")
     print(fixed_width_table(POOLED_COLUMNS, pooled(fits, fars), rule=True))

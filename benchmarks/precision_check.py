@@ -22,8 +22,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from stfpm_ray.core.checkpoint import load_checkpoint
-from stfpm_ray.data.images import load_image, load_mask
 from stfpm_ray.core.model import STFPM
+from stfpm_ray.data.images import load_image, load_mask
 from stfpm_ray.data.mvtec import test_samples
 
 
@@ -53,20 +53,26 @@ def compare(model: STFPM, root: str | Path, category: str, size: int, batch_size
     images = torch.from_numpy(np.stack([load_image(s.path, size) for s in samples])).permute(0, 3, 1, 2)
     labels = np.array([s.label for s in samples])
     masks = np.stack([load_mask(s.mask_path, size) for s in samples]).ravel()
-    print(f"{category}: {len(samples)} test images at {size} px, device {device}, "
-          f"batch {batch_size}, torch {torch.get_num_threads()} threads")
+    print(
+        f"{category}: {len(samples)} test images at {size} px, device {device}, "
+        f"batch {batch_size}, torch {torch.get_num_threads()} threads"
+    )
 
     as_trained = run(model.eval(), images, batch_size, "fp32", device)
     model.for_inference()
-    paths = {"fp32 as trained": as_trained,
-             "fp32 rewritten": run(model, images, batch_size, "fp32", device),
-             "bf16 rewritten": run(model, images, batch_size, "bf16", device)}
+    paths = {
+        "fp32 as trained": as_trained,
+        "fp32 rewritten": run(model, images, batch_size, "fp32", device),
+        "bf16 rewritten": run(model, images, batch_size, "bf16", device),
+    }
     reference = as_trained[1]
     print(f"{'path':<18} {'image AUROC':>11} {'pixel AUROC':>11} {'max dev':>9} {'mean dev':>9} {'images/s':>9}")
     for name, (maps, scores, rate) in paths.items():
         deviation = np.abs(scores - reference) / np.abs(reference)
-        print(f"{name:<18} {roc_auc_score(labels, scores):>11.4f} {roc_auc_score(masks, maps.ravel()):>11.4f} "
-              f"{deviation.max():>9.1e} {deviation.mean():>9.1e} {rate:>9.1f}")
+        print(
+            f"{name:<18} {roc_auc_score(labels, scores):>11.4f} {roc_auc_score(masks, maps.ravel()):>11.4f} "
+            f"{deviation.max():>9.1e} {deviation.mean():>9.1e} {rate:>9.1f}"
+        )
 
 
 def main() -> None:

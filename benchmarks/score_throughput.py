@@ -35,11 +35,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
+import ray
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-import ray
 
 from stfpm_ray.cli.options import add_scoring_options, scoring_options
 from stfpm_ray.core.checkpoint import CheckpointMeta, discover_checkpoints, load_checkpoint, save_checkpoint
@@ -76,8 +75,10 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
     with Image.open(sources[0]) as first:
         side = first.size
     sizes = [p.stat().st_size for p in sources]
-    print(f"images: {args.images} ({len(sources)} distinct {category} test images, {side[0]}x{side[1]} px, "
-          f"mean {np.mean(sizes) / 1e3:.0f} KB)")
+    print(
+        f"images: {args.images} ({len(sources)} distinct {category} test images, {side[0]}x{side[1]} px, "
+        f"mean {np.mean(sizes) / 1e3:.0f} KB)"
+    )
     return archive, work / "ckpt", category
 
 
@@ -89,14 +90,13 @@ def timed(label: str, count: int, run: Callable[[], object]) -> float:
     return rate
 
 
-def score_decoded(model: STFPM, meta: CheckpointMeta, images: torch.Tensor, chunk: int, map_size: int,
-                  precision: str) -> None:
+def score_decoded(
+    model: STFPM, meta: CheckpointMeta, images: torch.Tensor, chunk: int, map_size: int, precision: str
+) -> None:
     score_batch(model, meta, images, ScoreSettings(map_size=map_size, precision=precision, chunk=chunk))
 
 
-def single_process(
-    paths: list[Path], ckpt: Path, batch_size: int, chunk: int, map_size: int, precision: str
-) -> None:
+def single_process(paths: list[Path], ckpt: Path, batch_size: int, chunk: int, map_size: int, precision: str) -> None:
     model, meta = load_scoring_model(str(ckpt))
     for i in range(0, len(paths), batch_size):
         images = np.stack([load_image(p, meta.image_size) for p in paths[i : i + batch_size]])
@@ -157,8 +157,10 @@ def main() -> None:
         options = scoring_options(args)
         n, batch, chunk, precision = len(paths), options.batch_size, CPU_CHUNK, args.precision
         precision = resolve_precision(precision, "cpu")
-        print(f"machine: {os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads; batch size {batch}, "
-              f"{precision}; pipeline options {options}")
+        print(
+            f"machine: {os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads; batch size {batch}, "
+            f"{precision}; pipeline options {options}"
+        )
         decoded = torch.from_numpy(np.stack([load_image(p, args.image_size) for p in paths])).permute(0, 3, 1, 2)
         model, meta = load_scoring_model(str(ckpt))
         half = work / "half"
@@ -168,20 +170,34 @@ def main() -> None:
 
         def pipeline(folder: Path) -> Callable[[], object]:
             return lambda: ray_score.score_images(
-                ckpt_dir, str(folder), out, options, category=category, overwrite=True, progress=quiet,
+                ckpt_dir,
+                str(folder),
+                out,
+                options,
+                category=category,
+                overwrite=True,
+                progress=quiet,
             )
 
         runs: dict[str, tuple[str, Callable[[], object]]] = {
             "pipeline": ("pipeline (files -> Parquet)", pipeline(archive)),
-            "single": (f"single process, predict on batches of {batch}", lambda: single_process(
-                paths, ckpt, batch, batch, args.map_size, precision)),
-            "single_chunked": (f"single process, forward in chunks of {chunk}", lambda: single_process(
-                paths, ckpt, batch, chunk, args.map_size, precision)),
+            "single": (
+                f"single process, predict on batches of {batch}",
+                lambda: single_process(paths, ckpt, batch, batch, args.map_size, precision),
+            ),
+            "single_chunked": (
+                f"single process, forward in chunks of {chunk}",
+                lambda: single_process(paths, ckpt, batch, chunk, args.map_size, precision),
+            ),
             "seed": ("seed approach (batch 1, full-size float maps)", lambda: seed_approach(paths, ckpt)),
-            "decode": ("decode-only ceiling (Ray tasks, every CPU)", lambda: decode_only(
-                archive, ckpt_dir, category, batch)),
-            "model": (f"model-only ceiling (chunks of {chunk}, every CPU)", lambda: score_decoded(
-                model, meta, decoded, chunk, args.map_size, precision)),
+            "decode": (
+                "decode-only ceiling (Ray tasks, every CPU)",
+                lambda: decode_only(archive, ckpt_dir, category, batch),
+            ),
+            "model": (
+                f"model-only ceiling (chunks of {chunk}, every CPU)",
+                lambda: score_decoded(model, meta, decoded, chunk, args.map_size, precision),
+            ),
         }
         out = work / "out"
         rates: dict[str, float] = {}
@@ -203,20 +219,28 @@ def main() -> None:
         print(f"pipeline / single process:           {pipeline / rates['single']:.2f}x (target >= 0.8)")
         print(f"pipeline / single process (chunked): {pipeline / rates['single_chunked']:.2f}x")
         print(f"pipeline / seed approach:            {pipeline / rates['seed']:.2f}x (target >= 3)")
-        print(f"pipeline, start-up excluded:         {steady:.2f} images/s (n minus n/2 images over the time "
-              f"difference), {steady / rates['seed']:.2f}x seed")
+        print(
+            f"pipeline, start-up excluded:         {steady:.2f} images/s (n minus n/2 images over the time "
+            f"difference), {steady / rates['seed']:.2f}x seed"
+        )
         ceiling = min(rates["decode"], rates["model"])
         shared = 1 / (1 / rates["decode"] + 1 / rates["model"])
-        print(f"pipeline / min(ceilings):            {pipeline / ceiling:.2f} (target >= 0.8 where the stages "
-              "run on separate hardware)")
-        print(f"pipeline / shared-CPU bound:         {pipeline / shared:.2f} (bound {shared:.1f} images/s: both "
-              "stages on the same CPUs, 1 / (1/decode + 1/model))")
+        print(
+            f"pipeline / min(ceilings):            {pipeline / ceiling:.2f} (target >= 0.8 where the stages "
+            "run on separate hardware)"
+        )
+        print(
+            f"pipeline / shared-CPU bound:         {pipeline / shared:.2f} (bound {shared:.1f} images/s: both "
+            "stages on the same CPUs, 1 / (1/decode + 1/model))"
+        )
         print(f"peak memory per scoring actor:       {max(peaks):.0f} MB ({len(peaks)} actors, last pipeline run)")
         maps = ScoresTable(str(out)).dataset().to_table(columns=["anomaly_map"])["anomaly_map"]
         map_bytes = pc.mean(pc.binary_length(maps)).as_py()
-        print(f"Parquet bytes per image:             {parquet / manifest['rows'] / 1e3:.1f} KB "
-              "(target <= 40, maps included; "
-              f"repeated images compress together, the maps alone average {map_bytes / 1e3:.1f} KB)")
+        print(
+            f"Parquet bytes per image:             {parquet / manifest['rows'] / 1e3:.1f} KB "
+            "(target <= 40, maps included; "
+            f"repeated images compress together, the maps alone average {map_bytes / 1e3:.1f} KB)"
+        )
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)

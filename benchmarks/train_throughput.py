@@ -27,9 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import ray
+import torch
 
 from stfpm_ray.core.checkpoint import save_checkpoint
 from stfpm_ray.core.fit import TrainConfig, fit_category
@@ -84,15 +83,19 @@ def main() -> None:
             categories = resolve_categories(root, args.categories or "all")[: args.concurrent]
         else:
             root = work / "data"
-            categories = generate_dataset(root, categories=args.concurrent, size=args.image_size,
-                                          n_train=args.train_images, n_test=2, seed=0)
+            categories = generate_dataset(
+                root, categories=args.concurrent, size=args.image_size, n_train=args.train_images, n_test=2, seed=0
+            )
         if len(categories) < args.concurrent:
             raise SystemExit(f"need {args.concurrent} categories, found {categories}")
-        config = TrainConfig(weights="offline", image_size=args.image_size, epochs=args.epochs,
-                             batch_size=args.batch_size)
+        config = TrainConfig(
+            weights="offline", image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size
+        )
         first = categories[0]
-        print(f"machine: {cpus} CPUs, load average {os.getloadavg()[0]:.1f} at start; {args.image_size} px, "
-              f"{args.epochs} epochs, batch {args.batch_size}, categories {categories}")
+        print(
+            f"machine: {cpus} CPUs, load average {os.getloadavg()[0]:.1f} at start; {args.image_size} px, "
+            f"{args.epochs} epochs, batch {args.batch_size}, categories {categories}"
+        )
 
         torch.set_num_threads(1)
         plain_s, many_s, alone_s = math.inf, math.inf, math.inf
@@ -120,8 +123,10 @@ def main() -> None:
         print(f"  {n} categories at once           {many_s:8.1f} s  ({loop_span(many):.1f} s)")
         first_start = min(r.started_at for r in many)
         for r in many:
-            print(f"    {r.category:<12} loop {r.finished_at - r.started_at:6.1f} s, started "
-                  f"{r.started_at - first_start:4.1f} s after the first, {r.images_per_s:.1f} images/s")
+            print(
+                f"    {r.category:<12} loop {r.finished_at - r.started_at:6.1f} s, started "
+                f"{r.started_at - first_start:4.1f} s after the first, {r.images_per_s:.1f} images/s"
+            )
         print(f"load average {os.getloadavg()[0]:.1f} at end (other work on the machine skews every figure)")
         print(f"Ray Train / plain loop:          {(images / ray_loop_s) / (images / plain_s):.2f}x (target >= 0.9)")
         print(f"{n} at once / 1 alone, wall:      {many_s / alone_s:.2f}x (target <= 1.25)")

@@ -88,8 +88,10 @@ class Meter:
         elapsed = time.monotonic() - self.started
         rate = self.done / elapsed if elapsed > 0 else 0.0
         eta = f", ETA {_duration((self.total - self.done) / rate)}" if 0 < self.done < self.total else ""
-        return (f"{self.done}/{self.total} {self.unit} ({rate:.1f}/s), {self.errors} errors so far, "
-                f"{_duration(elapsed)} elapsed{eta}")
+        return (
+            f"{self.done}/{self.total} {self.unit} ({rate:.1f}/s), {self.errors} errors so far, "
+            f"{_duration(elapsed)} elapsed{eta}"
+        )
 
     def close(self) -> None:
         if self.bar is not None:

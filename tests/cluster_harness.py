@@ -46,8 +46,15 @@ FAST_HEALTH_CHECKS = {
 }
 # Head ports (root namespace, shared with other Ray instances): named ports, then the worker port range.
 HEAD_PORT_NAMES = (
-    "port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
-    "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+    "port",
+    "dashboard-port",
+    "ray-client-server-port",
+    "node-manager-port",
+    "object-manager-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
 )
 WORKER_PORTS = 200
 
@@ -271,9 +278,12 @@ class LocalCluster:
         """
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
         env.update(
-            RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0",
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
+            RAY_USAGE_STATS_ENABLED="0",
             RAY_API_SERVER_ADDRESS=self.dashboard_url,
-            PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PYTHONUNBUFFERED="1",
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            PYTHONUNBUFFERED="1",
             **FAST_HEALTH_CHECKS,
         )
         return env
@@ -296,11 +306,18 @@ class LocalCluster:
         self._ports = {name: base + i for i, name in enumerate(HEAD_PORT_NAMES)}
         first_worker_port = base + len(HEAD_PORT_NAMES)
         command = [
-            RAY, "start", "--head", "--block", "--disable-usage-stats",
-            f"--node-ip-address={self.head_ip}", f"--dashboard-host={self.head_ip}",
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            f"--node-ip-address={self.head_ip}",
+            f"--dashboard-host={self.head_ip}",
             *(f"--{name}={port}" for name, port in self._ports.items()),
-            f"--min-worker-port={first_worker_port}", f"--max-worker-port={first_worker_port + WORKER_PORTS - 1}",
-            f"--num-cpus={self.head_cpus}", f"--object-store-memory={OBJECT_STORE_BYTES}",
+            f"--min-worker-port={first_worker_port}",
+            f"--max-worker-port={first_worker_port + WORKER_PORTS - 1}",
+            f"--num-cpus={self.head_cpus}",
+            f"--object-store-memory={OBJECT_STORE_BYTES}",
             f"--temp-dir={self._temp_root / 'head'}",
         ]
         log = self.root / "head.log"
@@ -318,15 +335,31 @@ class LocalCluster:
         _run("ip", "link", "set", host_end, "master", self._bridge)
         _run("ip", "link", "set", host_end, "up")
         _run("ip", "link", "set", node_end, "netns", namespace)
-        for command in (("ip", "addr", "add", f"{ip}/24", "dev", node_end), ("ip", "link", "set", node_end, "up"),
-                        ("ip", "link", "set", "lo", "up")):
+        for command in (
+            ("ip", "addr", "add", f"{ip}/24", "dev", node_end),
+            ("ip", "link", "set", node_end, "up"),
+            ("ip", "link", "set", "lo", "up"),
+        ):
             _run("ip", "netns", "exec", namespace, *command)
         log = self.root / f"worker-{index}.log"
         process = _start(
-            ["ip", "netns", "exec", namespace, RAY, "start", "--block", "--disable-usage-stats",
-             f"--address={self.gcs_address}", f"--node-ip-address={ip}", f"--num-cpus={self.worker_cpus}",
-             f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={self._temp_root / f'worker-{index}'}"],
-            self.env(), log,
+            [
+                "ip",
+                "netns",
+                "exec",
+                namespace,
+                RAY,
+                "start",
+                "--block",
+                "--disable-usage-stats",
+                f"--address={self.gcs_address}",
+                f"--node-ip-address={ip}",
+                f"--num-cpus={self.worker_cpus}",
+                f"--object-store-memory={OBJECT_STORE_BYTES}",
+                f"--temp-dir={self._temp_root / f'worker-{index}'}",
+            ],
+            self.env(),
+            log,
         )
         node = WorkerNode(f"worker-{index}", namespace, ip, process, log)
         self.workers.append(node)
@@ -345,8 +378,13 @@ class LocalCluster:
             time.sleep(0.1)
 
     def wait_node_dead(self, node: WorkerNode, timeout: float = 60) -> None:
-        self._wait(lambda: node.ip not in self.alive_node_ips(), timeout, f"the head to notice {node.name} died",
-                   node.log, None)
+        self._wait(
+            lambda: node.ip not in self.alive_node_ips(),
+            timeout,
+            f"the head to notice {node.name} died",
+            node.log,
+            None,
+        )
 
     # ------------------------------------------------------------------------------------------ queries
 
@@ -370,10 +408,14 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while not ready():
             if process is not None and process.poll() is not None:
-                raise ClusterError(f"gave up waiting for {what}: the process exited ({process.returncode}); "
-                                   f"last lines of {log}:\n{_tail(log)}")
+                raise ClusterError(
+                    f"gave up waiting for {what}: the process exited ({process.returncode}); "
+                    f"last lines of {log}:\n{_tail(log)}"
+                )
             if time.monotonic() > deadline:
-                raise ClusterError(f"gave up waiting for {what} after {timeout:.0f} s; last lines of {log}:\n{_tail(log)}")
+                raise ClusterError(
+                    f"gave up waiting for {what} after {timeout:.0f} s; last lines of {log}:\n{_tail(log)}"
+                )
             time.sleep(0.5)
 
     # ------------------------------------------------------------------------------------------ jobs
@@ -393,7 +435,9 @@ class LocalCluster:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_tree(process)
-            raise ClusterError(f"job did not finish within {timeout:.0f} s; last lines:\n{_tail(self.root / log_name)}")
+            raise ClusterError(
+                f"job did not finish within {timeout:.0f} s; last lines:\n{_tail(self.root / log_name)}"
+            ) from None
         return JobResult(process.returncode, (self.root / log_name).read_text())
 
     def job_log(self, log_name: str) -> str:
@@ -424,8 +468,9 @@ class LocalCluster:
 def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     """Start a process in a session of its own (so its pid names its process group), output to ``log``."""
     with log.open("w") as handle:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def _tail(path: Path, lines: int = 30) -> str:

@@ -8,7 +8,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 
 # Ray reads this once, at its first import (a test module may import Ray before any fixture runs): the
@@ -43,7 +42,9 @@ def handmade_png(width: int, height: int, bit_depth: int, scanlines: bytes) -> b
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     header = struct.pack(">IIBBBBB", width, height, bit_depth, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(scanlines)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(scanlines)) + chunk(b"IEND", b"")
+    )
 
 
 def png_rgb16(array: np.ndarray) -> bytes:

@@ -31,7 +31,8 @@ def test_no_function_in_the_package_is_longer_than_60_lines():
         f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
         for path, tree in _modules()
         for node in ast.walk(tree)
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert not long, long
 
@@ -62,8 +63,9 @@ def test_ray_is_imported_at_module_top():
     assert not local, local
 
 
-@pytest.mark.skipif(shutil.which("lint-imports", path=str(Path(sys.executable).parent)) is None,
-                    reason="import-linter is not installed")
+@pytest.mark.skipif(
+    shutil.which("lint-imports", path=str(Path(sys.executable).parent)) is None, reason="import-linter is not installed"
+)
 def test_import_contracts_are_kept():
     command = [str(Path(sys.executable).parent / "lint-imports")]
     done = subprocess.run(command, cwd=PACKAGE.parent, capture_output=True, text=True)

@@ -12,10 +12,23 @@ def test_benchmark_on_fifteen_synthetic_categories(ray_session, tmp_path):
     data = tmp_path / "data"
     names = generate_dataset(data, categories=15, size=64, n_train=6, n_test=4, seed=3)
     out = tmp_path / "run"
-    code = cli.main([
-        "benchmark", "--data", str(data), "--out", str(out), "--epochs", "1", "--image-size", "64",
-        "--batch-size", "4", "--score-batch-size", "16",
-    ])
+    code = cli.main(
+        [
+            "benchmark",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--image-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--score-batch-size",
+            "16",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert sorted(metrics["categories"]) == sorted(names)

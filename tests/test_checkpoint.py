@@ -36,9 +36,15 @@ def teacher():
 
 def _meta(teacher, **overrides) -> CheckpointMeta:
     fields = dict(
-        category="widget", backbone="tf_efficientnet_lite0", layers=list(LAYERS), image_size=64,
-        teacher_source=teacher.source, teacher_sha256=teacher.sha256, threshold=0.25,
-        normalization={"val_max": 0.25}, training={"epochs": 1},
+        category="widget",
+        backbone="tf_efficientnet_lite0",
+        layers=list(LAYERS),
+        image_size=64,
+        teacher_source=teacher.source,
+        teacher_sha256=teacher.sha256,
+        threshold=0.25,
+        normalization={"val_max": 0.25},
+        training={"epochs": 1},
     )
     fields.update(overrides)
     return CheckpointMeta(**fields)
@@ -89,7 +95,9 @@ def test_model_id_changes_with_weights(tmp_path, teacher):
 
 
 def test_refuses_other_teacher(tmp_path, teacher):
-    save_checkpoint(tmp_path / "c", STFPM(teacher, "tf_efficientnet_lite0", LAYERS).student, _meta(teacher, teacher_sha256="0" * 64))
+    save_checkpoint(
+        tmp_path / "c", STFPM(teacher, "tf_efficientnet_lite0", LAYERS).student, _meta(teacher, teacher_sha256="0" * 64)
+    )
     with pytest.raises(CheckpointError, match="teacher"):
         load_checkpoint(tmp_path / "c", teacher=teacher)
 

@@ -87,8 +87,9 @@ def test_the_recipe_follows_the_student_unless_given(capsys):
 
 
 def test_config_gives_defaults_that_flags_override(tmp_path, capsys):
-    config = _write(tmp_path / "train.yaml", "data: /data\nout: /ckpt\nimage_size: 64\nepochs: 3\n"
-                                              "max-failures: 5\nresume: true\n")
+    config = _write(
+        tmp_path / "train.yaml", "data: /data\nout: /ckpt\nimage_size: 64\nepochs: 3\nmax-failures: 5\nresume: true\n"
+    )
     values = _printed(capsys, ["train", "--config", str(config), "--epochs", "7"])
     assert (values["data"], values["out"], values["image-size"], values["max-failures"]) == ("/data", "/ckpt", 64, 5)
     assert values["epochs"] == 7 and values["resume"] is True
@@ -96,8 +97,9 @@ def test_config_gives_defaults_that_flags_override(tmp_path, capsys):
 
 
 def test_config_lists_and_pairs(tmp_path, capsys):
-    config = _write(tmp_path / "score.yaml", "checkpoints: ckpt\ninput: [a, b]\nout: scores\nactors: '1,3'\n"
-                                             "incremental: true\n")
+    config = _write(
+        tmp_path / "score.yaml", "checkpoints: ckpt\ninput: [a, b]\nout: scores\nactors: '1,3'\nincremental: true\n"
+    )
     values = _printed(capsys, ["score", "--config", str(config)])
     assert values["input"] == ["a", "b"] and values["actors"] == "1,3" and values["incremental"] is True
     assert _printed(capsys, ["score", "--config", str(config), "--input", "c"])["input"] == ["c"]
@@ -119,15 +121,18 @@ def test_benchmark_prints_the_demo_preset_only_without_data(capsys):
     assert real["epochs"] == TrainConfig().epochs
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("epochs: 3\nbatch: 4\n", "unknown key 'batch'"),
-    ("config: other.yaml\n", "unknown key 'config'"),
-    ("epochs: 3\nimage_size: 64\nimage-size: 32\n", "set the same flag"),
-    ("- epochs\n", "expected a mapping"),
-    ("epochs: [3\n", "not valid YAML (line 2"),
-    ("resume: yes please\n", "resume: expected true or false"),
-    ("epochs: [3, 4]\n", "epochs: expected a single value"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("epochs: 3\nbatch: 4\n", "unknown key 'batch'"),
+        ("config: other.yaml\n", "unknown key 'config'"),
+        ("epochs: 3\nimage_size: 64\nimage-size: 32\n", "set the same flag"),
+        ("- epochs\n", "expected a mapping"),
+        ("epochs: [3\n", "not valid YAML (line 2"),
+        ("resume: yes please\n", "resume: expected true or false"),
+        ("epochs: [3, 4]\n", "epochs: expected a single value"),
+    ],
+)
 def test_config_mistakes_are_one_line_naming_the_file(text, message, tmp_path, capsys):
     config = _write(tmp_path / "bad.yaml", text)
     assert cli.main(["train", *REQUIRED["train"], "--config", str(config)]) == 2
@@ -140,14 +145,17 @@ def test_a_missing_config_file_is_a_user_error(tmp_path, capsys):
     assert "nope.yaml: No such file" in _error_line(capsys)
 
 
-@pytest.mark.parametrize("argv", [
-    ["train", "--data", "d", "--out", "o", "--epochs", "ten"],   # a bad value
-    ["train", "--data", "d", "--out", "o", "--conf", "x.yaml"],  # verb flags are never abbreviated
-    ["train", "--data", "d", "--out", "o", "--resume", "--overwrite"],
-    ["evaluate", "--scores", "s", "--out", "r", "--config", "x.yaml"],  # evaluate takes no config
-    ["synth", "data"],  # the positional output is gone: --out is required
-    ["synth", "--out", "data", "--categories", "3"],  # ... and so is the count called --categories
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--data", "d", "--out", "o", "--epochs", "ten"],  # a bad value
+        ["train", "--data", "d", "--out", "o", "--conf", "x.yaml"],  # verb flags are never abbreviated
+        ["train", "--data", "d", "--out", "o", "--resume", "--overwrite"],
+        ["evaluate", "--scores", "s", "--out", "r", "--config", "x.yaml"],  # evaluate takes no config
+        ["synth", "data"],  # the positional output is gone: --out is required
+        ["synth", "--out", "data", "--categories", "3"],  # ... and so is the count called --categories
+    ],
+)
 def test_flag_mistakes_exit_with_status_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
@@ -155,11 +163,14 @@ def test_flag_mistakes_exit_with_status_2(argv, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("verb", "text", "message"), [
-    ("train", "epochs: ten\n", "epochs: 'ten' is not a valid int"),
-    ("score", "precision: fp8\n", "precision: 'fp8' is not one of auto, fp32, bf16"),
-    ("score", "actors: '3,1'\n", "actors: '3,1': "),
-])
+@pytest.mark.parametrize(
+    ("verb", "text", "message"),
+    [
+        ("train", "epochs: ten\n", "epochs: 'ten' is not a valid int"),
+        ("score", "precision: fp8\n", "precision: 'fp8' is not one of auto, fp32, bf16"),
+        ("score", "actors: '3,1'\n", "actors: '3,1': "),
+    ],
+)
 def test_a_bad_value_in_a_config_file_is_refused_naming_the_file(verb, text, message, tmp_path, capsys):
     config = _write(tmp_path / "bad.yaml", text)
     assert cli.main([verb, *REQUIRED[verb], "--config", str(config)]) == 2
@@ -207,8 +218,7 @@ def test_train_resume_into_an_empty_folder_says_it_starts_fresh(tmp_path, capsys
 
 def test_benchmark_passes_resume_through(tmp_path, capsys, monkeypatch):
     calls = []
-    monkeypatch.setattr("stfpm_ray.cli.benchmark.run_benchmark",
-                        lambda *a, **kw: calls.append(kw) or {"failed": []})
+    monkeypatch.setattr("stfpm_ray.cli.benchmark.run_benchmark", lambda *a, **kw: calls.append(kw) or {"failed": []})
     out = tmp_path / "run"
     out.mkdir()
     (out / "benchmark.json").write_text("{}")

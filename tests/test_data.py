@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from stfpm_ray.data import mvtec
 from stfpm_ray.core.fit import TrainConfig, fit_category, split_train_val
+from stfpm_ray.data import mvtec
 from stfpm_ray.data.images import load_image
-from stfpm_ray.evaluate.metrics import image_auroc
 from stfpm_ray.data.mvtec import DatasetError, discover_categories, resolve_categories, sample_for, train_images
+from stfpm_ray.evaluate.metrics import image_auroc
 
 
 def test_discovery_and_routing(synth_root):

@@ -17,11 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import read_scores
 from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from conftest import read_scores
 from stfpm_ray import cli
 from stfpm_ray.core.checkpoint import META_FILE, CheckpointMeta
 from stfpm_ray.data.images import load_mask
@@ -43,9 +43,20 @@ CALIBRATION = {"method": "lognormal-t", "target_far": 0.01, "n_val": 8, "log_mea
 def _row(path, category, label, mask_path, anomaly_map, score, model, when, defect=None, threshold=THRESHOLD) -> dict:
     png, scale = encode_map(anomaly_map)
     return dict(
-        path=str(path), category=category, score=score, score_norm=score / threshold, is_anomalous=score > threshold,
-        label=label, defect=defect, mask_path=mask_path and str(mask_path), anomaly_map=png, map_scale=scale,
-        model_id=model, scored_at=when, status="ok", error=None,
+        path=str(path),
+        category=category,
+        score=score,
+        score_norm=score / threshold,
+        is_anomalous=score > threshold,
+        label=label,
+        defect=defect,
+        mask_path=mask_path and str(mask_path),
+        anomaly_map=png,
+        map_scale=scale,
+        model_id=model,
+        scored_at=when,
+        status="ok",
+        error=None,
     )
 
 
@@ -91,9 +102,18 @@ def commit_rows(out: Path, runs: list[tuple[list[dict], dict]]) -> Path:
 
 def write_checkpoint_meta(folder: Path, category: str, model: str, threshold: float, calibration: dict) -> None:
     """The metadata of a checkpoint that scored ``model``: all that evaluate reads of it."""
-    meta = CheckpointMeta(category=category, backbone="tf_efficientnet_lite0", layers=[1, 2, 3], image_size=64,
-                          teacher_source="offline", teacher_sha256="0" * 64, threshold=threshold,
-                          normalization={}, calibration=calibration, model_id=model)
+    meta = CheckpointMeta(
+        category=category,
+        backbone="tf_efficientnet_lite0",
+        layers=[1, 2, 3],
+        image_size=64,
+        teacher_source="offline",
+        teacher_sha256="0" * 64,
+        threshold=threshold,
+        normalization={},
+        calibration=calibration,
+        model_id=model,
+    )
     folder.mkdir(parents=True)
     (folder / META_FILE).write_text(json.dumps(asdict(meta)))
 
@@ -134,17 +154,24 @@ def build_scores(root: Path) -> Path:
     repeat of one image. solo: good images only.
     """
     rng = np.random.default_rng(7)
-    rows = [row for category, n_good, n_defective in (("bottle", 6, 6), ("widget", 6, 6), ("solo", 4, 0))
-            for row in _category_rows(root, category, n_good, n_defective, rng)]
+    rows = [
+        row
+        for category, n_good, n_defective in (("bottle", 6, 6), ("widget", 6, 6), ("solo", 4, 0))
+        for row in _category_rows(root, category, n_good, n_defective, rng)
+    ]
     repeat = dict(rows[-20])  # an older repeat of a widget image by the same model: the newest row counts
     assert repeat["category"] == "widget" and repeat["model_id"] == NEW_MODEL
     rows.append(repeat | {"score": 1e3, "scored_at": T0 - timedelta(hours=1)})
     write_checkpoint_meta(root / "ckpt" / "bottle", "bottle", NEW_MODEL, THRESHOLD, CALIBRATION)
     half = len(rows) // 2
-    manifest = {"checkpoints": str(root / "ckpt"), "inputs": [str(root / "data")],
-                "model_ids": {"bottle": NEW_MODEL, "widget": NEW_MODEL, "solo": NEW_MODEL}}
-    return commit_rows(root / "scores", [(rows[:half], {**manifest, "run_id": "r1"}),
-                                         (rows[half:], {**manifest, "run_id": "r2"})])
+    manifest = {
+        "checkpoints": str(root / "ckpt"),
+        "inputs": [str(root / "data")],
+        "model_ids": {"bottle": NEW_MODEL, "widget": NEW_MODEL, "solo": NEW_MODEL},
+    }
+    return commit_rows(
+        root / "scores", [(rows[:half], {**manifest, "run_id": "r1"}), (rows[half:], {**manifest, "run_id": "r2"})]
+    )
 
 
 def reference(scores_dir: Path, category: str, model: str) -> dict:
@@ -166,9 +193,13 @@ def reference(scores_dir: Path, category: str, model: str) -> dict:
         "aupro": aupro_exact(maps, masks, 0.3),
         "image_f1_max": f1,
         "image_f1_threshold": threshold,
-        "tp": int((flagged & (labels == 1)).sum()), "fp": int((flagged & (labels == 0)).sum()),
-        "tn": int((~flagged & (labels == 0)).sum()), "fn": int((~flagged & (labels == 1)).sum()),
-        "defects": labelled["defect"].to_numpy(dtype=object), "labels": labels, "flagged": flagged,
+        "tp": int((flagged & (labels == 1)).sum()),
+        "fp": int((flagged & (labels == 0)).sum()),
+        "tn": int((~flagged & (labels == 0)).sum()),
+        "fn": int((~flagged & (labels == 1)).sum()),
+        "defects": labelled["defect"].to_numpy(dtype=object),
+        "labels": labels,
+        "flagged": flagged,
     }
 
 
@@ -299,8 +330,12 @@ def test_missing_and_empty_scores_folders(tmp_path, capsys) -> None:
     with pytest.raises(ValueError, match="holds no data files"):
         evaluate_scores(empty, tmp_path / "out", progress=None)
     pq.write_table(SCHEMA.empty_table(), empty / "r1-00000.parquet")
-    table.commit([DataFile("r1-00000.parquet", (empty / "r1-00000.parquet").stat().st_size, 0)], [],
-                 {"run_id": "r1"}, overwrite=False)
+    table.commit(
+        [DataFile("r1-00000.parquet", (empty / "r1-00000.parquet").stat().st_size, 0)],
+        [],
+        {"run_id": "r1"},
+        overwrite=False,
+    )
     with pytest.raises(ValueError, match="no rows"):
         evaluate_scores(empty, tmp_path / "out", progress=None)
     assert cli.main(["evaluate", "--scores", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
@@ -359,7 +394,8 @@ def test_operating_point_counts_by_defect() -> None:
     assert (point["tp"], point["fp"], point["tn"], point["fn"]) == (3, 1, 2, 1)
     assert point["false_alarm_rate"] == pytest.approx(1 / 3) and point["recall"] == pytest.approx(3 / 4)
     assert point["recall_per_defect"] == {
-        "crack": {"n": 2, "detected": 1, "recall": 0.5}, "hole": {"n": 1, "detected": 1, "recall": 1.0},
+        "crack": {"n": 2, "detected": 1, "recall": 0.5},
+        "hole": {"n": 1, "detected": 1, "recall": 1.0},
         "unknown": {"n": 1, "detected": 1, "recall": 1.0},
     }
     assert math.isnan(operating_point(labels[3:], flagged[3:], defects[3:])["false_alarm_rate"])
@@ -396,8 +432,12 @@ def _unlabelled_rows(root: Path, n: int, rng: np.random.Generator) -> list[dict]
 
 def test_unlabelled_table_reports_flagged_images(tmp_path) -> None:
     rows = _unlabelled_rows(tmp_path, 30, np.random.default_rng(3))
-    manifest = {"run_id": "night-1", "checkpoints": str(tmp_path / "gone"), "inputs": [str(tmp_path / "archive")],
-                "model_ids": {"archive": NEW_MODEL}}
+    manifest = {
+        "run_id": "night-1",
+        "checkpoints": str(tmp_path / "gone"),
+        "inputs": [str(tmp_path / "archive")],
+        "model_ids": {"archive": NEW_MODEL},
+    }
     scores = commit_rows(tmp_path / "scores", [(rows, manifest)])
     assert cli.main(["evaluate", "--scores", str(scores), "--out", str(tmp_path / "report")]) == 0
     entry = json.loads((tmp_path / "report" / "metrics.json").read_text())["categories"]["archive"]

@@ -26,10 +26,7 @@ def _touch(path, data: bytes = b"x") -> None:
 def _rows(found: Listing) -> dict[str, tuple[int, int, str | None]]:
     table = found.files
     assert table.column_names == ["path", "source", "size", "error"]
-    return {
-        p: (s, n, e)
-        for p, s, n, e in zip(*(table[c].to_pylist() for c in table.column_names))
-    }
+    return {p: (s, n, e) for p, s, n, e in zip(*(table[c].to_pylist() for c in table.column_names))}
 
 
 def _paths(found: Listing) -> list[str]:
@@ -141,13 +138,22 @@ def test_an_unreadable_subfolder_is_counted_not_fatal(tmp_path, monkeypatch):
 
 def test_hidden_entries_masks_and_other_extensions_are_skipped_in_folders(tmp_path):
     root = tmp_path / ".archive"  # a hidden input itself is listed: only entries below it are hidden
-    for name in ("bottle/test/good/000.png", "bottle/test/broken/001.JPEG", "bottle/test/good/.002.png",
-                 ".cache/003.png", "bottle/ground_truth/broken/001_mask.png", "bottle/notes.txt",
-                 "bottle/x.tiff", "bottle/y.Bmp"):
+    for name in (
+        "bottle/test/good/000.png",
+        "bottle/test/broken/001.JPEG",
+        "bottle/test/good/.002.png",
+        ".cache/003.png",
+        "bottle/ground_truth/broken/001_mask.png",
+        "bottle/notes.txt",
+        "bottle/x.tiff",
+        "bottle/y.Bmp",
+    ):
         _touch(root / name)
     assert _paths(list_images([str(root)])) == [
-        str(root / "bottle/test/broken/001.JPEG"), str(root / "bottle/test/good/000.png"),
-        str(root / "bottle/x.tiff"), str(root / "bottle/y.Bmp"),
+        str(root / "bottle/test/broken/001.JPEG"),
+        str(root / "bottle/test/good/000.png"),
+        str(root / "bottle/x.tiff"),
+        str(root / "bottle/y.Bmp"),
     ]
     assert is_mask("bottle/ground_truth/broken/001_mask.png")
     assert not is_mask("bottle/test/broken/001.png")
@@ -190,8 +196,13 @@ def test_many_files_are_built_in_chunks_sorted_and_unique(tmp_path, monkeypatch)
 
 
 def test_a_pyarrow_filesystem_keeps_the_recursive_listing(tmp_path):
-    for name in ("bottle/test/good/000.png", "bottle/test/good/.001.png", "bottle/ground_truth/b/000_mask.png",
-                 "bottle/test/b/002.jpg", "bottle/readme.md"):
+    for name in (
+        "bottle/test/good/000.png",
+        "bottle/test/good/.001.png",
+        "bottle/ground_truth/b/000_mask.png",
+        "bottle/test/b/002.jpg",
+        "bottle/readme.md",
+    ):
         _touch(tmp_path / name, b"xyz")
     filesystem = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
     register_filesystem("listing-test", filesystem)

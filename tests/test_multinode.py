@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cluster_harness import ClusterError, JobResult, LocalCluster, WorkerNode, require_network_namespaces
 from conftest import need, read_scores
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
 from stfpm_ray.core.checkpoint import read_meta
-from stfpm_ray.store.scores import ScoresTable
 from stfpm_ray.data.mvtec import discover_categories
 from stfpm_ray.data.synth import generate_dataset
+from stfpm_ray.store.scores import ScoresTable
 
 JOB_TIMEOUT_S = 240
 # Scoring archive size: enough batches that a node can be killed after the first and long before the last.
@@ -84,9 +84,24 @@ def benchmark(cluster, shared) -> tuple[JobResult, Path]:
     out = shared / "benchmark"
     result = cluster.submit(
         # -v: the workers' own log lines (prefixed with their node's address) show where training ran
-        ["jobs/benchmark.py", "-v", "--data", str(shared / "data"), "--out", str(out), "--epochs", "2",
-         "--image-size", "64", "--batch-size", "8", "--storage-path", str(shared / "ray-benchmark")],
-        JOB_TIMEOUT_S, "benchmark.log",
+        [
+            "jobs/benchmark.py",
+            "-v",
+            "--data",
+            str(shared / "data"),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--image-size",
+            "64",
+            "--batch-size",
+            "8",
+            "--storage-path",
+            str(shared / "ray-benchmark"),
+        ],
+        JOB_TIMEOUT_S,
+        "benchmark.log",
     )
     return result, out
 
@@ -139,8 +154,19 @@ def test_scoring_finishes_exactly_once_after_losing_a_node(cluster, scoring_setu
     checkpoints, archive, category = scoring_setup
     out = shared / "scores-fault"
     job = cluster.submit_async(
-        ["jobs/score.py", "--checkpoints", str(checkpoints), "--input", str(archive), "--out", str(out),
-         "--category", category, "--score-batch-size", str(SCORE_BATCH)],
+        [
+            "jobs/score.py",
+            "--checkpoints",
+            str(checkpoints),
+            "--input",
+            str(archive),
+            "--out",
+            str(out),
+            "--category",
+            category,
+            "--score-batch-size",
+            str(SCORE_BATCH),
+        ],
         "score-fault.log",
     )
     node = cluster.workers[-1]
@@ -159,14 +185,28 @@ def test_scoring_finishes_exactly_once_after_losing_a_node(cluster, scoring_setu
     assert 0 < killed["rows"] < len(expected), "the node was not lost in the middle of scoring"
     restarted = [w for w in manifest["workers"] if w["pid"] != record["pid"]]
     assert sum(w["rows"] for w in restarted) >= len(expected) - killed["rows"], (
-        f"the rest was not scored by actors restarted on {replacement.name}: {manifest['workers']}")
+        f"the rest was not scored by actors restarted on {replacement.name}: {manifest['workers']}"
+    )
 
     # The nightly job over the same archive and output: only what arrived since is scored and reported.
     new = [archive / f"night2_{i}.png" for i in range(3)]
     for i, path in enumerate(new):
         os.link(archive / f"img_{i:05d}.png", path)
-    result = cluster.submit(["jobs/nightly.py", "--checkpoints", str(checkpoints), "--input", str(archive), "--out",
-                             str(out), "--category", category], JOB_TIMEOUT_S, "nightly.log")
+    result = cluster.submit(
+        [
+            "jobs/nightly.py",
+            "--checkpoints",
+            str(checkpoints),
+            "--input",
+            str(archive),
+            "--out",
+            str(out),
+            "--category",
+            category,
+        ],
+        JOB_TIMEOUT_S,
+        "nightly.log",
+    )
     assert result.returncode == 0, result.output[-4000:]
     reports = list((out / "_reports").glob("nightly-*.json"))
     assert len(reports) == 1
@@ -179,22 +219,44 @@ def test_training_resumes_from_its_checkpoint_after_losing_a_node(cluster, share
     category = discover_categories(shared / "data")[0]
     storage, out = shared / "ray-train-fault", shared / "ckpt-fault"
     job = cluster.submit_async(
-        ["jobs/train.py", "-v", "--data", str(shared / "data"), "--categories", category, "--out", str(out),
-         "--epochs", str(TRAIN_EPOCHS), "--image-size", str(TRAIN_IMAGE_SIZE), "--batch-size", "4",
-         "--storage-path", str(storage)],
+        [
+            "jobs/train.py",
+            "-v",
+            "--data",
+            str(shared / "data"),
+            "--categories",
+            category,
+            "--out",
+            str(out),
+            "--epochs",
+            str(TRAIN_EPOCHS),
+            "--image-size",
+            str(TRAIN_IMAGE_SIZE),
+            "--batch-size",
+            "4",
+            "--storage-path",
+            str(storage),
+        ],
         "train-fault.log",
     )
     node = cluster.workers[-1]
     # Ray Train writes this snapshot when it registers a reported checkpoint (the driver's epoch lines can lag
     # by seconds on a loaded machine): from then on, the first epoch must survive the node.
-    _wait_for(lambda: list(storage.glob(f"*-train-{category}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}")),
-              JOB_TIMEOUT_S, "the first registered epoch checkpoint", cluster, "train-fault.log")
+    _wait_for(
+        lambda: list(storage.glob(f"*-train-{category}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}")),
+        JOB_TIMEOUT_S,
+        "the first registered epoch checkpoint",
+        cluster,
+        "train-fault.log",
+    )
     assert any("RayTrainWorker" in title for title in node.process_titles()), "training does not run on the worker node"
     replacement = _replace_node(cluster, node)
     result = cluster.wait_job(job, JOB_TIMEOUT_S, "train-fault.log")
     assert result.returncode == 0, result.output[-4000:]
 
-    assert re.search(rf"\(RayTrainWorker pid=\d+, ip={re.escape(replacement.ip)}\)", result.output), "not resumed on the new node"
+    assert re.search(rf"\(RayTrainWorker pid=\d+, ip={re.escape(replacement.ip)}\)", result.output), (
+        "not resumed on the new node"
+    )
     resumed = [int(m) for m in re.findall(rf"\[{category}\] [^\n]*resum[^\n]* epoch (\d+)", result.output)]
     assert resumed, f"training restarted instead of resuming:\n{result.output[-4000:]}"
     assert 1 <= resumed[0] < TRAIN_EPOCHS, f"the node was lost after training had ended (epoch {resumed[0]})"

@@ -1,4 +1,5 @@
-"""jobs/nightly.py (stfpm-ray nightly): incremental rescoring plus a per-category report of exactly this run's new anomalies."""
+"""jobs/nightly.py (stfpm-ray nightly): incremental rescoring plus a per-category report of exactly this run's
+new anomalies."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from conftest import read_scores
-from deltalake import DeltaTable
 import pytest
 import torch
+from conftest import read_scores
+from deltalake import DeltaTable
 from PIL import Image
 
 from stfpm_ray.core.checkpoint import save_checkpoint
@@ -46,7 +47,9 @@ def setup(tmp_path_factory, synth_root):
     """
     category = discover_categories(synth_root)[0]
     base = tmp_path_factory.mktemp("nightly")
-    model, meta, _ = fit_category(synth_root, category, TrainConfig(image_size=64, epochs=1, batch_size=8, weights="offline"))
+    model, meta, _ = fit_category(
+        synth_root, category, TrainConfig(image_size=64, epochs=1, batch_size=8, weights="offline")
+    )
     archive = base / "archive"
     shutil.copytree(synth_root / category / "test", archive / category / "test")
     noise = base / "noise.png"

@@ -42,8 +42,9 @@ def _shuffle_test_labels(category_dir: Path, seed: int) -> None:
 
 
 def _fit(root: Path, category: str, out: Path, augment: str, student: str) -> tuple[bytes, dict]:
-    config = TrainConfig(image_size=64, epochs=3, batch_size=8, weights="offline", seed=5, augment=augment,
-                         student=student)
+    config = TrainConfig(
+        image_size=64, epochs=3, batch_size=8, weights="offline", seed=5, augment=augment, student=student
+    )
     result = fit_category(root, category, config)
     meta = save_checkpoint(out, result.model.student, result.meta)
     return (out / "student.safetensors").read_bytes(), meta

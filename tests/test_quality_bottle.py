@@ -30,7 +30,10 @@ def test_bottle_128_reaches_paper_level_auroc(shared_bottle, student, epochs):
     masks = np.stack([load_mask(s.mask_path, size) for s in samples])
     image_auroc = roc_auc_score(labels, scores)
     pixel_auroc = roc_auc_score(masks.ravel(), maps.ravel())
-    print(f"bottle 128px, {student} student, {epochs} epochs: image AUROC {image_auroc:.4f}, pixel AUROC {pixel_auroc:.4f}")
+    print(
+        f"bottle 128px, {student} student, {epochs} epochs: "
+        f"image AUROC {image_auroc:.4f}, pixel AUROC {pixel_auroc:.4f}"
+    )
     assert image_auroc >= 0.99
     assert pixel_auroc >= 0.98
     # the threshold comes from held-out good images only: no validation image exceeds it

@@ -26,17 +26,17 @@ from deltalake import DeltaTable
 from PIL import Image
 
 from stfpm_ray import cli
-from stfpm_ray.ray import score as ray_score
+from stfpm_ray.core.checkpoint import CheckpointMeta, _model_id, discover_checkpoints, load_checkpoint, save_checkpoint
+from stfpm_ray.core.fit import TrainConfig, fit_category
+from stfpm_ray.core.teacher import load_teacher
+from stfpm_ray.data.images import load_image
+from stfpm_ray.data.listing import list_images
+from stfpm_ray.data.mvtec import discover_categories, sample_for
 from stfpm_ray.evaluate.evaluation import evaluate_scores
+from stfpm_ray.ray import score as ray_score
 from stfpm_ray.ray.score import ScoringOptions
 from stfpm_ray.store.fs import register_filesystem
-from stfpm_ray.core.checkpoint import CheckpointMeta, _model_id, discover_checkpoints, load_checkpoint, save_checkpoint
-from stfpm_ray.data.listing import list_images
-from stfpm_ray.core.fit import TrainConfig, fit_category
-from stfpm_ray.data.images import load_image
-from stfpm_ray.data.mvtec import discover_categories, sample_for
 from stfpm_ray.store.scores import SCHEMA, ScoresTable
-from stfpm_ray.core.teacher import load_teacher
 
 QUIET = lambda message: None  # noqa: E731
 
@@ -65,7 +65,7 @@ def _odd_files() -> dict[str, tuple[bytes, str | None]]:
         "truncated.png": (valid[: len(valid) // 2], "corrupt or truncated"),
         "text.png": (b"this is a text file, not an image\n", "not a readable image"),
         "bomb.png": (_png_bomb(100_000), "decompression bomb"),
-        "sixteen.png": (_encode(Image.fromarray((gradient.astype(np.uint16) * 257))), None),
+        "sixteen.png": (_encode(Image.fromarray(gradient.astype(np.uint16) * 257)), None),
         "sixteen_rgb.png": (png_rgb16(rgb.astype(np.uint16) * 257), None),
         "gray.png": (_encode(Image.fromarray(gradient)), None),
         "rgba.png": (_encode(Image.fromarray(np.dstack([rgb, gradient]))), None),
@@ -106,9 +106,12 @@ def archive(tmp_path_factory, synth_root, trained) -> Path:
 
 def _listed(root: Path) -> set[str]:
     return {
-        str(p) for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in {".png", ".jpg", ".bmp", ".tif"}
-        and not p.name.startswith(".") and p.parts[-3] not in ("ground_truth", "train")
+        str(p)
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in {".png", ".jpg", ".bmp", ".tif"}
+        and not p.name.startswith(".")
+        and p.parts[-3] not in ("ground_truth", "train")
     }
 
 
@@ -308,20 +311,24 @@ def _kill_at(monkeypatch, step: str) -> None:
         def wrapped(self, *args, **kwargs):
             original[name](self, *args, **kwargs)
             raise _Killed(f"killed after {name}")
+
         return wrapped
 
     def before_commit(self, *args, **kwargs):
         raise _Killed("killed before the log entry")
 
-    patched = {"data written": ("read_index", after("read_index")),
-               "error files rewritten": ("retried_errors", after("retried_errors")),
-               "before the log entry": ("commit", before_commit),
-               "after the log entry": ("commit", after("commit"))}[step]
+    patched = {
+        "data written": ("read_index", after("read_index")),
+        "error files rewritten": ("retried_errors", after("retried_errors")),
+        "before the log entry": ("commit", before_commit),
+        "after the log entry": ("commit", after("commit")),
+    }[step]
     monkeypatch.setattr(ScoresTable, patched[0], patched[1])
 
 
-@pytest.mark.parametrize("step", ["data written", "error files rewritten", "before the log entry",
-                                  "after the log entry"])
+@pytest.mark.parametrize(
+    "step", ["data written", "error files rewritten", "before the log entry", "after the log entry"]
+)
 def test_a_kill_at_each_commit_step_never_shows_doubles(ray_session, trained, synth_root, tmp_path, monkeypatch, step):
     """Readers see the previous version or the new one, never doubles; the next run takes over the dead
     run's lease and leaves exactly one ok row per image."""
@@ -344,8 +351,7 @@ def test_a_kill_at_each_commit_step_never_shows_doubles(ray_session, trained, sy
     lease = out / "_stfpm" / "lease.json"  # the killed driver's lease: make its pid a dead one
     lease.write_text(json.dumps({**json.loads(lease.read_text()), "pid": _dead_pid()}))
     messages: list[str] = []
-    ray_score.score_images(trained[0], str(inputs), out, category=category, incremental=True,
-                           progress=messages.append)
+    ray_score.score_images(trained[0], str(inputs), out, category=category, incremental=True, progress=messages.append)
     assert any("took over the lease" in m for m in messages)
     frame = read_scores(out)
     assert len(frame) == 7 and not frame.path.duplicated().any() and (frame.status == "ok").all()
@@ -357,8 +363,13 @@ def test_a_second_run_is_refused_while_the_first_scores(ray_session, trained, sy
     inputs, out = tmp_path / "inbox", tmp_path / "out"
     images = _plain_folder(inputs, synth_root, category, 12)
     result: dict = {}
-    first = threading.Thread(target=lambda: result.update(summary=ray_score.score_images(
-        trained[0], str(inputs), out, ScoringOptions(batch_size=2), category=category, progress=QUIET)))
+    first = threading.Thread(
+        target=lambda: result.update(
+            summary=ray_score.score_images(
+                trained[0], str(inputs), out, ScoringOptions(batch_size=2), category=category, progress=QUIET
+            )
+        )
+    )
     first.start()
     deadline = time.time() + 120
     while not (out / "_stfpm" / "lease.json").exists() and time.time() < deadline:
@@ -379,10 +390,22 @@ def test_error_files_beyond_the_limit_are_merged_into_one_in_the_retrying_commit
     (tmp_path / "out").mkdir()
 
     def night(run: str, names: list[str]) -> list:
-        rows = [{"path": f"/archive/{name}", "category": "c", "model_id": "m", "run_id": run, "status": "error",
-                 "error": "cannot decode"} for name in names]
-        return [f for i, row in enumerate(rows)
-                for f in write_data_files(pa.Table.from_pylist([row], SCHEMA), table.location, f"{run}-{i}")]
+        rows = [
+            {
+                "path": f"/archive/{name}",
+                "category": "c",
+                "model_id": "m",
+                "run_id": run,
+                "status": "error",
+                "error": "cannot decode",
+            }
+            for name in names
+        ]
+        return [
+            f
+            for i, row in enumerate(rows)
+            for f in write_data_files(pa.Table.from_pylist([row], SCHEMA), table.location, f"{run}-{i}")
+        ]
 
     table.commit(night("r0", ["a", "b", "c"]), [], {}, overwrite=False)
     removed, kept = table.retried_errors(pa.array(["/archive/a"]), "r1")  # three files: within the limit
@@ -561,7 +584,9 @@ def test_an_mvtec_root_behind_a_pyarrow_filesystem_keeps_masks_and_pixel_metrics
     local, uri = results["local"]["categories"][category], results["uri"]["categories"][category]
     assert not math.isnan(uri["pixel_auroc"]) and not math.isnan(uri["aupro"])
     assert (uri["pixel_auroc"], uri["aupro"], uri["image_auroc"]) == (
-        local["pixel_auroc"], local["aupro"], local["image_auroc"]
+        local["pixel_auroc"],
+        local["aupro"],
+        local["image_auroc"],
     )
 
 
@@ -592,8 +617,11 @@ def test_an_odd_tree_and_a_tampered_checkpoint(ray_session, trained, synth_root,
     assert f"{checkpoints / bad / 'student.safetensors'}" in line and "model_id" in line
     frame = read_scores(out)
     assert not frame.path.duplicated().any()
-    expected = {str(p) for p in root.rglob("*.png")
-                if p.is_file() and not p.is_symlink() and str(p).isprintable() and "\udce9" not in str(p)}
+    expected = {
+        str(p)
+        for p in root.rglob("*.png")
+        if p.is_file() and not p.is_symlink() and str(p).isprintable() and "\udce9" not in str(p)
+    }
     assert expected <= set(frame.path)
     errors = frame[frame.status == "error"].set_index("path").error
     assert "dangling symbolic link" in errors[str(folder / "gone.png")]

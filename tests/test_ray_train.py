@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from stfpm_ray import cli
-from stfpm_ray.data import mvtec
 from stfpm_ray.core.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from stfpm_ray.core.fit import TrainConfig, fit_category
+from stfpm_ray.data import mvtec
 from stfpm_ray.data.images import load_image
-from stfpm_ray.evaluate.metrics import image_auroc
 from stfpm_ray.data.mvtec import discover_categories
+from stfpm_ray.evaluate.metrics import image_auroc
 from stfpm_ray.ray import train as ray_train
 from stfpm_ray.ray.train import RUN_FILE, TrainResources, _claim_out_dir, train_categories
 
@@ -63,23 +63,39 @@ def test_categories_train_concurrently_into_loadable_checkpoints_that_separate_d
         assert sorted(p.name for p in folder.iterdir()) == ["stfpm.json", "student.safetensors"]
         labels, scores = _scores(folder, synth_root, result.category)
         assert image_auroc(labels, scores) >= 0.9, result.category
-    assert any(re.match(rf"\[grain\] epoch 3/{CONFIG.epochs} train_loss=\S+ val_loss=\S+ best=\S+ \S+ img/s", line)
-               for line in lines)
+    assert any(
+        re.match(rf"\[grain\] epoch 3/{CONFIG.epochs} train_loss=\S+ val_loss=\S+ best=\S+ \S+ img/s", line)
+        for line in lines
+    )
     assert "best val loss" in lines[-1] and lines[-1].count("trained") == 2
     # Ray Train run state lives in a '_'-prefixed folder, so readers of CKPT_DIR skip it.
     assert sorted(p.name for p in out.iterdir()) == ["_ray", RUN_FILE, *PAIR]
 
 
-def test_failed_category_does_not_stop_the_other_and_training_is_deterministic(pair_run, synth_root, tmp_path,
-                                                                               capsys):
+def test_failed_category_does_not_stop_the_other_and_training_is_deterministic(pair_run, synth_root, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(synth_root / "grain", root / "grain")
     (root / "broken" / "train" / "good").mkdir(parents=True)
     for name in ("a.png", "b.png"):
         (root / "broken" / "train" / "good" / name).write_bytes(b"not an image")
     out = tmp_path / "ckpt"
-    args = ["train", "--data", str(root), "--out", str(out), "--weights", "offline", "--image-size", "64",
-            "--batch-size", "8", "--epochs", str(CONFIG.epochs), "--seed", str(CONFIG.seed)]
+    args = [
+        "train",
+        "--data",
+        str(root),
+        "--out",
+        str(out),
+        "--weights",
+        "offline",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "8",
+        "--epochs",
+        str(CONFIG.epochs),
+        "--seed",
+        str(CONFIG.seed),
+    ]
     assert cli.main(args) == 1
     printed = capsys.readouterr().out
     assert re.search(r"broken .*failed: DatasetError: none of 1 images could be read", printed), printed
@@ -132,8 +148,9 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, synth_root,
                 os.kill(pid, signal.SIGKILL)
 
     # one CPU per worker, so that the plain loop below can reproduce it with one thread
-    [result] = train_categories(synth_root, ["grain"], tmp_path / "ckpt", config, TrainResources(cpus_per_worker=1),
-                                progress=progress)
+    [result] = train_categories(
+        synth_root, ["grain"], tmp_path / "ckpt", config, TrainResources(cpus_per_worker=1), progress=progress
+    )
     assert len(killed) == 1, lines
     assert result.ok and result.epochs == 60, result
     resumed = [int(m.group(1)) for line in lines if (m := re.search(r"resumed .* after epoch (\d+)", line))]
@@ -208,8 +225,9 @@ def test_a_reverse_student_trains_and_scores_through_the_cli(ray_session, synth_
     assert cli.main([*argv, "--student", "reverse", "--epochs", "2"]) == 0
     meta = read_meta(ckpt / "grain")
     assert (meta.student, meta.training["lr"], meta.training["epochs"]) == ("reverse", 0.005, 2)
-    assert cli.main(["score", "--checkpoints", str(ckpt), "--input", str(synth_root / "grain"), "--out",
-                     str(scores)]) == 0
+    assert (
+        cli.main(["score", "--checkpoints", str(ckpt), "--input", str(synth_root / "grain"), "--out", str(scores)]) == 0
+    )
     frame = read_scores(scores)
     assert len(frame) == len(mvtec.test_samples(synth_root, "grain")) and (frame.status == "ok").all()
     assert set(frame.model_id) == {meta.model_id}

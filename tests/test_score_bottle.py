@@ -7,8 +7,8 @@ once through :func:`stfpm_ray.core.score.score_batch` in this process and once t
 from __future__ import annotations
 
 import numpy as np
-from conftest import read_scores
 import torch
+from conftest import read_scores
 
 from stfpm_ray import cli
 from stfpm_ray.core.checkpoint import save_checkpoint
@@ -26,8 +26,19 @@ def test_score_batch_and_the_ray_pipeline_agree_on_bottle(ray_session, shared_bo
     save_checkpoint(tmp_path / "ckpt" / "bottle", model.student, meta)
 
     out = tmp_path / "scores"
-    argv = ["score", "--checkpoints", str(tmp_path / "ckpt"), "--input", str(shared_bottle / "test"),
-            "--out", str(out), "--score-batch-size", str(BATCH), "--precision", "fp32"]
+    argv = [
+        "score",
+        "--checkpoints",
+        str(tmp_path / "ckpt"),
+        "--input",
+        str(shared_bottle / "test"),
+        "--out",
+        str(out),
+        "--score-batch-size",
+        str(BATCH),
+        "--precision",
+        "fp32",
+    ]
     assert cli.main(argv) == 0
     rows = read_scores(out).sort_values("path").reset_index(drop=True)
 

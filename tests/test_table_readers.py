@@ -24,9 +24,14 @@ def _rows(paths: list[str], run_id: str, status: str = "ok") -> pa.Table:
     columns = {field.name: pa.nulls(n, field.type) for field in SCHEMA}
     ok = status == "ok"
     columns.update(
-        path=pa.array(paths), category=pa.array(["c"] * n), model_id=pa.array(["m"] * n), run_id=pa.array([run_id] * n),
-        status=pa.array([status] * n), score=pa.array([2.0] * n, pa.float32()),
-        is_anomalous=pa.array([ok] * n), map_scale=pa.array([0.5 if ok else None] * n, pa.float32()),
+        path=pa.array(paths),
+        category=pa.array(["c"] * n),
+        model_id=pa.array(["m"] * n),
+        run_id=pa.array([run_id] * n),
+        status=pa.array([status] * n),
+        score=pa.array([2.0] * n, pa.float32()),
+        is_anomalous=pa.array([ok] * n),
+        map_scale=pa.array([0.5 if ok else None] * n, pa.float32()),
         anomaly_map=pa.array([png.getvalue() if ok else None] * n, pa.binary()),
         error=pa.array([None if ok else "truncated"] * n, pa.string()),
     )
@@ -42,8 +47,11 @@ def test_readme_readers_see_only_the_live_version(tmp_path):
     out = tmp_path / "scores"
     out.mkdir()
     table = ScoresTable(str(out))
-    first = write_data_files(pa.concat_tables([_rows(["/a.png", "/b.png"], "r1"), _rows(["/c.png"], "r1", "error")]),
-                             table.location, "r1-00000")
+    first = write_data_files(
+        pa.concat_tables([_rows(["/a.png", "/b.png"], "r1"), _rows(["/c.png"], "r1", "error")]),
+        table.location,
+        "r1-00000",
+    )
     table.commit(first, [], {"run_id": "r1"}, overwrite=False)
     # the retry of /c.png replaces its error row in the same commit that adds its ok row
     removed, kept = table.retried_errors(pa.array(["/c.png"]), "r2")

@@ -7,17 +7,17 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from stfpm_ray.data.images import load_image
 from stfpm_ray.core.teacher import (
     OFFLINE_SHA256,
+    OFFLINE_WEIGHTS,
     WeightsError,
     WeightsSource,
     file_sha256,
     load_teacher,
     offline_weights_path,
     remap_lite_keys,
-    OFFLINE_WEIGHTS,
 )
+from stfpm_ray.data.images import load_image
 
 
 def test_offline_file_verified():
@@ -54,7 +54,9 @@ def test_larger_offline_teachers_are_real_imagenet_models(backbone, shared_bottl
     path = offline_weights_path(backbone)
     assert file_sha256(path) == OFFLINE_WEIGHTS[backbone].sha256
     full = timm.create_model(backbone, pretrained=False)
-    full.load_state_dict(remap_lite_keys(torch.load(path, map_location="cpu", weights_only=True), backbone), strict=True)
+    full.load_state_dict(
+        remap_lite_keys(torch.load(path, map_location="cpu", weights_only=True), backbone), strict=True
+    )
     photo = torch.from_numpy(load_image(shared_bottle / "train" / "good" / "000.png", 224).copy())
     with torch.no_grad():
         probabilities = full.eval()((photo.permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5).softmax(-1)

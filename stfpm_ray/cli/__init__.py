@@ -37,15 +37,23 @@ SUMMARIES = {
 }
 EXAMPLES = {
     "synth": ("stfpm-ray synth --out data/synth --num-categories 3",),
-    "train": ("stfpm-ray train --data data/mvtec --categories bottle,screw --out runs/ckpt",
-              "stfpm-ray train --config train.yaml --resume    # flags override the file"),
-    "score": ("stfpm-ray score --checkpoints runs/ckpt --input data/mvtec --out runs/scores",
-              "stfpm-ray score --checkpoints runs/ckpt --input /archive --out runs/scores --incremental"),
-    "nightly": ("stfpm-ray nightly --checkpoints runs/ckpt --input /archive --out runs/scores",
-                "stfpm-ray nightly --config nightly.yaml --print-config > resolved.yaml"),
+    "train": (
+        "stfpm-ray train --data data/mvtec --categories bottle,screw --out runs/ckpt",
+        "stfpm-ray train --config train.yaml --resume    # flags override the file",
+    ),
+    "score": (
+        "stfpm-ray score --checkpoints runs/ckpt --input data/mvtec --out runs/scores",
+        "stfpm-ray score --checkpoints runs/ckpt --input /archive --out runs/scores --incremental",
+    ),
+    "nightly": (
+        "stfpm-ray nightly --checkpoints runs/ckpt --input /archive --out runs/scores",
+        "stfpm-ray nightly --config nightly.yaml --print-config > resolved.yaml",
+    ),
     "evaluate": ("stfpm-ray evaluate --scores runs/scores --out runs/report",),
-    "benchmark": ("stfpm-ray benchmark --out runs/demo    # synthetic demo dataset",
-                  "stfpm-ray benchmark --data data/mvtec --categories bottle --out runs/bottle --resume"),
+    "benchmark": (
+        "stfpm-ray benchmark --out runs/demo    # synthetic demo dataset",
+        "stfpm-ray benchmark --data data/mvtec --categories bottle --out runs/bottle --resume",
+    ),
 }
 
 
@@ -56,10 +64,20 @@ def _verb(name: str):
 def _add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
     """``-v``/``-q`` before or after the verb (SUPPRESS: a verb's parser never resets what the top level set)."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("-v", "--verbose", action="store_true", default=default,
-                       help="also show Ray's own logs and progress bars, and debug messages")
-    group.add_argument("-q", "--quiet", action="store_true", default=default,
-                       help="only warnings and errors (the exit status tells the outcome)")
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="also show Ray's own logs and progress bars, and debug messages",
+    )
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default,
+        help="only warnings and errors (the exit status tells the outcome)",
+    )
 
 
 def _parsers(command: str | None) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
@@ -67,7 +85,8 @@ def _parsers(command: str | None) -> tuple[argparse.ArgumentParser, argparse.Arg
     are loaded. Verb flags must be spelled in full: a config file names them in full, and an abbreviation
     that works today breaks when a flag with the same prefix is added."""
     parser = argparse.ArgumentParser(
-        prog="stfpm-ray", formatter_class=HelpFormatter,
+        prog="stfpm-ray",
+        formatter_class=HelpFormatter,
         description="STFPM anomaly detection as distributed Ray jobs. Run `stfpm-ray COMMAND --help` for details.",
     )
     parser.add_argument("--version", action="version", version=f"stfpm-ray {__version__}")
@@ -76,8 +95,14 @@ def _parsers(command: str | None) -> tuple[argparse.ArgumentParser, argparse.Arg
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = None
     for name in VERBS:
-        child = sub.add_parser(name, help=SUMMARIES[name], description=SUMMARIES[name], allow_abbrev=False,
-                               formatter_class=HelpFormatter, epilog="\n  ".join(("examples:", *EXAMPLES[name])))
+        child = sub.add_parser(
+            name,
+            help=SUMMARIES[name],
+            description=SUMMARIES[name],
+            allow_abbrev=False,
+            formatter_class=HelpFormatter,
+            epilog="\n  ".join(("examples:", *EXAMPLES[name])),
+        )
         _add_verbosity(child, argparse.SUPPRESS)
         if command == name:
             _verb(name).add_arguments(child)

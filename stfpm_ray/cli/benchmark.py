@@ -25,9 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="benchmark folder: checkpoints/, scores/, report/")
     parser.add_argument("--categories", default="all", help="comma-separated category names, or 'all'")
     add_resume_or_overwrite(
-        parser, resume_help="continue the benchmark in DIR: keep its data and finished categories, resume the "
-                            "others' training, then score and evaluate again",
-        overwrite_help="replace the benchmark in DIR")
+        parser,
+        resume_help="continue the benchmark in DIR: keep its data and finished categories, resume the "
+        "others' training, then score and evaluate again",
+        overwrite_help="replace the benchmark in DIR",
+    )
     add_address(parser)
     add_training_options(parser, demo_defaults=DEMO_TRAINING)
     add_scoring_options(parser)
@@ -41,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         return print_config(args, training_values(config))
     note_fresh_start(args)
     connect(args)
-    result = run_benchmark(args.data, args.out, config, resources, options, args.categories, args.overwrite,
-                           resume=args.resume)
+    result = run_benchmark(
+        args.data, args.out, config, resources, options, args.categories, args.overwrite, resume=args.resume
+    )
     return 1 if result["failed"] else 0

@@ -14,10 +14,12 @@ REPORT_MARKER = "metrics.json"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scores", required=True, help="scores table written by `stfpm-ray score` (Delta Lake folder)")
-    parser.add_argument("--version", type=int, default=None, metavar="N",
-                        help="evaluate table version N (default: the current version)")
-    parser.add_argument("--out", required=True, metavar="REPORT_DIR",
-                        help="report folder: metrics.json, metrics.csv, report.html")
+    parser.add_argument(
+        "--version", type=int, default=None, metavar="N", help="evaluate table version N (default: the current version)"
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="REPORT_DIR", help="report folder: metrics.json, metrics.csv, report.html"
+    )
     parser.add_argument(
         "--model-id",
         action="append",
@@ -29,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not args.overwrite and is_file(resolve(args.out).join(REPORT_MARKER)):
-        raise OutputExistsError(f"{args.out} already holds a report ({REPORT_MARKER}); pass --overwrite to "
-                                "replace it, or choose another --out")
+        raise OutputExistsError(
+            f"{args.out} already holds a report ({REPORT_MARKER}); pass --overwrite to "
+            "replace it, or choose another --out"
+        )
     evaluate_scores(args.scores, args.out, model_id=args.model_id, version=args.version)
     return 0

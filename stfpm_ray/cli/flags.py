@@ -3,8 +3,8 @@
 
 A config file is turned into flags placed right after the verb, before the ones typed: argparse then
 checks a file's values as it checks typed ones (required flags, exclusive pairs; types and choices are
-checked first, so that a mistake names the file), and a typed flag, coming later, wins. PyYAML is imported only where a file is read or printed, so that ``stfpm-ray --help``
-stays fast.
+checked first, so that a mistake names the file), and a typed flag, coming later, wins. PyYAML is
+imported only where a file is read or printed, so that ``stfpm-ray --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -39,19 +39,34 @@ class Deprecated(argparse.Action):
         super().__init__(option_strings, dest, **{**kwargs, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS})
         self.use = use
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        print(f"{parser.prog}: warning: {option_string} is deprecated and will be removed in the next release; "
-              f"use {self.use}", file=sys.stderr)
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(
+            f"{parser.prog}: warning: {option_string} is deprecated and will be removed in the next release; "
+            f"use {self.use}",
+            file=sys.stderr,
+        )
         setattr(namespace, self.dest, values)
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE",
-                        help="YAML file of flag values, keyed by the long flag names without -- (- or _ "
-                             "alike: image_size: 128; relative paths are taken from the working directory, as typed ones); flags given on the command line override it")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved configuration as YAML (a file for --config) and exit")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML file of flag values, keyed by the long flag names without -- (- or _ alike: image_size: 128; "
+        "relative paths are taken from the working directory, as typed ones); flags given on the command line "
+        "override it",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration as YAML (a file for --config) and exit",
+    )
 
 
 def with_config(parser: argparse.ArgumentParser, argv: Sequence[str], start: int) -> list[str]:
@@ -72,7 +87,9 @@ def with_config(parser: argparse.ArgumentParser, argv: Sequence[str], start: int
         if name in seen:
             raise _config_error(path, f"{key!r} and {seen[name]!r} set the same flag")
         seen[name] = key
-        tokens += _flag_tokens(options[name], f"--{name}", value, lambda text: _config_error(path, f"{key}: {text}"))
+        tokens += _flag_tokens(
+            options[name], f"--{name}", value, lambda text, key=key: _config_error(path, f"{key}: {text}")
+        )
     return [*argv[:start], *tokens, *argv[start:]]
 
 

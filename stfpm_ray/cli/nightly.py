@@ -17,8 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # always does; --overwrite is refused with the reason rather than argparse's "unrecognized arguments".
     parser.add_argument("--incremental", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    parser.add_argument("--top", type=int, default=DEFAULT_TOP,
-                        help="anomalous images listed per category in the report")
+    parser.add_argument(
+        "--top", type=int, default=DEFAULT_TOP, help="anomalous images listed per category in the report"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         return print_config(args)
     connect(args)
-    report, _ = nightly(args.checkpoints, args.input, args.out, top=args.top, options=options,
-                        category=args.category, split=args.split)
+    report, _ = nightly(
+        args.checkpoints, args.input, args.out, top=args.top, options=options, category=args.category, split=args.split
+    )
     return exit_status(sum(entry["errors"] for entry in report["categories"].values()))

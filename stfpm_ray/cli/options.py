@@ -27,18 +27,31 @@ _CONFIG_FLAGS = (
     ("--epochs", "epochs", int, "epochs per category"),
     ("--batch-size", "batch_size", int, "images per optimizer step (split across a category's workers)"),
     ("--image-size", "image_size", int, "model input side in pixels, a multiple of 32"),
-    ("--student", "student", str, "mirror: the teacher's architecture reading the image (STFPM); reverse: a "
-                                  "decoder reading the teacher's features through a bottleneck (reverse distillation)"),
+    (
+        "--student",
+        "student",
+        str,
+        "mirror: the teacher's architecture reading the image (STFPM); reverse: a "
+        "decoder reading the teacher's features through a bottleneck (reverse distillation)",
+    ),
     ("--lr", "lr", float, "learning rate: SGD's for a mirror student, Adam's for a reverse one"),
     ("--backbone", "backbone", str, "timm backbone of teacher and student (offline: tf_efficientnet_lite0/1/2)"),
     ("--weights", "weights", str, "teacher weights: auto|offline|hub|file:PATH"),
     ("--seed", "seed", int, "seed of the validation split, student init and batch order"),
     ("--augment", "augment", str, "training augmentation: none|photometric (brightness and contrast jitter)"),
     ("--augment-strength", "augment_strength", float, "photometric jitter: factors drawn from [1-s, 1+s]"),
-    ("--combine", "combine", str, "anomaly map of the levels: product (official) or sum (each level divided by its "
-                                  "mean on held-out good images)"),
-    ("--target-far", "target_far", float, "false-alarm rate on good images the threshold is calibrated for, from "
-                                          "held-out good images"),
+    (
+        "--combine",
+        "combine",
+        str,
+        "anomaly map of the levels: product (official) or sum (each level divided by its mean on held-out good images)",
+    ),
+    (
+        "--target-far",
+        "target_far",
+        float,
+        "false-alarm rate on good images the threshold is calibrated for, from held-out good images",
+    ),
 )
 
 
@@ -52,8 +65,9 @@ def exit_status(error_rows: int) -> int:
 
 
 def add_address(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)"
+    )
 
 
 def connect(args: argparse.Namespace) -> None:
@@ -71,21 +85,36 @@ def add_training_options(parser: argparse.ArgumentParser, demo_defaults: dict[st
     """
     defaults, demo = TrainConfig(), demo_defaults or {}
     for flag, field, kind, text in _CONFIG_FLAGS:
-        default = (", ".join(f"{recipe[field]} for {kind_}" for kind_, recipe in RECIPES.items())
-                   if field in RECIPES[defaults.student] else f"{getattr(defaults, field)}")
+        default = (
+            ", ".join(f"{recipe[field]} for {kind_}" for kind_, recipe in RECIPES.items())
+            if field in RECIPES[defaults.student]
+            else f"{getattr(defaults, field)}"
+        )
         default += f"; demo without --data: {demo[field]}" if field in demo else ""
         parser.add_argument(flag, type=kind, default=None, help=f"{text} (default: {default})")
-    parser.add_argument("--workers-per-category", type=int, default=1,
-                        help="Ray Train workers per category; more than 1 trains data-parallel (DDP)")
-    parser.add_argument("--cpus-per-worker", type=float, default=None,
-                        help="CPUs (and torch threads) per worker (default: the cluster's CPUs shared among the "
-                             "workers that train at once)")
+    parser.add_argument(
+        "--workers-per-category",
+        type=int,
+        default=1,
+        help="Ray Train workers per category; more than 1 trains data-parallel (DDP)",
+    )
+    parser.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help="CPUs (and torch threads) per worker (default: the cluster's CPUs shared among the "
+        "workers that train at once)",
+    )
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker, fractions allowed")
-    parser.add_argument("--storage-path", default=None,
-                        help="Ray Train run state, a local folder or URI (default: _ray/ in the checkpoint folder); "
-                             "multi-node clusters need storage every node reaches (NFS, s3://, gs://)")
-    parser.add_argument("--max-failures", type=int, default=2,
-                        help="restarts of a category's workers from its last checkpoint")
+    parser.add_argument(
+        "--storage-path",
+        default=None,
+        help="Ray Train run state, a local folder or URI (default: _ray/ in the checkpoint folder); "
+        "multi-node clusters need storage every node reaches (NFS, s3://, gs://)",
+    )
+    parser.add_argument(
+        "--max-failures", type=int, default=2, help="restarts of a category's workers from its last checkpoint"
+    )
 
 
 def train_config(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> TrainConfig:
@@ -116,8 +145,11 @@ def note_fresh_start(args: argparse.Namespace) -> None:
 
 def train_resources(args: argparse.Namespace) -> TrainResources:
     return TrainResources(
-        workers_per_category=args.workers_per_category, cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker, storage_path=args.storage_path, max_failures=args.max_failures,
+        workers_per_category=args.workers_per_category,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        storage_path=args.storage_path,
+        max_failures=args.max_failures,
     )
 
 
@@ -132,22 +164,30 @@ def add_scoring_options(parser: argparse.ArgumentParser) -> None:
     """Model and resource flags of ``score``, ``nightly`` and ``benchmark``."""
     parser.add_argument("--score-batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per scoring batch")
     parser.add_argument(
-        "--actors", type=_actors_argument, metavar="N|MIN,MAX",
+        "--actors",
+        type=_actors_argument,
+        metavar="N|MIN,MAX",
         help="scoring actors (default: 1 up to the GPUs, or CPUs - 1 without GPUs)",
     )
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per scoring actor (0: CPU)")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor")
     parser.add_argument("--map-size", type=int, default=DEFAULT_MAP_SIZE, help="stored anomaly map side in pixels")
     parser.add_argument(
-        "--precision", choices=PRECISIONS, default="auto",
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
         help="network precision: auto (bf16 on GPUs, fp32 on CPUs), fp32, or bf16 (also fast on AVX512-BF16/AMX CPUs)",
     )
 
 
 def scoring_options(args: argparse.Namespace) -> ScoringOptions:
     return ScoringOptions(
-        batch_size=args.score_batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor, map_size=args.map_size, precision=args.precision,
+        batch_size=args.score_batch_size,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
+        map_size=args.map_size,
+        precision=args.precision,
     )
 
 
@@ -158,21 +198,26 @@ def add_score_arguments(parser: argparse.ArgumentParser, table_modes: bool = Tru
     pass it, hence one release of grace."""
     parser.add_argument("--checkpoints", required=True, metavar="CKPT_DIR", help="folder of <category>/ checkpoints")
     parser.add_argument(
-        "--input", required=True, nargs="+", metavar="PATH_OR_URI",
+        "--input",
+        required=True,
+        nargs="+",
+        metavar="PATH_OR_URI",
         help="image folders or files, local or s3://, gs:// (an MVTec-layout root routes images to categories)",
     )
-    parser.add_argument("--out", required=True, metavar="OUT_DIR",
-                        help="scores table: a Delta Lake folder, local or s3://, gs://")
+    parser.add_argument(
+        "--out", required=True, metavar="OUT_DIR", help="scores table: a Delta Lake folder, local or s3://, gs://"
+    )
     parser.add_argument("--category", help="score every input image with this category's model (plain archives)")
-    parser.add_argument("--split", choices=SPLITS, default="test",
-                        help="MVTec-layout roots: score test/ only, or all (train/good too)")
+    parser.add_argument(
+        "--split", choices=SPLITS, default="test", help="MVTec-layout roots: score test/ only, or all (train/good too)"
+    )
     add_scoring_options(parser)
-    parser.add_argument("--batch-size", type=int, dest="score_batch_size", action=Deprecated,
-                        use="--score-batch-size")
+    parser.add_argument("--batch-size", type=int, dest="score_batch_size", action=Deprecated, use="--score-batch-size")
     if table_modes:
         mode = parser.add_mutually_exclusive_group()
         mode.add_argument(
-            "--incremental", action="store_true",
+            "--incremental",
+            action="store_true",
             help="nightly mode: skip images that already have a row for their model, append the rest",
         )
         mode.add_argument("--overwrite", action="store_true", help="replace the table already in OUT_DIR")

@@ -20,8 +20,14 @@ def run(args: argparse.Namespace) -> int:
         return print_config(args)
     connect(args)
     summary = score_images(
-        args.checkpoints, args.input, args.out, options, category=args.category, incremental=args.incremental,
-        overwrite=args.overwrite, split=args.split,
+        args.checkpoints,
+        args.input,
+        args.out,
+        options,
+        category=args.category,
+        incremental=args.incremental,
+        overwrite=args.overwrite,
+        split=args.split,
     )
     log_progress(summary.table())
     return exit_status(summary.error_rows)

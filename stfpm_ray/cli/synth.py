@@ -23,8 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", type=int, default=40, help="defect-free training images per category")
     parser.add_argument("--test", type=int, default=20, help="test images per category, ~40%% good")
     parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the category folders this run writes if OUT already holds them")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the category folders this run writes if OUT already holds them",
+    )
 
 
 def _remove_categories(out: Path, count: int) -> None:
@@ -41,8 +44,13 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite:
         _remove_categories(Path(args.out), args.num_categories)
     names = generate_dataset(
-        args.out, categories=args.num_categories, size=args.size, n_train=args.train, n_test=args.test,
-        seed=args.seed, progress=log_progress,
+        args.out,
+        categories=args.num_categories,
+        size=args.size,
+        n_train=args.train,
+        n_test=args.test,
+        seed=args.seed,
+        progress=log_progress,
     )
     log_progress(f"wrote {len(names)} categories to {args.out}: {', '.join(names)}")
     return 0

@@ -22,14 +22,17 @@ from stfpm_ray.ray.train import train_categories
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset root in MVTec AD layout (ROOT/<category>/train/good)")
     parser.add_argument("--categories", default="all", help="comma-separated category names, or 'all'")
-    parser.add_argument("--out", required=True, metavar="CKPT_DIR",
-                        help="checkpoint folder; one subfolder per category")
+    parser.add_argument(
+        "--out", required=True, metavar="CKPT_DIR", help="checkpoint folder; one subfolder per category"
+    )
     add_training_options(parser)
     add_address(parser)
     add_resume_or_overwrite(
-        parser, resume_help="finish the run in CKPT_DIR: skip complete categories, resume the others "
-                            "(an empty or missing CKPT_DIR starts fresh)",
-        overwrite_help="delete the run in CKPT_DIR and start afresh")
+        parser,
+        resume_help="finish the run in CKPT_DIR: skip complete categories, resume the others "
+        "(an empty or missing CKPT_DIR starts fresh)",
+        overwrite_help="delete the run in CKPT_DIR and start afresh",
+    )
     add_config_options(parser)
 
 
@@ -41,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     categories = resolve_categories(args.data, args.categories)
     note_fresh_start(args)
     connect(args)
-    results = train_categories(args.data, categories, args.out, config, resources, resume=args.resume,
-                               overwrite=args.overwrite)
+    results = train_categories(
+        args.data, categories, args.out, config, resources, resume=args.resume, overwrite=args.overwrite
+    )
     return 0 if all(r.ok for r in results) else 1

@@ -21,7 +21,7 @@ import posixpath
 import struct
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -49,15 +49,39 @@ WEIGHTS_FILE = "student.safetensors"
 META_FILE = "stfpm.json"
 # JSON types of the metadata fields: a hand-edited value of another type would otherwise fail in a worker
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "category": (str,), "backbone": (str,), "layers": (list,), "image_size": (int,), "teacher_source": (str,),
-    "teacher_sha256": (str,), "threshold": (int, float), "normalization": (dict,), "training": (dict,),
-    "combine": (str,), "student": (str,), "level_scales": (list, type(None)), "calibration": (dict,), "model_id": (str,),
+    "category": (str,),
+    "backbone": (str,),
+    "layers": (list,),
+    "image_size": (int,),
+    "teacher_source": (str,),
+    "teacher_sha256": (str,),
+    "threshold": (int, float),
+    "normalization": (dict,),
+    "training": (dict,),
+    "combine": (str,),
+    "student": (str,),
+    "level_scales": (list, type(None)),
+    "calibration": (dict,),
+    "model_id": (str,),
     "format_version": (int,),
 }
 # bytes per element of the safetensors dtypes, to check that every tensor's byte range fits its shape
 _DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
 }
 
 
@@ -174,7 +198,7 @@ def read_meta(folder: str | Path) -> CheckpointMeta:
     return CheckpointMeta(**raw)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _student_shapes(backbone: str, layers: tuple[int, ...], kind: str) -> Mapping[str, tuple[int, ...]]:
     """Names and shapes of the student's state dict, built on the meta device: no memory, no weights."""
     with torch.device("meta"):
@@ -182,7 +206,7 @@ def _student_shapes(backbone: str, layers: tuple[int, ...], kind: str) -> Mappin
     return MappingProxyType({name: tuple(t.shape) for name, t in student.state_dict().items()})
 
 
-@lru_cache(maxsize=None)
+@cache
 def _offline_teacher_sha256(backbone: str, layers: tuple[int, ...]) -> str:
     """The hash an offline teacher records (:func:`~stfpm_ray.core.teacher.state_dict_sha256`).
 
@@ -221,6 +245,7 @@ def _tensor_shapes(data: bytes, name: str) -> dict[str, tuple[int, ...]]:
     Layout: an 8-byte little-endian header length, a JSON header ``{name: {dtype, shape, data_offsets}}``,
     then the tensor bytes; every byte range must lie inside the file and fit its dtype and shape.
     """
+
     def refuse(why: str) -> CheckpointError:
         return CheckpointError(f"{name} is not a safetensors file ({why}); checkpoints never hold pickles")
 
@@ -263,7 +288,8 @@ def _check_weights(location: Location, meta: CheckpointMeta, expected: Mapping[s
     data = _read(weights, "the student's weights are not in this checkpoint")
     if problem := _shape_problem(_tensor_shapes(data, weights.name), expected):
         raise CheckpointError(
-            f"{weights.name} does not hold a {meta.student} {meta.backbone} student with layers {meta.layers}: {problem}"
+            f"{weights.name} does not hold a {meta.student} {meta.backbone} student with layers {meta.layers}: "
+            f"{problem}"
         )
     if _model_id(data, meta) != meta.model_id:
         raise CheckpointError(

@@ -25,11 +25,11 @@ from torch import Tensor, nn
 from stfpm_ray.core.anomaly_map import COMBINATIONS
 from stfpm_ray.core.augment import AUGMENTATIONS, photometric_jitter
 from stfpm_ray.core.checkpoint import CheckpointMeta
-from stfpm_ray.data.images import ImageDecodeError, load_image
 from stfpm_ray.core.model import STFPM, STUDENTS, stfpm_loss
+from stfpm_ray.core.teacher import DEFAULT_LAYERS, OFFLINE_BACKBONE, Teacher, load_teacher
+from stfpm_ray.data.images import ImageDecodeError, load_image
 from stfpm_ray.data.mvtec import DatasetError, train_images
 from stfpm_ray.errors import UserError
-from stfpm_ray.core.teacher import DEFAULT_LAYERS, OFFLINE_BACKBONE, Teacher, load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,9 @@ def load_images(paths: Sequence[Path], size: int) -> tuple[Tensor, list[str]]:
 def _optimizer(student: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.student == "reverse":
         return torch.optim.Adam(student.parameters(), lr=config.lr, betas=REVERSE_BETAS)
-    return torch.optim.SGD(student.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        student.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
 
 
 class StudentFitter:
@@ -300,8 +301,14 @@ def calibration(scores: np.ndarray, target_far: float) -> tuple[float, dict[str,
     log_mean, log_std = float(logs.mean()), float(logs.std(ddof=1))
     factor = float(student_t.ppf(1.0 - target_far, df=len(scores) - 1) * np.sqrt(1.0 + 1.0 / len(scores)))
     fitted = float(np.exp(log_mean + factor * log_std))
-    record.update(method=CALIBRATION_METHOD, log_mean=log_mean, log_std=log_std, t_factor=factor,
-                  fitted_threshold=fitted, bound="fit" if fitted >= val_max else "val_max")
+    record.update(
+        method=CALIBRATION_METHOD,
+        log_mean=log_mean,
+        log_std=log_std,
+        t_factor=factor,
+        fitted_threshold=fitted,
+        bound="fit" if fitted >= val_max else "val_max",
+    )
     return max(fitted, val_max), stats, record
 
 

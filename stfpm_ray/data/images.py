@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
 from stfpm_ray.errors import StfpmError
 from stfpm_ray.store.fs import read_bytes
 

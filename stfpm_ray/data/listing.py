@@ -35,12 +35,14 @@ from stfpm_ray.data.mvtec import is_mask
 from stfpm_ray.errors import InputNotFoundError, UserError
 from stfpm_ray.store.fs import resolve
 
-SCHEMA = pa.schema([
-    pa.field("path", pa.string(), nullable=False),
-    pa.field("source", pa.int32(), nullable=False),
-    pa.field("size", pa.int64(), nullable=False),
-    pa.field("error", pa.string()),
-])
+SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("source", pa.int32(), nullable=False),
+        pa.field("size", pa.int64(), nullable=False),
+        pa.field("error", pa.string()),
+    ]
+)
 # Rows per record batch while listing: large enough that per-batch overhead vanishes, small enough that
 # the Python lists of one batch stay a few MB.
 CHUNK_ROWS = 65_536
@@ -55,10 +57,15 @@ NOT_UTF8_FOLDER = "folder name is not valid UTF-8 (shown escaped); rename the fo
 
 # The walk's columns beside SCHEMA's: the real file's identity (null for error rows and non-local files),
 # whether the name is a symlink, and the order rows were found in, which breaks ties between inputs.
-_WORK_SCHEMA = pa.schema(list(SCHEMA) + [
-    pa.field("dev", pa.uint64()), pa.field("ino", pa.uint64()), pa.field("link", pa.bool_()),
-    pa.field("order", pa.int64()),
-])
+_WORK_SCHEMA = pa.schema(
+    list(SCHEMA)
+    + [
+        pa.field("dev", pa.uint64()),
+        pa.field("ino", pa.uint64()),
+        pa.field("link", pa.bool_()),
+        pa.field("order", pa.int64()),
+    ]
+)
 _SUFFIXES = tuple(ext.encode() for ext in IMAGE_EXTENSIONS)
 _EXTENSIONS = {ext.lstrip(".") for ext in IMAGE_EXTENSIONS}
 
@@ -89,11 +96,26 @@ class _Rows:
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
-    def add(self, path: str, source: int, size: int, error: str | None = None,
-            st: os.stat_result | None = None, link: bool = False) -> None:
+    def add(
+        self,
+        path: str,
+        source: int,
+        size: int,
+        error: str | None = None,
+        st: os.stat_result | None = None,
+        link: bool = False,
+    ) -> None:
         known = st is not None
-        values = (path, source, size, error, st.st_dev if known else None, st.st_ino if known else None, link,
-                  self._count)
+        values = (
+            path,
+            source,
+            size,
+            error,
+            st.st_dev if known else None,
+            st.st_ino if known else None,
+            link,
+            self._count,
+        )
         for column, value in zip(self._columns.values(), values):
             column.append(value)
         self._count += 1
@@ -136,8 +158,11 @@ def _deduplicated(table: pa.Table) -> pa.Table:
     known = pc.and_(pc.is_valid(table["ino"]), link)
     links, rest = table.filter(known), table.filter(pc.invert(known))
     links = links.filter(pc.invert(pc.is_in(_identity(links), value_set=_identity(rest).combine_chunks())))
-    links = links.take(pc.sort_indices(links, [("dev", "ascending"), ("ino", "ascending"), ("path", "ascending"),
-                                               ("order", "ascending")]))
+    links = links.take(
+        pc.sort_indices(
+            links, [("dev", "ascending"), ("ino", "ascending"), ("path", "ascending"), ("order", "ascending")]
+        )
+    )
     links = links.filter(_first_of_runs([links["dev"], links["ino"]]))
     rows = pa.concat_tables([rest, links])
     rows = rows.take(pc.sort_indices(rows, [("path", "ascending"), ("order", "ascending")]))
@@ -264,7 +289,7 @@ def _list_remote(rows: _Rows, uri: str, filesystem: pafs.FileSystem, base: str, 
         if (
             entry.type == pafs.FileType.File
             and entry.extension.lower() in _EXTENSIONS
-            and not any(part.startswith(".") for part in entry.path[len(base):].split("/"))
+            and not any(part.startswith(".") for part in entry.path[len(base) :].split("/"))
             and not is_mask(entry.path)
         ):
             rows.add(prefix + entry.path, source, entry.size or 0)

@@ -18,7 +18,7 @@ import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -177,7 +177,7 @@ def _render_pill(size: int, rng: np.random.Generator, style: _Style) -> _Scene:
     across = np.clip(1.0 - (d / radius) ** 2, 0.0, 1.0)
     colour = _mix(np.broadcast_to(left, (size, size, left.size)), right, _coverage(-u, size))
     shade = (0.65 + 0.35 * np.sqrt(across)) * (1.0 - 0.25 * np.exp(-((u / 0.008) ** 2)))
-    highlight = 0.3 * np.exp(-(((v / radius) + 0.45) / 0.12) ** 2)
+    highlight = 0.3 * np.exp(-((((v / radius) + 0.45) / 0.12) ** 2))
     highlight *= np.clip((half + 0.6 * radius - np.abs(u)) * size, 0.0, 1.0)
     surface = np.clip(colour * shade[..., None] + highlight[..., None], 0.0, 1.0)
     support = _coverage(d - radius, size)
@@ -241,7 +241,7 @@ def _hue_rotate(colours: np.ndarray, degrees: float) -> np.ndarray:
     return colours @ matrix.T
 
 
-@lru_cache(maxsize=None)
+@cache
 def _style(kind: str, variant: int) -> _Style:
     """Variant looks depend only on (kind, variant), so ``weave_2`` is the same product for every seed."""
     palette = np.array(_KINDS[kind].palette, np.float64)

@@ -62,10 +62,32 @@ CATEGORIES_PER_PASS = 64
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 BOUND_KEYS = ("pixel_auroc_max_binning_error", "aupro_max_binning_error")
 RATE_KEYS = ("false_alarm_rate", "recall", "flag_rate")
-COUNT_KEYS = ("n_images", "n_good", "n_defective", "n_unlabeled", "n_errors", "n_flagged", "n_unlabeled_flagged",
-              "tp", "fp", "tn", "fn")
-SMALL_COLUMNS = ("path", "category", "score", "score_norm", "is_anomalous", "label", "defect", "mask_path",
-                 "map_scale", "model_id", "status")
+COUNT_KEYS = (
+    "n_images",
+    "n_good",
+    "n_defective",
+    "n_unlabeled",
+    "n_errors",
+    "n_flagged",
+    "n_unlabeled_flagged",
+    "tp",
+    "fp",
+    "tn",
+    "fn",
+)
+SMALL_COLUMNS = (
+    "path",
+    "category",
+    "score",
+    "score_norm",
+    "is_anomalous",
+    "label",
+    "defect",
+    "mask_path",
+    "map_scale",
+    "model_id",
+    "status",
+)
 REQUIRED_COLUMNS = (*SMALL_COLUMNS, "anomaly_map", "scored_at")
 
 RowKey = tuple[str, int]  # (path, scored_at in microseconds): identifies a row across the two reads
@@ -138,9 +160,7 @@ def open_scores(scores_dir: str | Path, version: int | None = None) -> tuple[ds.
         raise UserError(f"the scores table {location} holds no data files: expected the output of `stfpm-ray score`")
     missing = [name for name in REQUIRED_COLUMNS if name not in dataset.schema.names]
     if missing:
-        raise UserError(
-            f"{location} lacks column(s) {', '.join(missing)}: is it the output of `stfpm-ray score`?"
-        )
+        raise UserError(f"{location} lacks column(s) {', '.join(missing)}: is it the output of `stfpm-ray score`?")
     return dataset, run_metadata(table.history(), delta.version())
 
 
@@ -291,8 +311,18 @@ def _map_batches(dataset: ds.Dataset, row_filter: pc.Expression) -> Iterator[pa.
     whatever its readahead arguments: on 15 files of 93 MiB of maps it had 1.2 GiB buffered. Scanning
     file by file bounds the buffers by a few times one file's map column.
     """
-    columns = ["path", "category", "label", "mask_path", "defect", "score", "score_norm", "anomaly_map", "map_scale",
-               "scored_at"]
+    columns = [
+        "path",
+        "category",
+        "label",
+        "mask_path",
+        "defect",
+        "score",
+        "score_norm",
+        "anomaly_map",
+        "map_scale",
+        "scored_at",
+    ]
     for fragment in dataset.get_fragments(filter=row_filter):
         yield from fragment.to_batches(
             schema=dataset.schema, columns=columns, filter=row_filter, batch_size=BATCH_ROWS, batch_readahead=1
@@ -313,8 +343,10 @@ def stream_maps(dataset: ds.Dataset, groups: list[CategoryRows]) -> dict[str, Pi
         passes[group.name] = PixelPass(metrics.PixelMetrics(_max_map_value(labelled, flagged)))
         flagged_paths += list(flagged["path"])
     # unlabelled rows are read only for the flagged images shown: a nightly table holds millions of maps
-    row_filter = pc.field("category").isin(list(wanted)) & (pc.field("status") == "ok") & (
-        pc.field("label").is_valid() | pc.field("path").isin(pa.array(flagged_paths, pa.string()))
+    row_filter = (
+        pc.field("category").isin(list(wanted))
+        & (pc.field("status") == "ok")
+        & (pc.field("label").is_valid() | pc.field("path").isin(pa.array(flagged_paths, pa.string())))
     )
     for batch in _map_batches(dataset, row_filter):
         timestamps = _timestamps_us(batch.column("scored_at"))
@@ -387,8 +419,12 @@ def _quantiles(values: np.ndarray) -> dict[str, float]:
     values = values[np.isfinite(values)]
     if not values.size:
         return {}
-    return {"p50": float(np.median(values)), "p90": float(np.quantile(values, 0.9)),
-            "p99": float(np.quantile(values, 0.99)), "max": float(values.max())}
+    return {
+        "p50": float(np.median(values)),
+        "p90": float(np.quantile(values, 0.9)),
+        "p99": float(np.quantile(values, 0.99)),
+        "max": float(values.max()),
+    }
 
 
 def deployed_metrics(group: CategoryRows) -> dict:
@@ -412,8 +448,10 @@ def deployed_metrics(group: CategoryRows) -> dict:
         "n_unlabeled_flagged": int((flagged & unlabelled).sum()),
         **point,
         "score_norm_quantiles": _quantiles(ok["score_norm"].to_numpy(dtype=np.float64)),
-        "top_flagged": [{"path": row.path, "score": float(row.score), "score_norm": float(row.score_norm)}
-                        for row in top.itertuples()],
+        "top_flagged": [
+            {"path": row.path, "score": float(row.score), "score_norm": float(row.score_norm)}
+            for row in top.itertuples()
+        ],
     }
 
 
@@ -430,8 +468,13 @@ def mean_metrics(per_category: dict[str, dict]) -> dict:
     for key in COUNT_KEYS:
         mean[key] = sum(entry[key] for entry in entries)
     sizes = {entry["map_size"] for entry in entries if entry["map_size"] is not None}
-    mean.update(image_f1_threshold=math.nan, model_id=None, map_size=sizes.pop() if len(sizes) == 1 else None,
-                threshold=math.nan, threshold_source=None)
+    mean.update(
+        image_f1_threshold=math.nan,
+        model_id=None,
+        map_size=sizes.pop() if len(sizes) == 1 else None,
+        threshold=math.nan,
+        threshold_source=None,
+    )
     mean["n_categories"] = len(entries)
     return mean
 
@@ -447,8 +490,7 @@ def _undefined_notes(per_category: dict[str, dict]) -> list[str]:
             )
         elif undefined:
             notes.append(
-                f"{name}: {', '.join(undefined)} undefined (they need good and defective images); "
-                "left out of the mean."
+                f"{name}: {', '.join(undefined)} undefined (they need good and defective images); left out of the mean."
             )
     return notes
 
@@ -495,8 +537,10 @@ def evaluate_scores(
     say = progress or quiet
     dataset, runs = open_scores(scores_dir, version)
     index = read_index(dataset)
-    say(f"read {len(index)} rows from {len(dataset.files)} Parquet file(s) of version {runs['table_version']} of "
-        f"{scores_dir}")
+    say(
+        f"read {len(index)} rows from {len(dataset.files)} Parquet file(s) of version {runs['table_version']} of "
+        f"{scores_dir}"
+    )
     notes: list[str] = []
     groups = select_rows(index, [model_id] if isinstance(model_id, str) else model_id, notes)
     for group in groups:

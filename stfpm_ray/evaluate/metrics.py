@@ -69,9 +69,7 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     # The last (precision=1, recall=0) point has no threshold.
     precision, recall = precision[:-1], recall[:-1]
     denominator = precision + recall
-    f1 = np.divide(
-        2.0 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0
-    )
+    f1 = np.divide(2.0 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
     best = int(np.argmax(f1))
     return float(f1[best]), float(thresholds[best])
 
@@ -111,8 +109,13 @@ def operating_point(labels: np.ndarray, flagged: np.ndarray, defects: np.ndarray
         detected = int((chosen & flagged).sum())
         per_defect[name] = {"n": int(chosen.sum()), "detected": detected, "recall": _rate(detected, int(chosen.sum()))}
     return {
-        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
-        "false_alarm_rate": _rate(fp, fp + tn), "recall": _rate(tp, tp + fn), "recall_per_defect": per_defect,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "false_alarm_rate": _rate(fp, fp + tn),
+        "recall": _rate(tp, tp + fn),
+        "recall_per_defect": per_defect,
     }
 
 
@@ -127,9 +130,7 @@ def _check_map(anomaly_map: np.ndarray, mask: np.ndarray) -> None:
     if not np.isfinite(anomaly_map).all():
         raise ValueError("anomaly map contains NaN or inf")
     if anomaly_map.size and anomaly_map.min() < 0:
-        raise ValueError(
-            f"anomaly map has negative values (min {anomaly_map.min()}); STFPM maps are non-negative"
-        )
+        raise ValueError(f"anomaly map has negative values (min {anomaly_map.min()}); STFPM maps are non-negative")
 
 
 def _region_weights(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -255,9 +256,7 @@ class PixelMetrics:
         weights, count = _region_weights(mask)
         self._normal += np.bincount(pixel_bin[~anomalous], minlength=self.bins)
         self._anomalous += np.bincount(pixel_bin[anomalous], minlength=self.bins)
-        self._region_mass += np.bincount(
-            pixel_bin[anomalous], weights=weights.ravel()[anomalous], minlength=self.bins
-        )
+        self._region_mass += np.bincount(pixel_bin[anomalous], weights=weights.ravel()[anomalous], minlength=self.bins)
         self._n_images += 1
         self._n_regions += count
 

@@ -104,7 +104,7 @@ def _fmt(value: object, digits: int = 3) -> str:
     if _is_missing(value):
         return "–"
     if isinstance(value, float):
-        return f"{value:.{digits}f}" if abs(value) >= 10 ** -digits or value == 0 else f"{value:.2e}"
+        return f"{value:.{digits}f}" if abs(value) >= 10**-digits or value == 0 else f"{value:.2e}"
     return str(value)
 
 
@@ -158,20 +158,51 @@ def _table_rows(result: dict) -> list[tuple[str, dict, tuple[float, float] | Non
 
 def format_table(result: dict) -> str:
     """The per-category table as fixed-width text, for the terminal and job logs."""
-    header = ("category", "img AUROC", "(paper)", "pix AUROC", "(paper)", "AUPRO", "F1 oracle", "threshold", "FAR",
-              "recall", "flagged", "good", "defect", "unlab", "errors")
+    header = (
+        "category",
+        "img AUROC",
+        "(paper)",
+        "pix AUROC",
+        "(paper)",
+        "AUPRO",
+        "F1 oracle",
+        "threshold",
+        "FAR",
+        "recall",
+        "flagged",
+        "good",
+        "defect",
+        "unlab",
+        "errors",
+    )
     rows = []
     for name, entry, paper in _table_rows(result):
         paper_image, paper_pixel = paper if paper else (None, None)
-        rows.append((name, _fmt(entry["image_auroc"]), _fmt(paper_image), _fmt(entry["pixel_auroc"]),
-                     _fmt(paper_pixel), _fmt(entry["aupro"]), _fmt(entry["image_f1_max"]),
-                     _fmt(entry["threshold"], 4), _fmt(entry["false_alarm_rate"]), _fmt(entry["recall"]),
-                     entry["n_flagged"], entry["n_good"], entry["n_defective"], entry["n_unlabeled"],
-                     entry["n_errors"]))
+        rows.append(
+            (
+                name,
+                _fmt(entry["image_auroc"]),
+                _fmt(paper_image),
+                _fmt(entry["pixel_auroc"]),
+                _fmt(paper_pixel),
+                _fmt(entry["aupro"]),
+                _fmt(entry["image_f1_max"]),
+                _fmt(entry["threshold"], 4),
+                _fmt(entry["false_alarm_rate"]),
+                _fmt(entry["recall"]),
+                entry["n_flagged"],
+                entry["n_good"],
+                entry["n_defective"],
+                entry["n_unlabeled"],
+                entry["n_errors"],
+            )
+        )
     table = fixed_width_table(header, rows, rule=True)
-    return (f"{table}\nFAR (false alarms on good images), recall and flagged: at the deployed threshold "
-            "(is_anomalous); F1 oracle: threshold chosen on the test labels\n"
-            f"pixel metrics at the stored map resolution: {_resolution(result)}")
+    return (
+        f"{table}\nFAR (false alarms on good images), recall and flagged: at the deployed threshold "
+        "(is_anomalous); F1 oracle: threshold chosen on the test labels\n"
+        f"pixel metrics at the stored map resolution: {_resolution(result)}"
+    )
 
 
 def _resolution(result: dict) -> str:
@@ -225,15 +256,23 @@ def _histogram_axes(axes: Axes, detail: CategoryDetail, entry: dict) -> None:
     every = np.concatenate([detail.scores, detail.unlabeled_scores])
     if every.size:
         edges = np.histogram_bin_edges(every, bins=min(40, max(5, every.size // 3)))
-        for chosen, name, color in ((detail.scores[detail.labels == 0], "good", "tab:green"),
-                                    (detail.scores[detail.labels == 1], "defective", "tab:red"),
-                                    (detail.unlabeled_scores, "unlabelled", "tab:blue")):
+        for chosen, name, color in (
+            (detail.scores[detail.labels == 0], "good", "tab:green"),
+            (detail.scores[detail.labels == 1], "defective", "tab:red"),
+            (detail.unlabeled_scores, "unlabelled", "tab:blue"),
+        ):
             if chosen.size:
                 axes.hist(chosen, bins=edges, alpha=0.55, color=color, label=f"{name} ({chosen.size})")
     else:
         axes.text(0.5, 0.5, "no scored images", ha="center", va="center")
-    lines = [(value, label, style) for value, label, style in ((entry["threshold"], "deployed threshold", "-"),
-             (entry["image_f1_threshold"], "F1-max threshold (oracle)", ":")) if not _is_missing(value)]
+    lines = [
+        (value, label, style)
+        for value, label, style in (
+            (entry["threshold"], "deployed threshold", "-"),
+            (entry["image_f1_threshold"], "F1-max threshold (oracle)", ":"),
+        )
+        if not _is_missing(value)
+    ]
     for value, label, style in lines:
         axes.axvline(value, color="black", linestyle=style, linewidth=1.3, label=f"{label} {_fmt(value, 4)}")
     if lines:  # a threshold far above every score (a strict calibration) must still be in view
@@ -253,8 +292,9 @@ def _category_figure(detail: CategoryDetail, entry: dict) -> str:
         roc, hist = figure.subplots(1, 2)
         _roc_axes(roc, detail, f"AUROC {_fmt(entry['image_auroc'])}")
         roc.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-        roc.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02),
-                title="Image ROC")
+        roc.set(
+            xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02), title="Image ROC"
+        )
         roc.legend(loc="lower right")
     else:
         hist = figure.subplots()
@@ -274,16 +314,21 @@ def threshold_origin(entry: dict) -> str:
     if record.get("method") == "max":
         return f"from the checkpoint: the maximum of {record.get('n_val')} validation scores"
     bound = "the validation maximum, above the fit" if record.get("bound") == "val_max" else "the fit"
-    return (f"from the checkpoint: {record.get('method')} fit to {record.get('n_val')} held-out good images, "
-            f"target false-alarm rate {_fmt(record.get('target_far'), 4)} (binding: {bound})")
+    return (
+        f"from the checkpoint: {record.get('method')} fit to {record.get('n_val')} held-out good images, "
+        f"target false-alarm rate {_fmt(record.get('target_far'), 4)} (binding: {bound})"
+    )
 
 
 def _defect_table(per_category: dict[str, dict]) -> tuple[list[str], list[dict]]:
     """Recall at the deployed threshold per category (rows) and defect type (columns); None where a category
     has no images of that defect."""
     defects = sorted({name for entry in per_category.values() for name in entry["recall_per_defect"]})
-    rows = [{"name": name, "cells": [entry["recall_per_defect"].get(defect) for defect in defects]}
-            for name, entry in per_category.items() if entry["recall_per_defect"]]
+    rows = [
+        {"name": name, "cells": [entry["recall_per_defect"].get(defect) for defect in defects]}
+        for name, entry in per_category.items()
+        if entry["recall_per_defect"]
+    ]
     return defects, rows
 
 
@@ -327,8 +372,14 @@ def _example_sets(detail: CategoryDetail) -> list[tuple[str, list[dict]]]:
     good = sorted((e for e in detail.examples if e.label == 0), key=lambda e: -e.score)
     defective = sorted((e for e in detail.examples if e.label == 1), key=lambda e: e.score)
     flagged = sorted((e for e in detail.examples if e.label is None), key=lambda e: -e.score)
-    chosen = [("Highest-scored good images (likely false positives)", good),
-              ("Lowest-scored defective images (likely misses)", defective)] if detail.labels.size else []
+    chosen = (
+        [
+            ("Highest-scored good images (likely false positives)", good),
+            ("Lowest-scored defective images (likely misses)", defective),
+        ]
+        if detail.labels.size
+        else []
+    )
     if detail.unlabeled_scores.size:
         chosen.append(("Flagged unlabelled images, highest score first", flagged))
     sets = []
@@ -336,8 +387,16 @@ def _example_sets(detail: CategoryDetail) -> list[tuple[str, list[dict]]]:
         tiles = []
         for example in examples:
             uri, missing = _example_tile(example, detail.map_max)
-            tiles.append({"uri": uri, "missing": missing, "kind": _kind(example), "score": example.score,
-                          "path": example.path, "file": Path(example.path).name})
+            tiles.append(
+                {
+                    "uri": uri,
+                    "missing": missing,
+                    "kind": _kind(example),
+                    "score": example.score,
+                    "path": example.path,
+                    "file": Path(example.path).name,
+                }
+            )
         sets.append((title, tiles))
     return sets
 
@@ -345,22 +404,41 @@ def _example_sets(detail: CategoryDetail) -> list[tuple[str, list[dict]]]:
 def render_html(result: dict, details: list[CategoryDetail]) -> str:
     """The whole report as one self-contained HTML document."""
     table = [
-        {"name": name, "entry": entry, "is_mean": index == len(result["categories"]),
-         "paper_image": paper[0] if paper else None, "paper_pixel": paper[1] if paper else None}
+        {
+            "name": name,
+            "entry": entry,
+            "is_mean": index == len(result["categories"]),
+            "paper_image": paper[0] if paper else None,
+            "paper_pixel": paper[1] if paper else None,
+        }
         for index, (name, entry, paper) in enumerate(_table_rows(result))
     ]
     sections = [
-        {"name": detail.name, "entry": result["categories"][detail.name], "map_max": detail.map_max,
-         "figure": _category_figure(detail, result["categories"][detail.name]),
-         "origin": threshold_origin(result["categories"][detail.name]), "example_sets": _example_sets(detail)}
+        {
+            "name": detail.name,
+            "entry": result["categories"][detail.name],
+            "map_max": detail.map_max,
+            "figure": _category_figure(detail, result["categories"][detail.name]),
+            "origin": threshold_origin(result["categories"][detail.name]),
+            "example_sets": _example_sets(detail),
+        }
         for detail in details
     ]
     defects, defect_rows = _defect_table(result["categories"])
     return _TEMPLATES.get_template("report.html.j2").render(
-        settings=result["settings"], n_categories=len(result["categories"]), resolution=_resolution(result),
-        generated=datetime.now(timezone.utc).isoformat(timespec="seconds"), table=table, fmt=_fmt,
-        paper_source=PAPER_SOURCE, notes=result["notes"], overview=_overview_figure(details, result["categories"]),
-        sections=sections, colormap=COLORMAP, defects=defects, defect_rows=defect_rows,
+        settings=result["settings"],
+        n_categories=len(result["categories"]),
+        resolution=_resolution(result),
+        generated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        table=table,
+        fmt=_fmt,
+        paper_source=PAPER_SOURCE,
+        notes=result["notes"],
+        overview=_overview_figure(details, result["categories"]),
+        sections=sections,
+        colormap=COLORMAP,
+        defects=defects,
+        defect_rows=defect_rows,
         n_inputs_shown=N_INPUTS_SHOWN,
     )
 

@@ -30,6 +30,17 @@ DEMO_DATA = {"categories": 3, "size": 128, "n_train": 40, "n_test": 20, "seed": 
 DEMO_TRAINING = {"image_size": 128, "epochs": 50}
 
 
+def _data_root(data: str | Path | None, out: Path, progress: Progress) -> str | Path:
+    """``data``, or without it the synthetic demo dataset in ``out/data`` (generated once)."""
+    if data is not None:
+        return data
+    demo = out / "data"
+    if not (demo.exists() and any(demo.iterdir())):
+        progress(f"no --data given: generating the synthetic demo dataset in {demo}")
+        generate_dataset(demo, progress=progress, **DEMO_DATA)
+    return demo
+
+
 def run_benchmark(
     data: str | Path | None,
     out: str | Path,
@@ -48,19 +59,17 @@ def run_benchmark(
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise OutputExistsError(f"{out} is not empty; pass --resume to continue its benchmark, --overwrite to "
-                                "replace it, or another --out")
+        raise OutputExistsError(
+            f"{out} is not empty; pass --resume to continue its benchmark, --overwrite to replace it, or another --out"
+        )
     stages: dict[str, float] = {}
-    if data is None:
-        data = out / "data"
-        if not (data.exists() and any(data.iterdir())):
-            progress(f"no --data given: generating the synthetic demo dataset in {data}")
-            generate_dataset(data, progress=progress, **DEMO_DATA)
+    data = _data_root(data, out, progress)
     names = resolve_categories(data, categories)
 
     started = time.perf_counter()
-    results = train_categories(data, names, out / "checkpoints", config, resources, resume=resume,
-                               overwrite=overwrite, progress=progress)
+    results = train_categories(
+        data, names, out / "checkpoints", config, resources, resume=resume, overwrite=overwrite, progress=progress
+    )
     stages["train_s"] = time.perf_counter() - started
     trained = [r.category for r in results if r.ok]
     failed = [r.category for r in results if not r.ok]
@@ -69,8 +78,12 @@ def run_benchmark(
 
     started = time.perf_counter()
     summary = score_images(
-        out / "checkpoints", [str(Path(data) / name / "test") for name in trained], out / "scores", options,
-        overwrite=True, progress=progress,
+        out / "checkpoints",
+        [str(Path(data) / name / "test") for name in trained],
+        out / "scores",
+        options,
+        overwrite=True,
+        progress=progress,
     )
     stages["score_s"] = time.perf_counter() - started
     stages["score_images_per_s"] = summary.rows_written / stages["score_s"] if stages["score_s"] else 0.0

@@ -94,11 +94,14 @@ def nightly(
     """Score what is new under ``inputs`` into ``out_dir`` (incrementally), then report; returns (report, path)."""
     if top < 0:
         raise UserError(f"--top must be >= 0, got {top}")
-    summary = score_images(checkpoints, inputs, out_dir, options, category=category, incremental=True,
-                           split=split, progress=progress)
+    summary = score_images(
+        checkpoints, inputs, out_dir, options, category=category, incremental=True, split=split, progress=progress
+    )
     report = new_anomalies(str(out_dir), summary, top)
     path = write_report(str(out_dir), report)
     progress(format_report(report))
-    progress(f"nightly run {summary.run_id}: {report['new_anomalies']} new anomalies among {report['scored']} "
-             f"newly scored images; report: {path}")
+    progress(
+        f"nightly run {summary.run_id}: {report['new_anomalies']} new anomalies among {report['scored']} "
+        f"newly scored images; report: {path}"
+    )
     return report, path

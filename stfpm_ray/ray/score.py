@@ -114,9 +114,9 @@ MAX_FILE_BYTES = 512 * 1024 * 1024
 ROWS_PER_FILE = 2048
 # What one read-and-decode task reserves; the actor pool is sized to leave at least this free. Decoding
 # costs less than the forward pass it feeds on CPU (README: where the CPU time goes), so half a CPU per
-# task keeps decoding ahead of a pool that holds the rest. A request that differs from the actors' also keeps Ray Data from fusing
-# decoding into the actors (it fuses consecutive map stages whose resource requests are equal), which
-# would serialise the two.
+# task keeps decoding ahead of a pool that holds the rest. A request that differs from the actors' also keeps
+# Ray Data from fusing decoding into the actors (it fuses consecutive map stages whose resource requests are
+# equal), which would serialise the two.
 DECODE_CPUS = 0.5
 
 # The rows of the plan: a sample's fields, where to read it, and what the decode stage needs.
@@ -245,12 +245,20 @@ def plan(
             tally.skipped += 1
             continue
         sample = sample_for(paths[i], category)  # label, defect and mask: only for what will be scored
-        rows.append({
-            "path": paths[i], "source": sources[i], "size": sizes[i], "category": sample.category,
-            "label": sample.label, "defect": sample.defect, "mask_path": sample.mask_path, "model_id": model_id,
-            "image_size": checkpoints[sample.category][1].image_size if model_id else 0,
-            "error": _row_error(errors[i], sample, sizes[i], checkpoints, problems),
-        })
+        rows.append(
+            {
+                "path": paths[i],
+                "source": sources[i],
+                "size": sizes[i],
+                "category": sample.category,
+                "label": sample.label,
+                "defect": sample.defect,
+                "mask_path": sample.mask_path,
+                "model_id": model_id,
+                "image_size": checkpoints[sample.category][1].image_size if model_id else 0,
+                "error": _row_error(errors[i], sample, sizes[i], checkpoints, problems),
+            }
+        )
     table = pa.Table.from_pylist(rows, _PLAN_SCHEMA)
     return [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)], counts
 
@@ -270,7 +278,7 @@ def decode_batch(batch: pa.Table, sources: list[tuple[pafs.FileSystem, str]]) ->
             continue
         filesystem, prefix = sources[source]
         try:
-            with filesystem.open_input_file(path[len(prefix):]) as handle:
+            with filesystem.open_input_file(path[len(prefix) :]) as handle:
                 data = handle.read()
             pixels.append(decode_image(data, size).tobytes())
         except ImageDecodeError as exc:
@@ -305,9 +313,14 @@ class Scorer:
         self.teachers: dict[tuple, Any] = {}
         self.table, self.run_id = table, run_id
         self.record = {
-            "host": socket.gethostname(), "pid": os.getpid(), "device": self.device,
-            "precision": self.settings.precision, "started_at": datetime.now(timezone.utc).isoformat(),
-            "batches": 0, "rows": 0, "errors": 0,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": self.device,
+            "precision": self.settings.precision,
+            "started_at": datetime.now(timezone.utc).isoformat(),
+            "batches": 0,
+            "rows": 0,
+            "errors": 0,
         }
         self.table.record_worker(run_id, self.record)
 
@@ -330,8 +343,13 @@ class Scorer:
         now = datetime.now(timezone.utc)
         missing = dict.fromkeys(field.name for field in RESULT_FIELDS)
         out = [
-            {**row, **scored.get(i, missing), "run_id": self.run_id, "scored_at": now,
-             "status": "ok" if i in scored else "error"}
+            {
+                **row,
+                **scored.get(i, missing),
+                "run_id": self.run_id,
+                "scored_at": now,
+                "status": "ok" if i in scored else "error",
+            }
             for i, row in enumerate(rows)
         ]
         self.record["batches"] += 1
@@ -416,7 +434,7 @@ def decode_stage(blocks: list[pa.Table], sources: list[tuple[pafs.FileSystem, st
     )
 
 
-def _run_pipeline(run: "_Run", options: ScoringOptions, pool: tuple[int, int]) -> list[DataFile]:
+def _run_pipeline(run: _Run, options: ScoringOptions, pool: tuple[int, int]) -> list[DataFile]:
     """Decode, score and write; returns the files the write tasks made (not committed yet)."""
     sink = ScoresSink(run.table, run.run_id)
     decode_stage(run.planned, run.listing.sources).map_batches(
@@ -428,7 +446,9 @@ def _run_pipeline(run: "_Run", options: ScoringOptions, pool: tuple[int, int]) -
         num_gpus=options.gpus_per_actor or None,
         fn_constructor_kwargs={
             "checkpoints": {name: folder for name, (folder, _) in run.checkpoints.items()},
-            "options": options, "table": run.table, "run_id": run.run_id,
+            "options": options,
+            "table": run.table,
+            "run_id": run.run_id,
         },
         udf_modifying_row_count=False,
     ).write_datasink(sink)
@@ -462,8 +482,15 @@ def _checkpoints(checkpoints: str | Path, category: str | None, progress: Progre
 
 
 def _prepare(
-    checkpoints: str | Path, inputs: list[str], table: ScoresTable, category: str | None, options: ScoringOptions,
-    mode: str, split: str, run_id: str, progress: Progress,
+    checkpoints: str | Path,
+    inputs: list[str],
+    table: ScoresTable,
+    category: str | None,
+    options: ScoringOptions,
+    mode: str,
+    split: str,
+    run_id: str,
+    progress: Progress,
 ) -> _Run:
     """Everything before Ray, under the lease: checkpoints, table checks, listing and planning."""
     started = time.time()
@@ -534,14 +561,17 @@ def _watch(run: _Run, progress: Progress, every_s: float = 2.0) -> Iterator[None
         meter.close()
 
 
-def _score_and_commit(run: _Run, lease: Lease, options: ScoringOptions, checkpoints: str | Path,
-                      progress: Progress) -> None:
+def _score_and_commit(
+    run: _Run, lease: Lease, options: ScoringOptions, checkpoints: str | Path, progress: Progress
+) -> None:
     """Ray stages, the pre-commit check, then one commit; a failure before the commit changes nothing."""
     summary, counts = run.summary, run.summary.counts
     init_ray()
     pool = actor_pool_size(options.actors, options.gpus_per_actor, options.cpus_per_actor, cluster_capacity())
-    progress(f"run {run.run_id}: {pool[0]}-{pool[1]} scoring actors, batch size {options.batch_size}, "
-             f"maps {options.map_size} px")
+    progress(
+        f"run {run.run_id}: {pool[0]}-{pool[1]} scoring actors, batch size {options.batch_size}, "
+        f"maps {options.map_size} px"
+    )
     try:
         try:
             with _watch(run, progress):
@@ -550,8 +580,9 @@ def _score_and_commit(run: _Run, lease: Lease, options: ScoringOptions, checkpoi
             _check_staged(index, run.planned)
             for name, tally in counts_by_category(index).items():
                 counts[name].ok, counts[name].error = tally["ok"], tally["error"]
-            removed, kept = (run.table.retried_errors(index["path"], run.run_id) if run.mode == "incremental"
-                             else ([], []))
+            removed, kept = (
+                run.table.retried_errors(index["path"], run.run_id) if run.mode == "incremental" else ([], [])
+            )
             manifest = {**_manifest(run, index.num_rows, files, options, checkpoints), "replaced_error_files": removed}
             lease.check()
         except BaseException:
@@ -563,8 +594,10 @@ def _score_and_commit(run: _Run, lease: Lease, options: ScoringOptions, checkpoi
         run.table.clear_runs()
     summary.seconds = time.time() - run.started
     summary.rows_written, summary.files_written = index.num_rows, len(files)
-    progress(f"wrote {summary.rows_written} rows in {summary.files_written} files to {run.table.uri} "
-             f"(table version {summary.version}, {summary.seconds:.1f} s)")
+    progress(
+        f"wrote {summary.rows_written} rows in {summary.files_written} files to {run.table.uri} "
+        f"(table version {summary.version}, {summary.seconds:.1f} s)"
+    )
 
 
 def score_images(
@@ -596,11 +629,14 @@ def score_images(
         skipped = sum(c.skipped for c in run.summary.counts.values())
         if not run.planned:
             run.summary.seconds = time.time() - run.started
-            progress(f"nothing new to score: all {skipped} images already have ok rows for their models; "
-                     "nothing written")
+            progress(
+                f"nothing new to score: all {skipped} images already have ok rows for their models; nothing written"
+            )
             return run.summary
-        progress(f"{run.listing.files.num_rows} images: {sum(b.num_rows for b in run.planned)} to score, "
-                 f"{skipped} already scored (skipped)")
+        progress(
+            f"{run.listing.files.num_rows} images: {sum(b.num_rows for b in run.planned)} to score, "
+            f"{skipped} already scored (skipped)"
+        )
         _score_and_commit(run, lease, options, checkpoints, progress)
     return run.summary
 

@@ -95,8 +95,9 @@ def _keep_on_loopback() -> None:
     """Make the local instance this process is about to start bind 127.0.0.1 only (see the module doc)."""
     os.environ[LOOPBACK_VARIABLE] = "0"
     if _ray_constants is None or not hasattr(_ray_constants, "ENABLE_RAY_CLUSTER"):
-        log.warning("this Ray version cannot be held to loopback here; set %s=0 before starting Python",
-                    LOOPBACK_VARIABLE)
+        log.warning(
+            "this Ray version cannot be held to loopback here; set %s=0 before starting Python", LOOPBACK_VARIABLE
+        )
         return
     _ray_constants.ENABLE_RAY_CLUSTER = False
 

@@ -112,11 +112,11 @@ class TrainResources:
     def __post_init__(self) -> None:
         cpus = 1.0 if self.cpus_per_worker is None else self.cpus_per_worker
         if self.workers_per_category < 1 or cpus <= 0 or self.gpus_per_worker < 0 or self.max_failures < -1:
-            raise UserError("need workers per category >= 1, CPUs per worker > 0, GPUs per worker >= 0, "
-                            "max failures >= -1")
+            raise UserError(
+                "need workers per category >= 1, CPUs per worker > 0, GPUs per worker >= 0, max failures >= -1"
+            )
 
-
-    def sized_for(self, capacity: dict[str, float], categories: int) -> "TrainResources":
+    def sized_for(self, capacity: dict[str, float], categories: int) -> TrainResources:
         """Unset CPUs per worker: the cluster's CPUs shared among the workers that train at once.
 
         One category on an N-core node then trains with N threads instead of leaving N-1 cores idle; many
@@ -228,16 +228,28 @@ def _worker_loop(loop_config: dict[str, Any]) -> str | None:
     reporter = _Reporter(device, None if state is None else state["fitter"]["epoch"])
     try:
         model, meta, fitter = fit_category(
-            job.root, loop_config["category"], config, device=device, on_epoch=reporter, rank=rank,
-            world_size=world_size, wrap_model=_prepare_ddp if world_size > 1 else None, resume=state,
+            job.root,
+            loop_config["category"],
+            config,
+            device=device,
+            on_epoch=reporter,
+            rank=rank,
+            world_size=world_size,
+            wrap_model=_prepare_ddp if world_size > 1 else None,
+            resume=state,
             extra_meta={"workers": world_size},
         )
     except (DatasetError, WeightsError) as exc:
         # Bad data fails the same way on every retry: return it instead of raising into FailureConfig.
         return f"{type(exc).__name__}: {exc}"
     final = {
-        "final": True, "epoch": fitter.epoch, "epochs": config.epochs, "best_epoch": fitter.best_epoch,
-        "best_val_loss": fitter.best_val_loss, "threshold": meta.threshold, **reporter.take_extras(fitter),
+        "final": True,
+        "epoch": fitter.epoch,
+        "epochs": config.epochs,
+        "best_epoch": fitter.best_epoch,
+        "best_val_loss": fitter.best_val_loss,
+        "threshold": meta.threshold,
+        **reporter.take_extras(fitter),
         "finished_at": time.time(),
     }
     _report_checkpoint(final, lambda folder: save_checkpoint(folder, model.student, meta))
@@ -261,7 +273,9 @@ def _drive_category(tune_config: dict[str, Any], job: _Job) -> dict[str, Any]:
         _worker_loop,
         train_loop_config={"job": job, "category": category},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=job.resources.workers_per_category, use_gpu=job.resources.gpus_per_worker > 0, resources_per_worker=resources
+            num_workers=job.resources.workers_per_category,
+            use_gpu=job.resources.gpus_per_worker > 0,
+            resources_per_worker=resources,
         ),
         run_config=ray.train.RunConfig(
             name=f"{job.run_id}-train-{category}",
@@ -276,11 +290,15 @@ def _drive_category(tune_config: dict[str, Any], job: _Job) -> dict[str, Any]:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        return {"category_error": f"training failed after {job.resources.max_failures} restarts: {_last_line(exc)}",
-                "seconds": time.time() - started}
+        return {
+            "category_error": f"training failed after {job.resources.max_failures} restarts: {_last_line(exc)}",
+            "seconds": time.time() - started,
+        }
     if result.return_value is not None or result.checkpoint is None:
-        return {"category_error": result.return_value or "training ended without a checkpoint",
-                "seconds": time.time() - started}
+        return {
+            "category_error": result.return_value or "training ended without a checkpoint",
+            "seconds": time.time() - started,
+        }
     summary = {key: result.metrics[key] for key in FINAL_KEYS}  # not "history": it was printed already
     return {**summary, "checkpoint_path": result.checkpoint.path, "seconds": time.time() - started}
 
@@ -328,8 +346,14 @@ def format_epoch(category: str, metrics: dict[str, Any], eta_s: float | None = N
 def format_summary(results: list[CategoryResult]) -> str:
     """A fixed-width table a person reads at the end of a run."""
     rows = [
-        (r.category, r.epochs, f"{r.best_val_loss:.5f}", f"{r.threshold:.5f}", f"{r.seconds:.1f}",
-         r.status if r.ok else f"failed: {r.error}")
+        (
+            r.category,
+            r.epochs,
+            f"{r.best_val_loss:.5f}",
+            f"{r.threshold:.5f}",
+            f"{r.seconds:.1f}",
+            r.status if r.ok else f"failed: {r.error}",
+        )
         for r in results
     ]
     return fixed_width_table(("category", "epochs", "best val loss", "threshold", "wall s", "status"), rows, rule=True)
@@ -349,8 +373,16 @@ class Tracker(tune.Callback):
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config (callbacks included) for Tuner.restore; what lives only on this
         # driver (the progress function, results so far) is left out: it may not pickle.
-        return {"job": self.job, "out_dir": self.out_dir, "progress": print,
-                "results": {}, "rates": {}, "last_epoch": {}, "started": {}, "total": 0}
+        return {
+            "job": self.job,
+            "out_dir": self.out_dir,
+            "progress": print,
+            "results": {},
+            "rates": {},
+            "last_epoch": {},
+            "started": {},
+            "total": 0,
+        }
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.started[trial.config["category"]] = (time.time(), 0)
@@ -409,7 +441,6 @@ class Tracker(tune.Callback):
         self.progress(f"[{category}] " + (f"done {finished}" if error is None else f"FAILED: {error} {finished}"))
 
 
-
 def _complete_result(out_dir: Path, category: str) -> CategoryResult | None:
     """The result of a category whose checkpoint is already complete in ``out_dir``, else None."""
     folder = out_dir / category
@@ -418,15 +449,25 @@ def _complete_result(out_dir: Path, category: str) -> CategoryResult | None:
     meta = read_meta(folder)
     training = meta.training
     return CategoryResult(
-        category=category, ok=True, error=None, epochs=int(training.get("epochs", 0)),
-        best_epoch=int(training.get("best_epoch", -1)), best_val_loss=float(training.get("best_val_loss", math.nan)),
-        threshold=meta.threshold, seconds=float(training.get("seconds", math.nan)), images_per_s=math.nan,
-        checkpoint_dir=str(folder), started_at=math.nan, finished_at=math.nan, status="complete",
+        category=category,
+        ok=True,
+        error=None,
+        epochs=int(training.get("epochs", 0)),
+        best_epoch=int(training.get("best_epoch", -1)),
+        best_val_loss=float(training.get("best_val_loss", math.nan)),
+        threshold=meta.threshold,
+        seconds=float(training.get("seconds", math.nan)),
+        images_per_s=math.nan,
+        checkpoint_dir=str(folder),
+        started_at=math.nan,
+        finished_at=math.nan,
+        status="complete",
     )
 
 
-def _claim_out_dir(out_dir: Path, identity: dict[str, Any], storage_path: str | None, resume: bool,
-                   overwrite: bool) -> tuple[str, str]:
+def _claim_out_dir(
+    out_dir: Path, identity: dict[str, Any], storage_path: str | None, resume: bool, overwrite: bool
+) -> tuple[str, str]:
     """Decide whether this run may write into ``out_dir``; returns (run id, Ray Train storage path).
 
     Two runs' files never mix: a folder that holds a run is refused unless ``resume`` (same identity,
@@ -445,16 +486,20 @@ def _claim_out_dir(out_dir: Path, identity: dict[str, Any], storage_path: str | 
         )
     if entries and resume:
         record = json.loads(record_path.read_text())
-        changed = sorted(k for k in identity.keys() | record["identity"].keys()
-                         if identity.get(k) != record["identity"].get(k))
+        changed = sorted(
+            k for k in identity.keys() | record["identity"].keys() if identity.get(k) != record["identity"].get(k)
+        )
         if changed:
             was = ", ".join(f"{k}={record['identity'].get(k)!r}" for k in changed)
             now = ", ".join(f"{k}={identity.get(k)!r}" for k in changed)
-            raise UserError(f"cannot --resume {out_dir}: it was trained with {was}, this run asks for {now}; "
-                             "use the same settings, or --overwrite")
+            raise UserError(
+                f"cannot --resume {out_dir}: it was trained with {was}, this run asks for {now}; "
+                "use the same settings, or --overwrite"
+            )
         if storage_path is not None and storage_path != record["storage_path"]:
-            raise UserError(f"cannot --resume {out_dir}: its Ray Train state is in {record['storage_path']}, "
-                             f"not {storage_path}")
+            raise UserError(
+                f"cannot --resume {out_dir}: its Ray Train state is in {record['storage_path']}, not {storage_path}"
+            )
         return record["run_id"], record["storage_path"]
     if entries and not overwrite:
         done = [name for name in entries if (out_dir / name / META_FILE).is_file()]
@@ -468,8 +513,9 @@ def _claim_out_dir(out_dir: Path, identity: dict[str, Any], storage_path: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex[:8]
     storage = storage_path or str(out_dir / DEFAULT_STORAGE_DIR)
-    write_text_atomic(record_path, json.dumps({"run_id": run_id, "storage_path": storage, "identity": identity},
-                                              indent=2))
+    write_text_atomic(
+        record_path, json.dumps({"run_id": run_id, "storage_path": storage, "identity": identity}, indent=2)
+    )
     return run_id, storage
 
 
@@ -480,8 +526,10 @@ def _concurrency(ray_resources: dict[str, float], workers: int, cpus: float, gpu
     count = min(fits) if fits else 1
     if count < 1:
         have = {key: ray_resources.get(key, 0.0) for key in need}
-        raise UserError(f"one category needs {need} ({workers} workers) but the Ray cluster has {have}; "
-                         "lower --workers-per-category, --cpus-per-worker or --gpus-per-worker")
+        raise UserError(
+            f"one category needs {need} ({workers} workers) but the Ray cluster has {have}; "
+            "lower --workers-per-category, --cpus-per-worker or --gpus-per-worker"
+        )
     return count
 
 
@@ -506,8 +554,11 @@ def train_categories(
     if storage_path is not None and "://" not in storage_path:
         storage_path = str(Path(storage_path).resolve())  # Ray changes the working folder of trials
     load_teacher(config.backbone, config.layers, config.weights)  # fail here, not in every worker
-    identity = json.loads(json.dumps({"root": str(root_path), "config": asdict(config),
-                                      "workers_per_category": resources.workers_per_category}))
+    identity = json.loads(
+        json.dumps(
+            {"root": str(root_path), "config": asdict(config), "workers_per_category": resources.workers_per_category}
+        )
+    )
     run_id, storage = _claim_out_dir(out_path, identity, storage_path, resume, overwrite)
 
     complete = {c: r for c in categories if (r := _complete_result(out_path, c)) is not None}
@@ -523,26 +574,31 @@ def train_categories(
     return ordered
 
 
-def _run_trials(categories: list[str], job: _Job, out_dir: Path, progress: Progress,
-                address: str | None) -> dict[str, CategoryResult]:
+def _run_trials(
+    categories: list[str], job: _Job, out_dir: Path, progress: Progress, address: str | None
+) -> dict[str, CategoryResult]:
     init_ray(address)
     capacity = cluster_capacity()
     res = job.resources.sized_for(capacity, len(categories))
     job = replace(job, resources=res)
     concurrency = _concurrency(capacity, res.workers_per_category, res.cpus_per_worker, res.gpus_per_worker)
-    progress(f"training {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}, "
-             f"{min(concurrency, len(categories))} at a time, {res.workers_per_category} worker(s) each with "
-             f"{res.cpus_per_worker:g} CPUs; run {job.run_id}, Ray Train state in {job.storage_path}")
+    progress(
+        f"training {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}, "
+        f"{min(concurrency, len(categories))} at a time, {res.workers_per_category} worker(s) each with "
+        f"{res.cpus_per_worker:g} CPUs; run {job.run_id}, Ray Train state in {job.storage_path}"
+    )
     tracker = Tracker(job, out_dir, progress)
     tracker.total = len(categories)
-    trainable = tune.with_resources(tune.with_parameters(_drive_category, job=job),
-                                    {"memory": TRIAL_MEMORY_BYTES})
+    trainable = tune.with_resources(tune.with_parameters(_drive_category, job=job), {"memory": TRIAL_MEMORY_BYTES})
     tuner = tune.Tuner(
         trainable,
         param_space={"category": tune.grid_search(categories)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=False),
         run_config=tune.RunConfig(
-            name=f"{job.run_id}-tune", storage_path=job.storage_path, verbose=0, callbacks=[tracker],
+            name=f"{job.run_id}-tune",
+            storage_path=job.storage_path,
+            verbose=0,
+            callbacks=[tracker],
             failure_config=tune.FailureConfig(max_failures=job.resources.max_failures),
         ),
     )

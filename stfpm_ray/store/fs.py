@@ -45,7 +45,7 @@ class Location:
     def name(self) -> str:
         return self.prefix + self.path
 
-    def join(self, *parts: str) -> "Location":
+    def join(self, *parts: str) -> Location:
         return Location(self.filesystem, posixpath.join(self.path, *parts), self.prefix)
 
 

@@ -4,8 +4,8 @@ Two scoring runs into one table would each plan the same new images and each app
 taken before anything is listed or planned, and checked again right before the commit.
 
 * **Taking it** is an exclusive create: the lease is written whole under a private name and hard-linked
-  into place, which fails if a lease exists (atomic on local and shared POSIX filesystems, NFS included). A second run refuses at once and names the holder (run id,
-  user, host, pid, age of the heartbeat).
+  into place, which fails if a lease exists (atomic on local and shared POSIX filesystems, NFS included).
+  A second run refuses at once and names the holder (run id, user, host, pid, age of the heartbeat).
 * **Keeping it**: a daemon thread rewrites the heartbeat every :data:`HEARTBEAT_S` seconds, after checking
   the file still names this run.
 * **Taking over**: a lease is stale when its holder ran on this host and that pid is gone, or when its
@@ -62,8 +62,10 @@ class Holder:
 
     def describe(self) -> str:
         age = time.time() - self.heartbeat
-        return (f"run {self.run_id} of {self.user} on {self.host} (pid {self.pid}, started {self.started_at}, "
-                f"last heartbeat {age:.0f} s ago)")
+        return (
+            f"run {self.run_id} of {self.user} on {self.host} (pid {self.pid}, started {self.started_at}, "
+            f"last heartbeat {age:.0f} s ago)"
+        )
 
     def is_stale(self, now: float) -> bool:
         if self.host == socket.gethostname() and not _pid_alive(self.pid):
@@ -86,8 +88,14 @@ class Lease:
 
     def __init__(self, table: Location, run_id: str) -> None:
         self.location = table.join(LEASE_FILE)
-        self.holder = Holder(run_id, getpass.getuser(), socket.gethostname(), os.getpid(),
-                             datetime.now(timezone.utc).isoformat(timespec="seconds"), time.time())
+        self.holder = Holder(
+            run_id,
+            getpass.getuser(),
+            socket.gethostname(),
+            os.getpid(),
+            datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            time.time(),
+        )
         self._stop = threading.Event()
         self._lost = False
         self._thread: threading.Thread | None = None
@@ -133,7 +141,7 @@ class Lease:
             os.unlink(draft)
         return True
 
-    def acquire(self) -> "Lease":
+    def acquire(self) -> Lease:
         """Take the lease, taking over a stale one; refuse with the holder's name when it is live."""
         for _ in range(2):
             if self._create():
@@ -156,7 +164,9 @@ class Lease:
     def _set_aside(self, holder: Holder) -> None:
         # named by the time of the takeover, so that names sort by age on object stores too
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-        aside = posixpath.join(posixpath.dirname(self.location.path), f"lease-stale-{stamp}-{uuid.uuid4().hex[:8]}.json")
+        aside = posixpath.join(
+            posixpath.dirname(self.location.path), f"lease-stale-{stamp}-{uuid.uuid4().hex[:8]}.json"
+        )
         try:
             self.location.filesystem.move(self.location.path, aside)
         except OSError:  # another run set it aside first; the create that follows decides
@@ -205,7 +215,7 @@ class Lease:
         if self._is_ours(self.read()):
             self.location.filesystem.delete_file(self.location.path)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

@@ -48,15 +48,40 @@ def _fields(**types: pa.DataType) -> list[pa.Field]:
 
 
 # What the layout says about an input image (filled when the run is planned, before any scoring).
-SAMPLE_FIELDS = _fields(path=pa.string(), category=pa.string(), label=pa.int8(), defect=pa.string(),
-                        mask_path=pa.string(), model_id=pa.string())
+SAMPLE_FIELDS = _fields(
+    path=pa.string(),
+    category=pa.string(),
+    label=pa.int8(),
+    defect=pa.string(),
+    mask_path=pa.string(),
+    model_id=pa.string(),
+)
 # What scoring adds (stfpm_ray.core.score.ScoredImage), then when, by which run and how it went.
-RESULT_FIELDS = _fields(score=pa.float32(), score_norm=pa.float32(), is_anomalous=pa.bool_(),
-                        anomaly_map=pa.binary(), map_scale=pa.float32())
-RUN_FIELDS = _fields(run_id=pa.string(), scored_at=pa.timestamp("us", tz="UTC"), status=pa.string(),
-                     error=pa.string())
-_ORDER = ["path", "category", "score", "score_norm", "is_anomalous", "label", "defect", "mask_path", "anomaly_map",
-          "map_scale", "model_id", "run_id", "scored_at", "status", "error"]
+RESULT_FIELDS = _fields(
+    score=pa.float32(),
+    score_norm=pa.float32(),
+    is_anomalous=pa.bool_(),
+    anomaly_map=pa.binary(),
+    map_scale=pa.float32(),
+)
+RUN_FIELDS = _fields(run_id=pa.string(), scored_at=pa.timestamp("us", tz="UTC"), status=pa.string(), error=pa.string())
+_ORDER = [
+    "path",
+    "category",
+    "score",
+    "score_norm",
+    "is_anomalous",
+    "label",
+    "defect",
+    "mask_path",
+    "anomaly_map",
+    "map_scale",
+    "model_id",
+    "run_id",
+    "scored_at",
+    "status",
+    "error",
+]
 # One row per (input image, model); evaluate and users read exactly these columns, in this order.
 SCHEMA = pa.schema(sorted(SAMPLE_FIELDS + RESULT_FIELDS + RUN_FIELDS, key=lambda f: _ORDER.index(f.name)))
 INDEX_COLUMNS = ["path", "category", "status", "model_id"]
@@ -78,9 +103,14 @@ class DataFile:
     rows: int
 
     def add_action(self) -> AddAction:
-        return AddAction(path=self.name, size=self.size, partition_values={},
-                         modification_time=int(time.time() * 1000), data_change=True,
-                         stats=json.dumps({"numRecords": self.rows}))
+        return AddAction(
+            path=self.name,
+            size=self.size,
+            partition_values={},
+            modification_time=int(time.time() * 1000),
+            data_change=True,
+            stats=json.dumps({"numRecords": self.rows}),
+        )
 
 
 def write_data_files(table: pa.Table, root: Location, stem: str) -> list[DataFile]:
@@ -91,8 +121,10 @@ def write_data_files(table: pa.Table, root: Location, stem: str) -> list[DataFil
     """
     written = []
     is_error = pc.equal(table["status"], "error")
-    for rows, name in ((table.filter(pc.invert(is_error)), f"{stem}.parquet"),
-                       (table.filter(is_error), f"{stem}{ERRORS_SUFFIX}")):
+    for rows, name in (
+        (table.filter(pc.invert(is_error)), f"{stem}.parquet"),
+        (table.filter(is_error), f"{stem}{ERRORS_SUFFIX}"),
+    ):
         if rows.num_rows:
             path = posixpath.join(root.path, name)
             pq.write_table(rows.cast(SCHEMA), path, filesystem=root.filesystem)
@@ -146,9 +178,14 @@ class ScoresTable:
         entries = []
         for commit in self.delta().history():
             manifest = commit.get(MANIFEST_KEY)
-            entries.append({"version": commit["version"], "timestamp": commit.get("timestamp"),
-                            "operation": commit.get("operation"),
-                            "manifest": json.loads(manifest) if manifest else None})
+            entries.append(
+                {
+                    "version": commit["version"],
+                    "timestamp": commit.get("timestamp"),
+                    "operation": commit.get("operation"),
+                    "manifest": json.loads(manifest) if manifest else None,
+                }
+            )
         return entries
 
     # ---------------------------------------------------------------------------------- planning
@@ -192,12 +229,16 @@ class ScoresTable:
         if keys.num_rows == 0 or not self.exists():
             return pa.array([False] * keys.num_rows, pa.bool_())
         models = pc.unique(keys["model_id"].drop_null())
-        wanted = (pc.field("status") == "ok") & pc.field("model_id").isin(models) & \
-            pc.field("path").isin(pc.unique(keys["path"]))
+        wanted = (
+            (pc.field("status") == "ok")
+            & pc.field("model_id").isin(models)
+            & pc.field("path").isin(pc.unique(keys["path"]))
+        )
         files = self._live_paths()
         found = [
-            pads.dataset(files[i:i + FILES_PER_SCAN], filesystem=self.location.filesystem, format="parquet")
-            .to_table(columns=["path", "model_id"], filter=wanted)
+            pads.dataset(files[i : i + FILES_PER_SCAN], filesystem=self.location.filesystem, format="parquet").to_table(
+                columns=["path", "model_id"], filter=wanted
+            )
             for i in range(0, len(files), FILES_PER_SCAN)
         ]
         matches = _key(pa.concat_tables(found)).combine_chunks() if found else pa.array([], pa.string())
@@ -230,8 +271,11 @@ class ScoresTable:
             if rest.num_rows:
                 rests.append(rest)
         groups = [pa.concat_tables(rests)] if merge and rests else rests
-        kept = [file for i, rest in enumerate(groups)
-                for file in write_data_files(rest, self.location, f"{run_id}-kept-{i:05d}")]
+        kept = [
+            file
+            for i, rest in enumerate(groups)
+            for file in write_data_files(rest, self.location, f"{run_id}-kept-{i:05d}")
+        ]
         return removed, kept
 
     def read_index(self, files: list[DataFile]) -> pa.Table:
@@ -239,7 +283,9 @@ class ScoresTable:
         if not files:
             return SCHEMA.empty_table().select(INDEX_COLUMNS)
         paths = [posixpath.join(self.location.path, f.name) for f in files]
-        return pads.dataset(paths, filesystem=self.location.filesystem, format="parquet").to_table(columns=INDEX_COLUMNS)
+        return pads.dataset(paths, filesystem=self.location.filesystem, format="parquet").to_table(
+            columns=INDEX_COLUMNS
+        )
 
     # ------------------------------------------------------------------------------- run records
 
@@ -255,8 +301,9 @@ class ScoresTable:
         if folder.filesystem.get_file_info(folder.path).type != pafs.FileType.Directory:
             return []
         entries = folder.filesystem.get_file_info(pafs.FileSelector(folder.path))
-        return [json.loads(read_text(Location(folder.filesystem, e.path))) for e in entries
-                if e.base_name.endswith(".json")]
+        return [
+            json.loads(read_text(Location(folder.filesystem, e.path))) for e in entries if e.base_name.endswith(".json")
+        ]
 
     def clear_runs(self) -> None:
         """Delete the run records of earlier runs: called by the lease holder, so none of them is live."""
@@ -282,15 +329,18 @@ class ScoresTable:
         adds = [f.add_action() for f in files]
         properties = CommitProperties(custom_metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
         if not self.exists():
-            create_table_with_add_actions(self.table_uri, Schema.from_arrow(SCHEMA), adds, mode="error",
-                                          commit_properties=properties)
+            create_table_with_add_actions(
+                self.table_uri, Schema.from_arrow(SCHEMA), adds, mode="error", commit_properties=properties
+            )
             return 0
         table = self.delta()
         now = int(time.time() * 1000)
-        removes = [] if overwrite else [RemoveAction(path=name, data_change=True, deletion_timestamp=now)
-                                        for name in removed]
-        table.create_write_transaction([*adds, *removes], mode="overwrite" if overwrite else "append",
-                                       schema=SCHEMA, commit_properties=properties)
+        removes = (
+            [] if overwrite else [RemoveAction(path=name, data_change=True, deletion_timestamp=now) for name in removed]
+        )
+        table.create_write_transaction(
+            [*adds, *removes], mode="overwrite" if overwrite else "append", schema=SCHEMA, commit_properties=properties
+        )
         return self.delta().version()
 
 
