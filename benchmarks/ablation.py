@@ -29,7 +29,7 @@ from stfpm_ray.data.mvtec import resolve_categories, test_samples
 from stfpm_ray.data.synth import generate_dataset
 from stfpm_ray.evaluate.metrics import PixelMetrics, image_auroc
 from stfpm_ray.progress import fixed_width_table
-from stfpm_ray.ray.benchmark import DEMO_DATA, DEMO_TRAINING
+from stfpm_ray.workflows.benchmark import DEMO_DATA, DEMO_TRAINING
 
 COLUMNS = ("category", "variant", "image AUROC", "pixel AUROC", "best epoch", "train s", "train img/s", "score img/s")
 

@@ -158,7 +158,8 @@ def main() -> None:
             device,
         )
         if importlib.util.find_spec("ray") is not None:
-            from stfpm_ray.ray.score import ScoringOptions, score_images  # optional on GPU images
+            from stfpm_ray.ray.pipeline import ScoringOptions  # optional on GPU images
+            from stfpm_ray.workflows.score import score_images
 
             archive = work / "archive"
             archive.mkdir()

@@ -3,7 +3,7 @@
 For each archive size it builds a scores table of that many rows (files of ``ROWS_PER_FILE`` rows, as
 scoring writes them; maps left out, the planning never reads them), then, in a fresh process, lists an
 input folder of ``--new`` files (half of them already in the table) and plans the run exactly as
-``stfpm-ray score --incremental`` does (:func:`stfpm_ray.ray.score.plan` with the table's filtered key
+``stfpm-ray score --incremental`` does (:func:`stfpm_ray.data.plan.plan` with the table's filtered key
 scan). It prints seconds and the driver's extra peak memory for the listing and planning, and that memory
 per archived image (target <= 100 bytes).
 
@@ -27,8 +27,9 @@ import pyarrow as pa
 
 from stfpm_ray.core.checkpoint import CheckpointMeta
 from stfpm_ray.data.listing import list_images
+from stfpm_ray.data.plan import plan
 from stfpm_ray.progress import fixed_width_table
-from stfpm_ray.ray.score import ROWS_PER_FILE, plan
+from stfpm_ray.ray.pipeline import ROWS_PER_FILE
 from stfpm_ray.store.scores import SCHEMA, DataFile, ScoresTable, write_data_files
 
 MODEL_ID = "0123456789abcdef"
@@ -86,15 +87,15 @@ def measure(folder: str, inbox: str) -> dict:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
     listing = list_images([inbox])
-    blocks, counts = plan(listing, {CATEGORY: ("", meta)}, {}, CATEGORY, table.already_scored, 32)
+    planned = plan(listing, {CATEGORY: meta}, {}, CATEGORY, table.already_scored, 32)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "seconds": seconds,
         "extra_peak_bytes": max(0, peak - before),
         "listed": listing.files.num_rows,
-        "to_score": sum(b.num_rows for b in blocks),
-        "skipped": counts[CATEGORY].skipped,
+        "to_score": planned.images,
+        "skipped": planned.counts[CATEGORY].skipped,
     }
 
 

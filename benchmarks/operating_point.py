@@ -31,7 +31,7 @@ from stfpm_ray.core.score import ScoreSettings, cpu_chunk, score_batch
 from stfpm_ray.data.mvtec import resolve_categories, test_samples
 from stfpm_ray.data.synth import generate_dataset
 from stfpm_ray.progress import fixed_width_table
-from stfpm_ray.ray.benchmark import DEMO_DATA, DEMO_TRAINING
+from stfpm_ray.workflows.benchmark import DEMO_DATA, DEMO_TRAINING
 
 COLUMNS = (
     "dataset",

@@ -2,7 +2,7 @@
 
 Figures (images per second over whole runs, start-up included):
 
-* pipeline: ``stfpm_ray.ray.score.score_images``, files to committed Parquet, default settings (or the
+* pipeline: ``stfpm_ray.workflows.score.score_images``, files to committed Parquet, default settings (or the
   scoring flags given); run on all images and on the first half, whose difference gives the rate a long
   run sustains once its processes have started;
 * single process: a plain loop over the core, batch by batch (read, decode, resize, forward, area-resize
@@ -48,10 +48,12 @@ from stfpm_ray.core.score import CPU_CHUNK, ScoreSettings, load_scoring_model, s
 from stfpm_ray.data.images import load_image
 from stfpm_ray.data.listing import list_images
 from stfpm_ray.data.mvtec import test_samples
+from stfpm_ray.data.plan import plan
 from stfpm_ray.data.synth import generate_dataset
 from stfpm_ray.progress import quiet
-from stfpm_ray.ray import score as ray_score
+from stfpm_ray.ray.pipeline import decode_stage
 from stfpm_ray.store.scores import ScoresTable
+from stfpm_ray.workflows.score import score_images
 
 
 def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
@@ -132,8 +134,8 @@ def seed_approach(paths: list[Path], ckpt: Path) -> None:
 
 def decode_only(archive: Path, ckpt_dir: Path, category: str, batch_size: int) -> None:
     listing = list_images([str(archive)])
-    blocks, _ = ray_score.plan(listing, discover_checkpoints(ckpt_dir)[0], {}, category, None, batch_size)
-    ray_score.decode_stage(blocks, listing.sources).materialize()
+    models = {name: meta for name, (_, meta) in discover_checkpoints(ckpt_dir)[0].items()}
+    decode_stage(plan(listing, models, {}, category, None, batch_size), listing.sources).materialize()
 
 
 def main() -> None:
@@ -169,7 +171,7 @@ def main() -> None:
             os.symlink(os.readlink(path), half / path.name)
 
         def pipeline(folder: Path) -> Callable[[], object]:
-            return lambda: ray_score.score_images(
+            return lambda: score_images(
                 ckpt_dir,
                 str(folder),
                 out,

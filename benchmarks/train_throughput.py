@@ -3,7 +3,7 @@
 Figures:
 
 * loop images/s: epochs x training images / time of the epoch loop (train, validate, checkpoint, final
-  threshold and save; no start-up or decoding), for ``stfpm_ray.ray.train`` (one category, one worker with
+  threshold and save; no start-up or decoding), for ``stfpm_ray.workflows.train`` (one category, one worker with
   one CPU) and for the core's fit recipe without Ray (``fit_category``, one torch thread). One thread
   each: on a machine shared with other work, multi-threaded torch slows down erratically;
 * concurrency: wall time of ``train_categories`` for N categories at once (one worker with one CPU each)
@@ -32,10 +32,12 @@ import torch
 
 from stfpm_ray.core.checkpoint import save_checkpoint
 from stfpm_ray.core.fit import TrainConfig, fit_category
+from stfpm_ray.core.fit_report import CategoryResult
 from stfpm_ray.data.mvtec import resolve_categories
 from stfpm_ray.data.synth import generate_dataset
 from stfpm_ray.progress import quiet
-from stfpm_ray.ray.train import CategoryResult, TrainResources, train_categories
+from stfpm_ray.ray.resources import TrainResources
+from stfpm_ray.workflows.train import train_categories
 
 
 def plain_loop(root: Path, category: str, config: TrainConfig, out: Path) -> tuple[float, int]:

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stfpm_ray import cli  # noqa: E402
-from stfpm_ray.ray.nightly import format_report, new_anomalies, nightly, write_report  # noqa: E402,F401
+from stfpm_ray.workflows.nightly import format_report, new_anomalies, nightly, write_report  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -26,6 +27,17 @@ def need(available: bool, reason: str) -> None:
     if REQUIRE_ALL:
         pytest.fail(f"{reason} (STFPM_REQUIRE_ALL=1 turns this skip into a failure)", pytrace=False)
     pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark by what a test uses: Ray makes it slow, the shared MVTec data makes it real_data (modules that
+    start Ray or read ../shared in other ways carry their marks themselves)."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if "ray_session" in fixtures:
+            item.add_marker(pytest.mark.slow)
+        if "shared_bottle" in fixtures:
+            item.add_marker(pytest.mark.real_data)
 
 
 @pytest.fixture
@@ -71,6 +83,48 @@ def synth_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     generate_dataset(root, categories=3, size=64, n_train=16, n_test=10, seed=0)
     return root
+
+
+def quiet(message: str) -> None:
+    """A progress function that drops every line."""
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, synth_root) -> tuple[Path, list[str]]:
+    """Checkpoints (2 epochs, 64 px) for the first two synthetic categories; the third is left without one on
+    purpose."""
+    from stfpm_ray.core.checkpoint import save_checkpoint
+    from stfpm_ray.core.fit import TrainConfig, fit_category
+    from stfpm_ray.core.teacher import load_teacher
+    from stfpm_ray.data.mvtec import discover_categories
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    categories = discover_categories(synth_root)
+    config = TrainConfig(image_size=64, epochs=2, batch_size=8, weights="offline")
+    teacher = load_teacher(config.backbone, config.layers, config.weights)
+    for name in categories[:2]:
+        model, meta, _ = fit_category(synth_root, name, config, teacher=teacher)
+        save_checkpoint(folder / name, model.student, meta)
+    return folder, categories
+
+
+def models_of(checkpoints: Path) -> dict:
+    """What planning needs of each usable checkpoint under ``checkpoints``: ``{category: meta}``."""
+    from stfpm_ray.core.checkpoint import discover_checkpoints
+
+    return {name: meta for name, (_, meta) in discover_checkpoints(checkpoints)[0].items()}
+
+
+def plain_folder(target: Path, synth_root: Path, category: str, count: int, start: int = 0) -> list[Path]:
+    """``count`` images of ``category`` under distinct names in one flat folder (a plain archive)."""
+    target.mkdir(parents=True, exist_ok=True)
+    folder = synth_root / category
+    sources = sorted(folder.glob("test/*/*.png")) + sorted(folder.glob("train/good/*.png"))
+    made = []
+    for i in range(start, start + count):
+        made.append(target / f"img_{i:03d}.png")
+        shutil.copy(sources[i % len(sources)], made[-1])
+    return made
 
 
 def read_scores(table: Path | str):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import pyarrow.fs as pafs
 import pytest
 import torch
 from safetensors.torch import load, save_file
 
-from stfpm_ray.core import checkpoint
+from stfpm_ray.core import checkpoint, students
 from stfpm_ray.core.checkpoint import (
     CheckpointError,
     CheckpointMeta,
@@ -135,7 +134,8 @@ def test_refuses_other_backbone_weights(tmp_path, teacher):
 def saved(tmp_path_factory, teacher):
     """One sound checkpoint, trained once; tests tamper with copies of it."""
     folder = tmp_path_factory.mktemp("saved") / "widget"
-    save_checkpoint(folder, STFPM(teacher, "tf_efficientnet_lite0", LAYERS, seed=3).student, _meta(teacher))
+    student = STFPM(teacher, "tf_efficientnet_lite0", LAYERS, seed=3, student="mirror").student
+    save_checkpoint(folder, student, _meta(teacher, student="mirror"))
     return folder
 
 
@@ -162,17 +162,33 @@ def _edit_meta(folder, **changes) -> None:
 _DROP = object()
 
 
-def test_sound_checkpoint_validates_to_its_meta(good):
-    assert validate_checkpoint(good) == read_meta(good)
+def test_sound_checkpoint_validates_to_what_was_saved(tmp_path, teacher):
+    student = STFPM(teacher, "tf_efficientnet_lite0", LAYERS, seed=5).student
+    saved_meta = save_checkpoint(tmp_path / "widget", student, _meta(teacher, threshold=0.125))
+    validated = validate_checkpoint(tmp_path / "widget")
+    assert validated == saved_meta and validated.threshold == 0.125 and validated.student == "reverse"
+    # the model_id it checked is the one the weights' bytes give, not any string the file holds
+    assert validated.model_id == checkpoint._model_id(
+        (tmp_path / "widget" / "student.safetensors").read_bytes(), validated
+    )
 
 
-def test_second_validation_is_fast_and_reuses_the_student_shapes(good, saved):
+def test_a_checkpoint_without_a_student_field_is_a_mirror_student(tmp_path, teacher):
+    """Checkpoints written before the field existed hold the only student there was then."""
+    student = STFPM(teacher, "tf_efficientnet_lite0", LAYERS, student="mirror").student
+    save_checkpoint(tmp_path / "old", student, _meta(teacher, student="mirror"))
+    _edit_meta(tmp_path / "old", student=_DROP)
+    assert "student" not in json.loads((tmp_path / "old" / "stfpm.json").read_text())
+    assert validate_checkpoint(tmp_path / "old").student == "mirror"
+    model, _ = load_checkpoint(tmp_path / "old", teacher=teacher)
+    assert not model.reads_features
+
+
+def test_second_validation_reuses_the_student_shapes(good, saved):
     validate_checkpoint(saved)
-    hits = checkpoint._student_shapes.cache_info().hits
-    started = time.perf_counter()
+    hits = students.state_shapes.cache_info().hits
     validate_checkpoint(good)
-    assert checkpoint._student_shapes.cache_info().hits == hits + 1
-    assert time.perf_counter() - started < 1.0
+    assert students.state_shapes.cache_info().hits == hits + 1
 
 
 def test_refuses_missing_meta(good):
@@ -267,7 +283,7 @@ def test_refuses_a_tensor_of_the_wrong_shape(good):
 
 
 def test_refuses_weights_replaced_after_training(good, teacher):
-    other = STFPM(teacher, "tf_efficientnet_lite0", LAYERS, seed=4).student
+    other = STFPM(teacher, "tf_efficientnet_lite0", LAYERS, seed=4, student="mirror").student
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, good / "student.safetensors")
     message = _refusal(good)
     model_id = read_meta(good).model_id

@@ -12,7 +12,7 @@ from stfpm_ray import cli
 from stfpm_ray.core.fit import TrainConfig
 from stfpm_ray.data.synth import generate_dataset
 from stfpm_ray.errors import OutputExistsError
-from stfpm_ray.ray.benchmark import DEMO_TRAINING, run_benchmark
+from stfpm_ray.workflows.benchmark import DEMO_TRAINING, run_benchmark
 
 CONFIG_VERBS = ("train", "score", "nightly", "benchmark")
 REQUIRED = {

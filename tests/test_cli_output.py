@@ -13,6 +13,8 @@ import pytest
 
 from stfpm_ray.data.synth import generate_dataset
 
+pytestmark = pytest.mark.slow
+
 # What leaks when Ray owns the terminal: worker prefixes, C++ log lines, Tune's box and hints, colours.
 RAY_INTERNALS = re.compile(
     r"\(\w+ pid=\d+\)|core_worker|raylet|Traceback|TensorBoard|View detailed results|"

@@ -32,8 +32,9 @@ def test_networks_without_a_block_sequence_keep_their_layout() -> None:
     assert drop_unused_blocks(network) == 0
 
 
-def test_for_inference_keeps_maps_and_scores(teacher) -> None:
-    model = STFPM(teacher, OFFLINE_BACKBONE, DEFAULT_LAYERS, seed=3).eval()
+@pytest.mark.parametrize("student", ["mirror", "reverse"])
+def test_for_inference_keeps_maps_and_scores(teacher, student) -> None:
+    model = STFPM(teacher, OFFLINE_BACKBONE, DEFAULT_LAYERS, seed=3, student=student).eval()
     # give the student's BatchNorms non-trivial statistics, as training does
     for module in model.student.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -41,12 +42,15 @@ def test_for_inference_keeps_maps_and_scores(teacher) -> None:
             module.running_var.uniform_(0.5, 2.0)
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 3, 96, 96), dtype=np.uint8))
     maps, scores = model.predict(images)
-    fast = STFPM(teacher, OFFLINE_BACKBONE, DEFAULT_LAYERS)
+    fast = STFPM(teacher, OFFLINE_BACKBONE, DEFAULT_LAYERS, student=student)
     fast.student.load_state_dict(model.student.state_dict())
     fast_maps, fast_scores = fast.for_inference().predict(images)
     assert torch.allclose(fast_scores, scores, rtol=1e-4, atol=0)
     assert float((fast_maps - maps).abs().max()) <= 1e-4 * float(maps.abs().max())
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    # every BatchNorm after a convolution is folded; the reverse student's after its transposed
+    # convolutions (the decoder's upsampling) are kept
+    kept = [m for m in fast.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(kept) == (0 if student == "mirror" else len(model.student.decode))
 
 
 def test_a_rewritten_teacher_is_shared_not_copied(teacher) -> None:

@@ -30,6 +30,8 @@ from stfpm_ray.data.mvtec import discover_categories
 from stfpm_ray.data.synth import generate_dataset
 from stfpm_ray.store.scores import ScoresTable
 
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
 JOB_TIMEOUT_S = 240
 # Scoring archive size: enough batches that a node can be killed after the first and long before the last.
 ARCHIVE_IMAGES = 480

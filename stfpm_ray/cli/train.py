@@ -1,4 +1,4 @@
-"""``stfpm-ray train``: one student per category with Ray Train (see :mod:`stfpm_ray.ray.train`)."""
+"""``stfpm-ray train``: one student per category with Ray Train (see :mod:`stfpm_ray.workflows.train`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from stfpm_ray.cli.options import (
     training_values,
 )
 from stfpm_ray.data.mvtec import resolve_categories
-from stfpm_ray.ray.train import train_categories
+from stfpm_ray.workflows.train import train_categories
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

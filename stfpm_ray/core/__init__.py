@@ -1,1 +1,2 @@
-"""core"""
+"""The method in plain PyTorch, runnable without Ray: teacher, students, loss, anomaly map, fit recipe, scoring
+step and checkpoint format."""

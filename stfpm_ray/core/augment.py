@@ -6,7 +6,7 @@ the teacher everywhere on a darker good image: the image score then measures lig
 Photometric jitter shows the student the same part under other exposures. It is global per image, so it
 never creates a local defect, and geometry is left alone (a rotated or flipped part can be a defect). It
 also makes the student a better mimic of stains and discolourations, which then score lower: an option for
-data with exposure drift, off by default (README: quality ablation).
+data with exposure drift, off by default (docs/results-history.md: levers measured on the mirror student).
 """
 
 from __future__ import annotations

@@ -23,14 +23,14 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cache
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load, save
 
-from stfpm_ray.core.model import STFPM, create_student
+from stfpm_ray.core.model import STFPM
+from stfpm_ray.core.students import DEFAULT_STUDENT, LEGACY_STUDENT, state_shapes
 from stfpm_ray.core.teacher import OFFLINE_WEIGHTS, Teacher, load_teacher
 from stfpm_ray.errors import InputNotFoundError, UserError
 from stfpm_ray.store.fs import (
@@ -38,6 +38,7 @@ from stfpm_ray.store.fs import (
     is_dir,
     is_file,
     is_uri,
+    list_dir,
     read_bytes,
     resolve,
     write_bytes_atomic,
@@ -106,9 +107,9 @@ class CheckpointMeta:
     # Checkpoints written before the option existed lack both fields and score with the product.
     combine: str = "product"
     level_scales: list[float] | None = None
-    # Which student (stfpm_ray.core.model.create_student); checkpoints written before the reverse student
-    # existed lack it and hold a mirror student.
-    student: str = "mirror"
+    # Which student kind (stfpm_ray.core.students); read_meta takes a checkpoint written before the field
+    # existed for the kind there was then, LEGACY_STUDENT.
+    student: str = DEFAULT_STUDENT
     # How the threshold was set (stfpm_ray.core.fit.calibration): method, target false-alarm rate, number of
     # validation images, fitted parameters. Checkpoints written before lack it: their threshold is the
     # validation maximum, and they score with it unchanged.
@@ -195,15 +196,7 @@ def read_meta(folder: str | Path) -> CheckpointMeta:
         )
     if problem := _field_problem(raw):
         raise CheckpointError(f"{path.name} has {problem}")
-    return CheckpointMeta(**raw)
-
-
-@cache
-def _student_shapes(backbone: str, layers: tuple[int, ...], kind: str) -> Mapping[str, tuple[int, ...]]:
-    """Names and shapes of the student's state dict, built on the meta device: no memory, no weights."""
-    with torch.device("meta"):
-        student = create_student(kind, backbone, layers)
-    return MappingProxyType({name: tuple(t.shape) for name, t in student.state_dict().items()})
+    return CheckpointMeta(**{"student": LEGACY_STUDENT, **raw})
 
 
 @cache
@@ -220,7 +213,7 @@ def _offline_teacher_sha256(backbone: str, layers: tuple[int, ...]) -> str:
 def _check_architecture(meta: CheckpointMeta, meta_file: str) -> Mapping[str, tuple[int, ...]]:
     """Backbone and recorded teacher against what this installation can rebuild; the student's shapes."""
     try:
-        shapes = _student_shapes(meta.backbone, tuple(meta.layers), meta.student)
+        shapes = state_shapes(meta.student, meta.backbone, tuple(meta.layers))
     except UserError as exc:  # unknown backbone or student, or layers it cannot return
         raise CheckpointError(f"{meta_file}: {_one_line(exc)}") from exc
     if meta.teacher_source == "offline":
@@ -334,10 +327,9 @@ def _candidate_folders(root: str | Path) -> list[Location]:
         raise InputNotFoundError(f"checkpoint folder {root} does not exist (train one with `stfpm-ray train`)")
     if _is_candidate(location):
         return [location]
-    entries = location.filesystem.get_file_info(pafs.FileSelector(location.path))
     folders = [
-        Location(location.filesystem, entry.path, location.prefix)
-        for entry in sorted(entries, key=lambda e: e.path)
+        location.at(entry.path)
+        for entry in list_dir(location)
         if entry.type == pafs.FileType.Directory and not entry.base_name.startswith(("_", "."))
     ]
     folders = [folder for folder in folders if _is_candidate(folder)]

@@ -1,7 +1,7 @@
 """Fitting one student in plain PyTorch: data split, epochs, model selection, threshold.
 
 :func:`fit_category` is the one recipe (seed, teacher, data, fitter, epochs, best epoch, calibration, meta);
-the Ray Train worker (``stfpm_ray.ray.train``) and the benchmarks call it with hooks, so a category trained
+the Ray Train worker (``stfpm_ray.ray.train_worker``) and the benchmarks call it with hooks, so a category trained
 with or without Ray follows one code path. Model selection and the threshold use only the held-out
 defect-free validation images, never test labels.
 """
@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from stfpm_ray.core.anomaly_map import COMBINATIONS
 from stfpm_ray.core.augment import AUGMENTATIONS, photometric_jitter
 from stfpm_ray.core.checkpoint import CheckpointMeta
-from stfpm_ray.core.model import STFPM, STUDENTS, stfpm_loss
+from stfpm_ray.core.model import STFPM, stfpm_loss
+from stfpm_ray.core.students import DEFAULT_STUDENT, RECIPE_FIELDS, OptimizerSettings, student_kind
 from stfpm_ray.core.teacher import DEFAULT_LAYERS, OFFLINE_BACKBONE, Teacher, load_teacher
 from stfpm_ray.data.images import ImageDecodeError, load_image
 from stfpm_ray.data.mvtec import DatasetError, train_images
@@ -33,14 +34,6 @@ from stfpm_ray.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Each student's own recipe, for the fields left unset: the official STFPM code's for the mirror student
-# (SGD, momentum 0.9, weight decay 1e-4), the reverse distillation paper's for the reverse one (Adam with
-# betas 0.5, 0.999, batch 16). Epochs: see TrainConfig.
-RECIPES = {
-    "mirror": {"epochs": 50, "batch_size": 32, "lr": 0.4},
-    "reverse": {"epochs": 100, "batch_size": 16, "lr": 0.005},
-}
-REVERSE_BETAS = (0.5, 0.999)
 # The threshold's model (see calibration) and the fewest validation scores it is fitted to.
 CALIBRATION_METHOD = "lognormal-t"
 MIN_FIT_IMAGES = 3
@@ -48,19 +41,12 @@ MIN_FIT_IMAGES = 3
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters. ``epochs``, ``batch_size`` and ``lr`` left unset take the student's recipe (RECIPES).
-
-    The default student is ``reverse``: on MVTec AD screw, the hard category, the mirror student of the paper
-    stays near image AUROC 0.6 whatever the lever (README: ablation), because it learns to follow what the
-    image shows, exposure drift included; the reverse student, reading the teacher's features through a
-    bottleneck, reaches the paper's screw row, and it matched or beat the mirror student on bottle and on the
-    synthetic demo, at a lower cost per epoch. ``student="mirror"`` is the official STFPM recipe (SGD lr 0.4,
-    momentum 0.9, wd 1e-4, batch 32), at 50 epochs rather than the official 100: the best validation epoch
-    keeps the model, and 50 already reach the paper's bottle figures at half the cost on CPUs. The reverse
-    student's validation loss still falls after 50 epochs, and screw's image AUROC with it, hence 100.
-    ``augment="photometric"``
-    adds brightness/contrast jitter (:mod:`stfpm_ray.core.augment`) for data whose exposure drifts between
-    training and scoring; it is off by default because it costs detection on other data (README: ablation).
+    """Hyper-parameters. ``epochs``, ``batch_size`` and ``lr`` left unset take the student kind's recipe
+    (:mod:`stfpm_ray.core.students`, which also says why ``reverse`` is the default). The reverse student's
+    validation loss still falls after 50 epochs, and screw's image AUROC with it, hence its 100.
+    ``augment="photometric"`` adds brightness/contrast jitter (:mod:`stfpm_ray.core.augment`) for data whose
+    exposure drifts between training and scoring; it is off by default because it costs detection on other
+    data (docs/results-history.md: levers measured on the mirror student).
     ``target_far`` is the false-alarm rate on good images the threshold is calibrated for (:func:`calibration`).
     5%, from ``benchmarks/operating_point.py`` on the demo data (15 fits of 8 validation images, 360 good and
     540 defective test images): it let through 3.1% of good images, where the old validation maximum let
@@ -75,7 +61,7 @@ class TrainConfig:
     layers: tuple[int, ...] = DEFAULT_LAYERS
     weights: str = "auto"
     image_size: int = 256
-    # None: the student's own (RECIPES)
+    # None: the student kind's recipe
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -88,15 +74,14 @@ class TrainConfig:
     combine: str = "product"
     cache_teacher: bool = True
     target_far: float = 0.05
-    student: str = "reverse"
+    student: str = DEFAULT_STUDENT
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(v) for v in self.layers)
-        if self.student not in STUDENTS:
-            raise UserError(f"student must be one of {', '.join(STUDENTS)}, got {self.student!r}")
-        for name, value in RECIPES[self.student].items():
+        recipe = student_kind(self.student).recipe
+        for name in RECIPE_FIELDS:
             if getattr(self, name) is None:
-                setattr(self, name, value)
+                setattr(self, name, getattr(recipe, name))
         if self.image_size < 32 or self.image_size % 32:
             raise UserError(f"image size must be a multiple of 32 and >= 32, got {self.image_size}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -119,7 +104,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def split_train_val(paths: Sequence[Path], val_fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+def split_train_val(paths: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Seeded hold-out of ``val_fraction`` of the training images (at least one each side)."""
     if len(paths) < 2:
         raise DatasetError(f"need at least 2 training images to hold out validation, got {len(paths)}")
@@ -130,7 +115,7 @@ def split_train_val(paths: Sequence[Path], val_fraction: float, seed: int) -> tu
     return train, val
 
 
-def load_images(paths: Sequence[Path], size: int) -> tuple[Tensor, list[str]]:
+def load_images(paths: Sequence[str | Path], size: int) -> tuple[Tensor, list[str]]:
     """Decode to one uint8 NCHW tensor; unreadable files are skipped and returned as messages."""
     arrays, problems = [], []
     for path in paths:
@@ -141,14 +126,6 @@ def load_images(paths: Sequence[Path], size: int) -> tuple[Tensor, list[str]]:
     if not arrays:
         raise DatasetError(f"none of {len(paths)} images could be read; first problem: {problems[:1]}")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), problems
-
-
-def _optimizer(student: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    if config.student == "reverse":
-        return torch.optim.Adam(student.parameters(), lr=config.lr, betas=REVERSE_BETAS)
-    return torch.optim.SGD(
-        student.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
 
 
 class StudentFitter:
@@ -177,7 +154,8 @@ class StudentFitter:
         self.device = torch.device(device)
         self.train_images, self.val_images = train, val
         self.rank, self.world_size = rank, world_size
-        self.optimizer = _optimizer(self.core.student, config)
+        settings = OptimizerSettings(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        self.optimizer = student_kind(config.student).optimizer(self.core.student.parameters(), settings)
         self.epoch = 0
         self.best_val_loss = float("inf")
         self.best_epoch = -1

@@ -1,8 +1,10 @@
-"""The STFPM model: a frozen teacher, a student of the same architecture, loss and anomaly map.
+"""The model: a frozen teacher and a student behind one input normalisation, the loss, and prediction.
 
-Method (Wang et al. 2021, arXiv 2103.04257), as in the official code and anomalib:
-training averages the per-position feature distance over positions and batch and sums it over levels; the
-anomaly map and image score live in :mod:`stfpm_ray.core.anomaly_map`.
+Method (STFPM, Wang et al. 2021, arXiv 2103.04257, as in the official code and anomalib): the student learns
+to reproduce the teacher's feature levels on defect-free images; training averages the per-position feature
+distance over positions and batch and sums it over levels. Which student, and what it reads, comes from
+its kind (:mod:`stfpm_ray.core.students`); the anomaly map and image score live in
+:mod:`stfpm_ray.core.anomaly_map`.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from torch import Tensor, nn
 
 from stfpm_ray.core.anomaly_map import anomaly_map, feature_distance, image_scores, level_distances
 from stfpm_ray.core.inference_graph import image_probe, optimize_for_inference
-from stfpm_ray.core.reverse import ReverseStudent
-from stfpm_ray.core.teacher import Teacher, create_features
+from stfpm_ray.core.students import DEFAULT_STUDENT, create_student, student_kind
+from stfpm_ray.core.teacher import Teacher
 from stfpm_ray.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -25,7 +27,7 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     """``auto`` is bf16 on GPUs that support it and fp32 elsewhere.
 
     bf16 runs the networks' convolutions in bfloat16 (autocast) while distances and maps stay float32;
-    scores move slightly (README: precision figures) for a large speed-up on tensor-core GPUs. CPU
+    scores move slightly (README: speed, the model-only row) for a large speed-up on tensor-core GPUs. CPU
     scoring stays exact fp32 unless asked.
     """
     if precision not in PRECISIONS:
@@ -41,36 +43,22 @@ def stfpm_loss(teacher_features: Sequence[Tensor], student_features: Sequence[Te
     return sum(feature_distance(t, s).mean() for t, s in zip(teacher_features, student_features, strict=True))
 
 
-STUDENTS = ("mirror", "reverse")
-
-
-def create_student(kind: str, backbone: str, layers: Sequence[int]) -> nn.Module:
-    """``mirror``: the teacher's architecture, randomly initialised, reading the image (STFPM).
-    ``reverse``: a decoder reading the teacher's features through a bottleneck (:mod:`stfpm_ray.core.reverse`)."""
-    if kind not in STUDENTS:
-        raise UserError(f"student must be one of {', '.join(STUDENTS)}, got {kind!r}")
-    if kind == "mirror":
-        return create_features(backbone, tuple(layers))
-    with torch.device("meta"):  # only the pyramid's channels and strides are needed
-        info = create_features(backbone, tuple(layers)).feature_info
-    return ReverseStudent(info.channels(), info.reduction())
-
-
 class STFPM(nn.Module):
     """Teacher and student feature pyramids behind one input normalisation.
 
     Inputs are uint8 (or float in 0..255) NCHW images, so that callers ship compact uint8 tensors and the
-    teacher's own mean/std is applied in exactly one place for training and scoring alike. The student is
-    a mirror of the teacher (the paper's) or a reverse one (:func:`create_student`); loss and map are the same.
+    teacher's own mean/std is applied in exactly one place for training and scoring alike. ``student`` names
+    a kind of :data:`stfpm_ray.core.students.STUDENTS`; loss and map are the same for every kind.
     """
 
     def __init__(
-        self, teacher: Teacher, backbone: str, layers: Sequence[int], seed: int = 0, student: str = "mirror"
+        self, teacher: Teacher, backbone: str, layers: Sequence[int], seed: int = 0, student: str = DEFAULT_STUDENT
     ) -> None:
         super().__init__()
         self.teacher = teacher.network
         self.teacher.eval().requires_grad_(False)
         self.student_kind = student
+        self.reads_features = student_kind(student).reads_features
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.student = create_student(student, backbone, layers)
@@ -108,20 +96,20 @@ class STFPM(nn.Module):
         if teacher_features is None:
             with torch.no_grad():
                 teacher_features = list(self.teacher(x))
-        student_input = teacher_features if self.student_kind == "reverse" else x
+        student_input = teacher_features if self.reads_features else x
         return teacher_features, list(self.student(student_input))
 
     def for_inference(self) -> STFPM:
         """Fold BatchNorm into convolutions and drop unused blocks, in teacher and student; scoring only.
 
-        Same scores up to float rounding, faster (README: speed figures). The student cannot be trained
+        Same scores up to float rounding, faster (README: speed). The student cannot be trained
         afterwards. A teacher already rewritten (shared between the students of several categories) is
         kept as it is, so it stays shared.
         """
         self.eval()
         self.teacher = optimize_for_inference(self.teacher)
         probe = image_probe(self.pixel_offset.device)
-        if self.student_kind == "reverse":  # it reads features: checked on the teacher's features of the probe
+        if self.reads_features:  # checked on what it reads: the teacher's features of the probe
             with torch.inference_mode():
                 probe = list(self.teacher(probe))
         self.student = optimize_for_inference(self.student, probe)

@@ -10,7 +10,7 @@ squeezed out by the bottleneck, comes back wrong.
 The layout follows the teacher's levels: each level must have twice the stride of the one before
 (EfficientNet and ResNet levels 1-3: strides 4, 8, 16). It decodes features, not pixels, and the teacher's
 features of a training image are computed once, so an epoch costs about half a mirror student's on CPUs
-(README: the student table).
+(docs/results-history.md: the student comparison).
 """
 
 from __future__ import annotations

@@ -1,15 +1,20 @@
-"""Scoring one batch of decoded images: predict -> shrink map -> encode map -> normalise -> threshold.
+"""Scoring decoded images: predict -> shrink map -> encode map -> normalise -> threshold.
 
-:func:`score_batch` is the whole scoring step of the method; the Ray actor (:mod:`stfpm_ray.ray.score`) is
-this function plus Ray plumbing, and the benchmarks time this same function. :func:`load_scoring_model`
-prepares a checkpoint for it (networks rewritten for inference, a teacher shared between categories).
+:func:`score_batch` is the whole scoring step of the method for one category; :func:`score_block` applies it
+to a decoded block of a plan (rows of several categories, some already failed) and returns the block's rows
+of the scores table. The Ray actor (:mod:`stfpm_ray.ray.pipeline`) is :func:`score_block` plus Ray plumbing,
+and the benchmarks time these same functions. :class:`ScoringModels` prepares checkpoints for them (networks
+rewritten for inference, one teacher shared between categories).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from stfpm_ray.core.anomaly_map import shrink_maps
@@ -18,10 +23,11 @@ from stfpm_ray.core.inference_graph import optimize_for_inference
 from stfpm_ray.core.model import STFPM
 from stfpm_ray.core.teacher import Teacher, load_teacher
 from stfpm_ray.store.mapcodec import encode_map
+from stfpm_ray.store.scores import RESULT_FIELDS, SCHEMA
 
 DEFAULT_MAP_SIZE = 128
 # Images per forward pass and torch thread on CPU: a large batch's activations fall out of the caches, so
-# CPUs run the forward in small chunks (README: speed figures). GPUs take the whole batch.
+# CPUs run the forward in small chunks (README: speed). GPUs take the whole batch.
 CPU_CHUNK = 4
 
 
@@ -66,6 +72,24 @@ def load_scoring_model(
     return model.for_inference(), meta
 
 
+class ScoringModels:
+    """The scoring models of a run's categories, each loaded on first use, one teacher per backbone.
+
+    A scoring process may be sent any category's images, and most runs hold many categories of one teacher:
+    loading lazily keeps a process's memory to the categories it meets, sharing keeps one teacher for all.
+    """
+
+    def __init__(self, folders: Mapping[str, str], device: str | torch.device = "cpu") -> None:
+        self.folders, self.device = dict(folders), device
+        self.loaded: dict[str, tuple[STFPM, CheckpointMeta]] = {}
+        self.teachers: dict[tuple, Teacher] = {}
+
+    def __call__(self, category: str) -> tuple[STFPM, CheckpointMeta]:
+        if category not in self.loaded:
+            self.loaded[category] = load_scoring_model(self.folders[category], self.device, self.teachers)
+        return self.loaded[category]
+
+
 def score_batch(
     model: STFPM, meta: CheckpointMeta, images: torch.Tensor, settings: ScoreSettings = ScoreSettings()
 ) -> list[ScoredImage]:
@@ -81,7 +105,40 @@ def score_batch(
     return results
 
 
-def pixels_to_batch(pixels: list[bytes] | list[np.ndarray], size: int, device: str = "cpu") -> torch.Tensor:
+def score_block(block: pa.Table, models: ScoringModels, settings: ScoreSettings, run_id: str) -> pa.Table:
+    """The scores rows of a decoded block (``stfpm_ray.data.plan.DECODED_SCHEMA``), in its order.
+
+    Rows that arrive with an error keep it (status ``error``, no result); the others are scored in one
+    :func:`score_batch` per (category, image size).
+    """
+    rows = block.to_pylist()
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, row in enumerate(rows):
+        if row["error"] is None:
+            groups.setdefault((row["category"], row["image_size"]), []).append(i)
+    scored: dict[int, dict] = {}
+    for (category, size), index in groups.items():
+        model, meta = models(category)
+        images = pixels_to_batch([rows[i]["pixels"] for i in index], size, models.device)
+        scored.update(zip(index, map(asdict, score_batch(model, meta, images, settings))))
+    now = datetime.now(timezone.utc)
+    missing = dict.fromkeys(field.name for field in RESULT_FIELDS)
+    out = [
+        {
+            **row,
+            **scored.get(i, missing),
+            "run_id": run_id,
+            "scored_at": now,
+            "status": "ok" if i in scored else "error",
+        }
+        for i, row in enumerate(rows)
+    ]
+    return pa.Table.from_pylist(out, schema=SCHEMA)
+
+
+def pixels_to_batch(
+    pixels: list[bytes] | list[np.ndarray], size: int, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """Decoded HxWx3 uint8 images (raw bytes or arrays) as one NCHW tensor on ``device``.
 
     The NCHW tensor is a view in channels_last order (no copy); on a GPU it is copied from page-locked

@@ -55,7 +55,7 @@ def _is_plain_rgb_png(image: Image.Image, data: bytes) -> bool:
 
 @functools.cache
 def _libpng() -> Callable[..., Any] | None:
-    """torchvision's libpng decoder, faster than Pillow's on megapixel PNGs (README: speed figures; decoding is
+    """torchvision's libpng decoder, faster than Pillow's on megapixel PNGs (docs/results-history.md: speed; decoding is
     the smaller half of CPU scoring); None where torchvision no longer ships it (its image I/O is
     deprecated in favour of TorchCodec), and Pillow decodes everything."""
     try:

@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 from stfpm_ray.data.images import IMAGE_EXTENSIONS
 from stfpm_ray.data.mvtec import is_mask
 from stfpm_ray.errors import InputNotFoundError, UserError
-from stfpm_ray.store.fs import resolve
+from stfpm_ray.store.fs import Location, list_dir, resolve
 
 SCHEMA = pa.schema(
     [
@@ -277,22 +277,22 @@ def _list_local(rows: _Rows, uri: str, base: str, source: int) -> None:
         rows.skip(SKIPPED_SPECIAL)
 
 
-def _list_remote(rows: _Rows, uri: str, filesystem: pafs.FileSystem, base: str, prefix: str, source: int) -> None:
-    """One input on a filesystem without symlinks or special files, through pyarrow's recursive listing."""
-    info = filesystem.get_file_info(base)
+def _list_remote(rows: _Rows, uri: str, location: Location, source: int) -> None:
+    """One input on a filesystem without symlinks or special files, through the storage layer's listing."""
+    info = location.filesystem.get_file_info(location.path)
     if info.type == pafs.FileType.File:
-        rows.add(prefix + info.path, source, info.size or 0)
+        rows.add(location.name, source, info.size or 0)
         return
     if info.type != pafs.FileType.Directory:
         raise InputNotFoundError(f"input {uri} does not exist")
-    for entry in filesystem.get_file_info(pafs.FileSelector(base, recursive=True)):
+    for entry in list_dir(location, recursive=True):
         if (
             entry.type == pafs.FileType.File
             and entry.extension.lower() in _EXTENSIONS
-            and not any(part.startswith(".") for part in entry.path[len(base) :].split("/"))
+            and not any(part.startswith(".") for part in entry.path[len(location.path) :].split("/"))
             and not is_mask(entry.path)
         ):
-            rows.add(prefix + entry.path, source, entry.size or 0)
+            rows.add(location.prefix + entry.path, source, entry.size or 0)
 
 
 def list_images(inputs: Sequence[str]) -> Listing:
@@ -310,5 +310,5 @@ def list_images(inputs: Sequence[str]) -> Listing:
         if isinstance(location.filesystem, pafs.LocalFileSystem) and not location.prefix:
             _list_local(rows, uri, location.path, len(sources) - 1)
         else:
-            _list_remote(rows, uri, location.filesystem, location.path, location.prefix, len(sources) - 1)
+            _list_remote(rows, uri, location, len(sources) - 1)
     return Listing(_deduplicated(rows.table()), sources, rows.skipped)

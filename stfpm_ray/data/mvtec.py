@@ -2,7 +2,8 @@
 
 ``ROOT/<category>/train/good/*``, ``test/good/*``, ``test/<defect>/*`` and
 ``ground_truth/<defect>/<stem>_mask.png``. The same rules route scored archive paths back to their
-category, label, defect and mask.
+category, label, defect and mask. ``ROOT`` is a local folder or a URI (``s3://``, ``gs://``): every listing
+and existence check goes through :mod:`stfpm_ray.store.fs`, and image names keep the form of ``ROOT``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from stfpm_ray.data.images import IMAGE_EXTENSIONS
 from stfpm_ray.errors import UserError
-from stfpm_ray.store.fs import is_file
+from stfpm_ray.store.fs import is_dir, is_file, join, list_dir
 
 
 class DatasetError(UserError):
@@ -32,25 +35,33 @@ class Sample:
     mask_path: str | None = None
 
 
-def list_images(folder: Path) -> list[Path]:
+def images_in(folder: str) -> list[str]:
     """Image files directly in ``folder``, sorted, by extension (case-insensitive)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return [
+        join(folder, entry.base_name)
+        for entry in list_dir(folder)
+        if entry.type == pafs.FileType.File and posixpath.splitext(entry.base_name)[1].lower() in IMAGE_EXTENSIONS
+    ]
 
 
-def _require_dir(path: Path, what: str) -> Path:
-    if not path.is_dir():
+def _subfolders(folder: str) -> list[str]:
+    return [entry.base_name for entry in list_dir(folder) if entry.type == pafs.FileType.Directory]
+
+
+def _require_dir(path: str, what: str) -> str:
+    if not is_dir(path):
         raise DatasetError(f"{what} {path} does not exist or is not a folder")
     return path
 
 
 def discover_categories(root: str | Path) -> list[str]:
     """Category folders under an MVTec-layout root (those with ``train/good`` or ``test``)."""
-    root = _require_dir(Path(root), "data root")
+    root = _require_dir(str(root), "data root")
     found = sorted(
-        p.name
-        for p in root.iterdir()
+        name
+        for name in _subfolders(root)
         # `.`/`_` folders are staging or bookkeeping (a half-written synthetic category, run state)
-        if p.is_dir() and p.name[0] not in "._" and ((p / "train" / "good").is_dir() or (p / "test").is_dir())
+        if name[0] not in "._" and (is_dir(join(root, name, "train", "good")) or is_dir(join(root, name, "test")))
     )
     if not found:
         raise DatasetError(
@@ -72,10 +83,10 @@ def resolve_categories(root: str | Path, requested: str) -> list[str]:
     return wanted
 
 
-def train_images(root: str | Path, category: str) -> list[Path]:
+def train_images(root: str | Path, category: str) -> list[str]:
     """The defect-free training images of a category; an empty category is an error."""
-    folder = _require_dir(Path(root) / category / "train" / "good", f"training folder of {category!r}")
-    images = list_images(folder)
+    folder = _require_dir(join(root, category, "train", "good"), f"training folder of {category!r}")
+    images = images_in(folder)
     if not images:
         raise DatasetError(f"category {category!r} has no training images in {folder} ({IMAGE_EXTENSIONS})")
     return images
@@ -141,11 +152,9 @@ def sample_for(path: str | Path, category: str | None = None) -> Sample:
 
 def test_samples(root: str | Path, category: str) -> list[Sample]:
     """Labelled test samples of a category, good and every defect folder."""
-    test_dir = _require_dir(Path(root) / category / "test", f"test folder of {category!r}")
+    test_dir = _require_dir(join(root, category, "test"), f"test folder of {category!r}")
     samples = [
-        sample_for(image)
-        for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir())
-        for image in list_images(defect_dir)
+        sample_for(image) for defect in sorted(_subfolders(test_dir)) for image in images_in(join(test_dir, defect))
     ]
     if not samples:
         raise DatasetError(f"category {category!r} has no test images under {test_dir}")

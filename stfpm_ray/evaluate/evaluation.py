@@ -1,6 +1,6 @@
-"""Per-category metrics from scoring Parquet: ``stfpm-ray evaluate --scores OUT_DIR --out REPORT_DIR``.
+"""Per-category metrics from a scores table: ``stfpm-ray evaluate --scores OUT_DIR --out REPORT_DIR``.
 
-Runs on the driver alone, without Ray: the work is reading Parquet sequentially, twice. Memory stays
+Runs on the driver alone, without Ray: the work is reading the table's Parquet files sequentially, twice. Memory stays
 bounded whatever the number of rows:
 
 1. the small columns (path, category, score, label, ...) of every row are read at once (a few hundred
@@ -173,7 +173,7 @@ def read_index(dataset: ds.Dataset) -> pd.DataFrame:
     """The small columns of every row, plus ``ts`` (scored_at in microseconds)."""
     table = dataset.to_table(columns=[*SMALL_COLUMNS, "scored_at"])
     if table.num_rows == 0:
-        raise UserError("the scores folder holds Parquet files but no rows")
+        raise UserError("the scores table holds data files but no rows")
     frame = table.drop_columns(["scored_at"]).to_pandas()
     frame["ts"] = _timestamps_us(table.column("scored_at"))
     return frame

@@ -1,8 +1,11 @@
 """The one storage layer: local paths and URIs (``s3://``, ``gs://``, ``file://``, ...) through pyarrow filesystems.
 
-Every byte the project reads or writes outside Ray's own storage goes through here: scoring inputs and
-output, MVTec masks, checkpoints, reports. A location is ``(filesystem, path inside it, prefix)``;
-``prefix + path`` is the stable name that output rows record (``s3://bucket/key``, or an absolute local path).
+Every byte the project reads or writes outside Ray's own storage goes through here, and every folder it
+lists: training data, scoring inputs and output, MVTec masks, checkpoints, leases, reports. A location is
+``(filesystem, path inside it, prefix)``; ``prefix + path`` is the stable name that output rows record
+(``s3://bucket/key``, or an absolute local path). One exception, on purpose: scoring inputs on local disk are
+walked by :mod:`stfpm_ray.data.listing` with ``os.scandir``, because pyarrow's local listing follows
+directory symlinks (a ``loop -> .`` link made it recurse without end) and cannot report dangling links.
 
 :func:`register_filesystem` mounts any pyarrow filesystem under a URI scheme of its own (tests use it to reach
 a local folder through a ``SubTreeFileSystem`` exactly as they would reach a bucket).
@@ -14,6 +17,7 @@ import os
 import posixpath
 import uuid
 from dataclasses import dataclass
+from pathlib import PurePath
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -48,6 +52,10 @@ class Location:
     def join(self, *parts: str) -> Location:
         return Location(self.filesystem, posixpath.join(self.path, *parts), self.prefix)
 
+    def at(self, path: str) -> Location:
+        """Another path inside the same filesystem (a listed entry's), named with the same prefix."""
+        return Location(self.filesystem, path, self.prefix)
+
 
 def resolve(location: str | os.PathLike[str]) -> Location:
     """The :class:`Location` of a local path or a URI; a URI pyarrow cannot open is a :class:`UserError`."""
@@ -77,6 +85,26 @@ def is_file(location: str | os.PathLike[str] | Location) -> bool:
 
 def is_dir(location: str | os.PathLike[str] | Location) -> bool:
     return file_type(location) == pafs.FileType.Directory
+
+
+def join(location: str | os.PathLike[str], *parts: str) -> str:
+    """A child of a local path or URI, as text in the same form: ``s3://b/data`` + ``x`` is ``s3://b/data/x``,
+    ``data`` + ``x`` stays the relative ``data/x``, as :class:`pathlib.PurePath` writes it (so that names
+    derived from user input keep its form)."""
+    text = str(location)
+    if is_uri(text):
+        return "/".join([text.rstrip("/"), *parts])
+    return str(PurePath(text, *parts))
+
+
+def list_dir(location: str | os.PathLike[str] | Location, recursive: bool = False) -> list[pafs.FileInfo]:
+    """The entries of a folder (everything below it with ``recursive``), sorted by path; none for a folder
+    that does not exist. Entries' ``path`` is inside the folder's filesystem (see :meth:`Location.at`)."""
+    loc = location if isinstance(location, Location) else resolve(location)
+    if file_type(loc) != pafs.FileType.Directory:
+        return []
+    entries = loc.filesystem.get_file_info(pafs.FileSelector(loc.path, recursive=recursive))
+    return sorted(entries, key=lambda entry: entry.path)
 
 
 def read_bytes(location: str | os.PathLike[str] | Location) -> bytes:

@@ -35,7 +35,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from stfpm_ray.errors import OutputExistsError, StfpmError
-from stfpm_ray.store.fs import Location, read_text, write_text_atomic
+from stfpm_ray.store.fs import Location, list_dir, read_text, write_text_atomic
 
 LEASE_FILE = "_stfpm/lease.json"
 HEARTBEAT_S = 30.0
@@ -176,9 +176,8 @@ class Lease:
     def _prune_set_aside(self) -> None:
         """Delete all but the :data:`KEEP_SET_ASIDE` most recent set-aside leases (a table taken over every
         night would otherwise collect one file per night for ever)."""
-        folder = posixpath.dirname(self.location.path)
-        found = self.location.filesystem.get_file_info(pafs.FileSelector(folder))
-        names = sorted(info.path for info in found if posixpath.basename(info.path).startswith("lease-stale-"))
+        folder = self.location.at(posixpath.dirname(self.location.path))
+        names = [entry.path for entry in list_dir(folder) if entry.base_name.startswith("lease-stale-")]
         for path in names[:-KEEP_SET_ASIDE]:
             try:
                 self.location.filesystem.delete_file(path)

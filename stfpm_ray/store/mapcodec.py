@@ -1,4 +1,4 @@
-"""Compact storage of anomaly maps in Parquet.
+"""Compact storage of anomaly maps in the scores table.
 
 A float32 map at 256x256 is 256 KB; a nightly archive of a million images would carry 256 GB of maps.
 Maps are therefore stored as a 16-bit grayscale PNG plus a float scale: ``map = png / 65535 * scale``.

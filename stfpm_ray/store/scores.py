@@ -8,7 +8,9 @@ files before its commit, never half a commit, and never a doubled row after a cr
 Why not a plain ``write_delta``: a run must do three things in one commit, which Ray's ``write_delta``
 (append or overwrite only) cannot: add its files, remove the error rows it retried, and record its
 manifest in the commit's metadata. So scoring workers write plain Parquet files into ``OUT_DIR`` (through
-:func:`write_data_files`) and the driver commits them with ``deltalake``'s transaction API.
+:func:`write_data_files`, which also computes each file's statistics for the log) and the driver publishes
+them with ``deltalake``'s transaction API (:mod:`stfpm_ray.store.publish`, which holds the lease around the
+whole run).
 
 Layout of the files (the Delta log, not the folder, says which files are live):
 
@@ -25,6 +27,7 @@ the run deletes its own on failure, and ``DeltaTable(OUT_DIR).vacuum()`` removes
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 import time
 from dataclasses import dataclass
@@ -40,7 +43,7 @@ from deltalake.exceptions import TableNotFoundError
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
 
 from stfpm_ray.errors import InputNotFoundError, OutputExistsError, UserError
-from stfpm_ray.store.fs import Location, read_text, resolve, write_text_atomic
+from stfpm_ray.store.fs import Location, is_dir, list_dir, read_text, resolve, write_text_atomic
 
 
 def _fields(**types: pa.DataType) -> list[pa.Field]:
@@ -94,13 +97,47 @@ ERRORS_SUFFIX = "-errors.parquet"
 MAX_ERROR_FILES = 64
 
 
+# Columns whose minimum and maximum a data file's log entry records: every column but the maps (bytes that no
+# one filters on). Readers that filter (DuckDB, Polars, Spark, a pyarrow dataset from deltalake) skip the
+# files whose range excludes the filter, e.g. every file of other categories for ``category == 'screw'``. All
+# or nothing: deltalake's pyarrow dataset reads a column missing from stats that others have as "no rows
+# match" (measured with deltalake 1.6: a filter on ``score`` then found no rows).
+STATS_COLUMNS = tuple(field.name for field in SCHEMA if not pa.types.is_binary(field.type))
+
+
+def file_stats(rows: pa.Table) -> str:
+    """The Delta ``stats`` of a data file: row count, and per :data:`STATS_COLUMNS` minimum, maximum and nulls.
+
+    Strings are stored whole, not truncated to a prefix as some writers do (a path's prefix is no upper bound);
+    timestamps in the ISO form the Delta protocol uses.
+    """
+    minimum, maximum, nulls = {}, {}, {}
+    for name in STATS_COLUMNS:
+        column = rows[name]
+        nulls[name] = column.null_count
+        extremes = pc.min_max(column)
+        if extremes["min"].is_valid:
+            minimum[name], maximum[name] = _stat_value(extremes["min"]), _stat_value(extremes["max"])
+    if not all(math.isfinite(v) for v in [*minimum.values(), *maximum.values()] if isinstance(v, float)):
+        # JSON has no NaN or infinity; a file without ranges is read whole, which is always correct
+        return json.dumps({"numRecords": rows.num_rows})
+    return json.dumps({"numRecords": rows.num_rows, "minValues": minimum, "maxValues": maximum, "nullCount": nulls})
+
+
+def _stat_value(scalar: pa.Scalar) -> Any:
+    if pa.types.is_timestamp(scalar.type):
+        return scalar.as_py().isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return scalar.as_py()
+
+
 @dataclass(frozen=True)
 class DataFile:
-    """A Parquet file a write task put into the table folder, not yet committed."""
+    """A Parquet file a write task put into the table folder, not yet committed, with its Delta ``stats``."""
 
     name: str
     size: int
     rows: int
+    stats: str
 
     def add_action(self) -> AddAction:
         return AddAction(
@@ -109,7 +146,7 @@ class DataFile:
             partition_values={},
             modification_time=int(time.time() * 1000),
             data_change=True,
-            stats=json.dumps({"numRecords": self.rows}),
+            stats=self.stats,
         )
 
 
@@ -127,8 +164,9 @@ def write_data_files(table: pa.Table, root: Location, stem: str) -> list[DataFil
     ):
         if rows.num_rows:
             path = posixpath.join(root.path, name)
-            pq.write_table(rows.cast(SCHEMA), path, filesystem=root.filesystem)
-            written.append(DataFile(name, root.filesystem.get_file_info(path).size, rows.num_rows))
+            rows = rows.cast(SCHEMA)
+            pq.write_table(rows, path, filesystem=root.filesystem)
+            written.append(DataFile(name, root.filesystem.get_file_info(path).size, rows.num_rows, file_stats(rows)))
     return written
 
 
@@ -190,10 +228,10 @@ class ScoresTable:
 
     # ---------------------------------------------------------------------------------- planning
 
-    def check_mode(self, incremental: bool, overwrite: bool) -> bool:
+    def check_mode(self, mode: str) -> bool:
         """Whether a table is there; refuses a plain run into a table and a folder that holds other things."""
         if self.exists():
-            if not (incremental or overwrite):
+            if mode == "plain":
                 raise OutputExistsError(
                     f"{self.uri} already holds a scores table (version {self.delta().version()}); pass "
                     "--incremental to score only images without an ok row for their model, or --overwrite "
@@ -203,19 +241,17 @@ class ScoresTable:
         info = self.location.filesystem.get_file_info(self.location.path)
         if info.type == pafs.FileType.File:
             raise OutputExistsError(f"{self.uri} exists and is not a folder")
-        if info.type == pafs.FileType.Directory:
-            entries = self.location.filesystem.get_file_info(pafs.FileSelector(self.location.path))
-            foreign = sorted(e.base_name for e in entries if e.base_name != "_stfpm")
-            if "_manifests" in foreign:
-                raise OutputExistsError(
-                    f"{self.uri} holds plain Parquet output of an earlier stfpm-ray (before scores tables); "
-                    "score into a new --out folder (the old files stay readable with pandas.read_parquet)"
-                )
-            if foreign:
-                raise OutputExistsError(
-                    f"{self.uri} is not a scores table but holds {', '.join(foreign[:3])}"
-                    f"{' ...' if len(foreign) > 3 else ''}; choose an empty or new --out folder"
-                )
+        foreign = [e.base_name for e in list_dir(self.location) if e.base_name != "_stfpm"]
+        if "_manifests" in foreign:
+            raise OutputExistsError(
+                f"{self.uri} holds plain Parquet output of an earlier stfpm-ray (before scores tables); "
+                "score into a new --out folder (the old files stay readable with pandas.read_parquet)"
+            )
+        if foreign:
+            raise OutputExistsError(
+                f"{self.uri} is not a scores table but holds {', '.join(foreign[:3])}"
+                f"{' ...' if len(foreign) > 3 else ''}; choose an empty or new --out folder"
+            )
         return False
 
     def already_scored(self, keys: pa.Table) -> pa.Array:
@@ -297,27 +333,22 @@ class ScoresTable:
         write_text_atomic(self._run_state(run_id, f"{record['host']}-{record['pid']}.json"), json.dumps(record))
 
     def worker_records(self, run_id: str) -> list[dict[str, Any]]:
+        """The progress records the run's scoring processes wrote (:meth:`record_worker`)."""
         folder = self._run_state(run_id)
-        if folder.filesystem.get_file_info(folder.path).type != pafs.FileType.Directory:
-            return []
-        entries = folder.filesystem.get_file_info(pafs.FileSelector(folder.path))
-        return [
-            json.loads(read_text(Location(folder.filesystem, e.path))) for e in entries if e.base_name.endswith(".json")
-        ]
+        return [json.loads(read_text(folder.at(e.path))) for e in list_dir(folder) if e.base_name.endswith(".json")]
 
     def clear_runs(self) -> None:
         """Delete the run records of earlier runs: called by the lease holder, so none of them is live."""
         folder = self.location.join(RUNS)
-        if folder.filesystem.get_file_info(folder.path).type == pafs.FileType.Directory:
+        if is_dir(folder):
             folder.filesystem.delete_dir(folder.path)
 
     def discard(self, run_id: str) -> None:
         """After a failed run: delete its own uncommitted data files (best effort; vacuum finds the rest)."""
-        fs = self.location.filesystem
         try:
-            for entry in fs.get_file_info(pafs.FileSelector(self.location.path)):
+            for entry in list_dir(self.location):
                 if entry.base_name.startswith(f"{run_id}-") and entry.base_name.endswith(".parquet"):
-                    fs.delete_file(entry.path)
+                    self.location.filesystem.delete_file(entry.path)
         except OSError:
             pass
 

@@ -29,7 +29,7 @@ from stfpm_ray.evaluate.evaluation import N_FLAGGED, evaluate_scores
 from stfpm_ray.evaluate.metrics import aupro_exact, f1_max, operating_point
 from stfpm_ray.evaluate.report import PAPER_STFPM
 from stfpm_ray.store.mapcodec import decode_map, encode_map
-from stfpm_ray.store.scores import SCHEMA, DataFile, ScoresTable, write_data_files
+from stfpm_ray.store.scores import SCHEMA, DataFile, ScoresTable, file_stats, write_data_files
 
 MAP_SIZE = 32
 IMAGE_SIZE = 64
@@ -331,7 +331,11 @@ def test_missing_and_empty_scores_folders(tmp_path, capsys) -> None:
         evaluate_scores(empty, tmp_path / "out", progress=None)
     pq.write_table(SCHEMA.empty_table(), empty / "r1-00000.parquet")
     table.commit(
-        [DataFile("r1-00000.parquet", (empty / "r1-00000.parquet").stat().st_size, 0)],
+        [
+            DataFile(
+                "r1-00000.parquet", (empty / "r1-00000.parquet").stat().st_size, 0, file_stats(SCHEMA.empty_table())
+            )
+        ],
         [],
         {"run_id": "r1"},
         overwrite=False,

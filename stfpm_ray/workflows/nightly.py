@@ -19,9 +19,10 @@ import pyarrow.compute as pc
 
 from stfpm_ray.errors import UserError
 from stfpm_ray.progress import Progress, fixed_width_table, log_progress
-from stfpm_ray.ray.score import ScoreSummary, ScoringOptions, score_images
+from stfpm_ray.ray.pipeline import ScoringOptions
 from stfpm_ray.store.fs import resolve, write_text_atomic
 from stfpm_ray.store.scores import ScoresTable
+from stfpm_ray.workflows.score import ScoreSummary, score_images
 
 REPORTS = "_reports"
 DEFAULT_TOP = 20

@@ -1,4 +1,6 @@
-"""Distributed scoring: every image exactly once, core-equal scores, incremental and atomic output, restarts."""
+"""`stfpm-ray score` end to end on Ray: every image exactly once (odd files as error rows), scores equal to
+the core's, incremental runs and retries, kills at every commit step, overlapping runs, a killed actor, odd
+trees, inputs behind a pyarrow filesystem."""
 
 from __future__ import annotations
 
@@ -16,29 +18,26 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import handmade_png, png_rgb16, read_scores
+from conftest import handmade_png, plain_folder, png_rgb16, quiet, read_scores
 from deltalake import DeltaTable
 from PIL import Image
 
 from stfpm_ray import cli
-from stfpm_ray.core.checkpoint import CheckpointMeta, _model_id, discover_checkpoints, load_checkpoint, save_checkpoint
-from stfpm_ray.core.fit import TrainConfig, fit_category
-from stfpm_ray.core.teacher import load_teacher
+from stfpm_ray.core.checkpoint import CheckpointMeta, _model_id, load_checkpoint
+from stfpm_ray.core.score import DEFAULT_MAP_SIZE
 from stfpm_ray.data.images import load_image
-from stfpm_ray.data.listing import list_images
-from stfpm_ray.data.mvtec import discover_categories, sample_for
+from stfpm_ray.data.mvtec import sample_for
 from stfpm_ray.evaluate.evaluation import evaluate_scores
-from stfpm_ray.ray import score as ray_score
-from stfpm_ray.ray.score import ScoringOptions
+from stfpm_ray.ray.pipeline import ScoringOptions
 from stfpm_ray.store.fs import register_filesystem
+from stfpm_ray.store.lease import Lease
 from stfpm_ray.store.scores import SCHEMA, ScoresTable
-
-QUIET = lambda message: None  # noqa: E731
+from stfpm_ray.workflows import score as score_workflow
+from stfpm_ray.workflows.score import score_images
 
 
 def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -79,19 +78,6 @@ def _odd_files() -> dict[str, tuple[bytes, str | None]]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, synth_root) -> tuple[Path, list[str]]:
-    """Checkpoints for the first two synthetic categories; the third is left without one on purpose."""
-    folder = tmp_path_factory.mktemp("ckpt")
-    categories = discover_categories(synth_root)
-    config = TrainConfig(image_size=64, epochs=2, batch_size=8, weights="offline")
-    teacher = load_teacher(config.backbone, config.layers, config.weights)
-    for name in categories[:2]:
-        model, meta, _ = fit_category(synth_root, name, config, teacher=teacher)
-        save_checkpoint(folder / name, model.student, meta)
-    return folder, categories
-
-
-@pytest.fixture(scope="module")
 def archive(tmp_path_factory, synth_root, trained) -> Path:
     """A copy of the synthetic MVTec root with odd files among the first category's good test images."""
     root = tmp_path_factory.mktemp("archive") / "mvtec"
@@ -115,22 +101,10 @@ def _listed(root: Path) -> set[str]:
     }
 
 
-def _plain_folder(target: Path, synth_root: Path, category: str, count: int, start: int = 0) -> list[Path]:
-    """``count`` images of ``category`` under distinct names in one flat folder (a plain archive)."""
-    target.mkdir(parents=True, exist_ok=True)
-    folder = synth_root / category
-    sources = sorted(folder.glob("test/*/*.png")) + sorted(folder.glob("train/good/*.png"))
-    made = []
-    for i in range(start, start + count):
-        made.append(target / f"img_{i:03d}.png")
-        shutil.copy(sources[i % len(sources)], made[-1])
-    return made
-
-
 @pytest.fixture(scope="module")
 def archive_run(ray_session, trained, archive, tmp_path_factory):
     out = tmp_path_factory.mktemp("scores") / "out"
-    summary = ray_score.score_images(trained[0], str(archive), out, ScoringOptions(batch_size=8), progress=QUIET)
+    summary = score_images(trained[0], str(archive), out, ScoringOptions(batch_size=8), progress=quiet)
     return out, summary
 
 
@@ -184,12 +158,12 @@ def test_scores_equal_core_predict(archive_run, trained):
 
 def test_docstring_lines_decode_the_map(archive_run, trained):
     out, _ = archive_run
-    lines = re.search(r"decode one anomaly map\)::\n\n((?:    .+\n)+)", ray_score.__doc__).group(1)
+    lines = re.search(r"decode one anomaly map\)::\n\n((?:    .+\n)+)", score_workflow.__doc__).group(1)
     assert len(lines.splitlines()) == 6
     scope = {"OUT_DIR": str(out)}
     exec(re.sub(r"(?m)^    ", "", lines), scope)  # noqa: S102 - the documented lines, run as written
     anomaly_map, row = scope["anomaly_map"], scope["row"]
-    assert anomaly_map.shape == (ray_score.DEFAULT_MAP_SIZE,) * 2 and anomaly_map.dtype == np.float32
+    assert anomaly_map.shape == (DEFAULT_MAP_SIZE,) * 2 and anomaly_map.dtype == np.float32
     model, meta = load_checkpoint(trained[0] / row.category)
     image = torch.from_numpy(load_image(row.path, meta.image_size)).permute(2, 0, 1)[None]
     full, score = model.predict(image)
@@ -228,7 +202,7 @@ def _live_files(out: Path) -> list[str]:
 def test_incremental_overwrite_and_refusal(ray_session, trained, synth_root, tmp_path, capsys):
     category = trained[1][0]
     inputs, out = tmp_path / "inbox", tmp_path / "out"
-    first = _plain_folder(inputs, synth_root, category, 6)
+    first = plain_folder(inputs, synth_root, category, 6)
     base = ["score", "--checkpoints", str(trained[0]), "--input", str(inputs), "--out", str(out)]
     base += ["--category", category]
     assert cli.main([*base, "--score-batch-size", "4"]) == 0
@@ -237,8 +211,8 @@ def test_incremental_overwrite_and_refusal(ray_session, trained, synth_root, tmp
     assert cli.main(base) == 2  # plain rerun into a table is refused
     assert "--incremental" in capsys.readouterr().err
 
-    new = _plain_folder(inputs, synth_root, category, 3, start=6)
-    summary = ray_score.score_images(trained[0], str(inputs), out, category=category, incremental=True, progress=QUIET)
+    new = plain_folder(inputs, synth_root, category, 3, start=6)
+    summary = score_images(trained[0], str(inputs), out, category=category, incremental=True, progress=quiet)
     assert (summary.rows_written, summary.counts[category].skipped, summary.counts[category].ok) == (3, 6, 3)
     frame = read_scores(out)
     assert sorted(frame.path) == sorted(map(str, first + new)) and len(_live_files(out)) == 2
@@ -254,9 +228,7 @@ def test_incremental_overwrite_and_refusal(ray_session, trained, synth_root, tmp
     shutil.copytree(trained[0] / category, changed)
     meta = json.loads((changed / "stfpm.json").read_text())
     _retag(changed, threshold=meta["threshold"] * 2)  # another operating point: another model_id
-    summary = ray_score.score_images(
-        changed.parent, str(inputs), out, category=category, incremental=True, progress=QUIET
-    )
+    summary = score_images(changed.parent, str(inputs), out, category=category, incremental=True, progress=quiet)
     assert summary.rows_written == 9
     frame = read_scores(out)
     assert len(frame) == 18 and not frame.duplicated(["path", "model_id"]).any()
@@ -266,7 +238,7 @@ def test_incremental_overwrite_and_refusal(ray_session, trained, synth_root, tmp
     assert (then["table_version"], then["checkpoints"]) == (1, [str(trained[0])])
     assert (now["table_version"], now["checkpoints"]) == (2, sorted([str(trained[0]), str(changed.parent)]))
 
-    summary = ray_score.score_images(trained[0], str(inputs), out, category=category, overwrite=True, progress=QUIET)
+    summary = score_images(trained[0], str(inputs), out, category=category, overwrite=True, progress=quiet)
     assert len(read_scores(out)) == 9 and len(_live_files(out)) == summary.files_written
     assert len(read_scores_version(out, 1)) == 9  # time travel: an earlier version stays readable
 
@@ -304,7 +276,7 @@ def _dead_pid() -> int:
 def _kill_at(monkeypatch, step: str) -> None:
     """Make the next run die at ``step`` without its cleanup, as a killed driver would."""
     monkeypatch.setattr(ScoresTable, "discard", lambda self, run_id: None)
-    monkeypatch.setattr(ray_score.Lease, "release", lambda self: None)
+    monkeypatch.setattr(Lease, "release", lambda self: None)
     original = {name: getattr(ScoresTable, name) for name in ("read_index", "retried_errors", "commit")}
 
     def after(name):
@@ -334,15 +306,15 @@ def test_a_kill_at_each_commit_step_never_shows_doubles(ray_session, trained, sy
     run's lease and leaves exactly one ok row per image."""
     category = trained[1][0]
     inputs, out = tmp_path / "inbox", tmp_path / "out"
-    images = _plain_folder(inputs, synth_root, category, 4)
+    images = plain_folder(inputs, synth_root, category, 4)
     (inputs / "broken.png").write_bytes(images[0].read_bytes()[:100])
-    ray_score.score_images(trained[0], str(inputs), out, category=category, progress=QUIET)
+    score_images(trained[0], str(inputs), out, category=category, progress=quiet)
     (inputs / "broken.png").write_bytes(images[0].read_bytes())  # fixed: the next run retries it
-    _plain_folder(inputs, synth_root, category, 2, start=4)
+    plain_folder(inputs, synth_root, category, 2, start=4)
 
     _kill_at(monkeypatch, step)
     with pytest.raises(_Killed):
-        ray_score.score_images(trained[0], str(inputs), out, category=category, incremental=True, progress=QUIET)
+        score_images(trained[0], str(inputs), out, category=category, incremental=True, progress=quiet)
     monkeypatch.undo()
     frame = read_scores(out)
     assert not frame.path.duplicated().any()
@@ -351,7 +323,7 @@ def test_a_kill_at_each_commit_step_never_shows_doubles(ray_session, trained, sy
     lease = out / "_stfpm" / "lease.json"  # the killed driver's lease: make its pid a dead one
     lease.write_text(json.dumps({**json.loads(lease.read_text()), "pid": _dead_pid()}))
     messages: list[str] = []
-    ray_score.score_images(trained[0], str(inputs), out, category=category, incremental=True, progress=messages.append)
+    score_images(trained[0], str(inputs), out, category=category, incremental=True, progress=messages.append)
     assert any("took over the lease" in m for m in messages)
     frame = read_scores(out)
     assert len(frame) == 7 and not frame.path.duplicated().any() and (frame.status == "ok").all()
@@ -361,12 +333,12 @@ def test_a_second_run_is_refused_while_the_first_scores(ray_session, trained, sy
     """The second run refuses at once naming the holder; the first run's files are untouched and it commits."""
     category = trained[1][0]
     inputs, out = tmp_path / "inbox", tmp_path / "out"
-    images = _plain_folder(inputs, synth_root, category, 12)
+    images = plain_folder(inputs, synth_root, category, 12)
     result: dict = {}
     first = threading.Thread(
         target=lambda: result.update(
-            summary=ray_score.score_images(
-                trained[0], str(inputs), out, ScoringOptions(batch_size=2), category=category, progress=QUIET
+            summary=score_images(
+                trained[0], str(inputs), out, ScoringOptions(batch_size=2), category=category, progress=quiet
             )
         )
     )
@@ -375,114 +347,23 @@ def test_a_second_run_is_refused_while_the_first_scores(ray_session, trained, sy
     while not (out / "_stfpm" / "lease.json").exists() and time.time() < deadline:
         time.sleep(0.01)
     with pytest.raises(FileExistsError, match=r"being written by run \S+ of .* \(pid \d+"):
-        ray_score.score_images(trained[0], str(inputs), out, category=category, incremental=True, progress=QUIET)
+        score_images(trained[0], str(inputs), out, category=category, incremental=True, progress=quiet)
     first.join(timeout=300)
     frame = read_scores(out)
     assert sorted(frame.path) == sorted(map(str, images)) and result["summary"].version == 0
 
 
-def test_error_files_beyond_the_limit_are_merged_into_one_in_the_retrying_commit(tmp_path, monkeypatch):
-    from stfpm_ray.store import scores as scores_module
-    from stfpm_ray.store.scores import write_data_files
-
-    monkeypatch.setattr(scores_module, "MAX_ERROR_FILES", 4)
-    table = ScoresTable(str(tmp_path / "out"))
-    (tmp_path / "out").mkdir()
-
-    def night(run: str, names: list[str]) -> list:
-        rows = [
-            {
-                "path": f"/archive/{name}",
-                "category": "c",
-                "model_id": "m",
-                "run_id": run,
-                "status": "error",
-                "error": "cannot decode",
-            }
-            for name in names
-        ]
-        return [
-            f
-            for i, row in enumerate(rows)
-            for f in write_data_files(pa.Table.from_pylist([row], SCHEMA), table.location, f"{run}-{i}")
-        ]
-
-    table.commit(night("r0", ["a", "b", "c"]), [], {}, overwrite=False)
-    removed, kept = table.retried_errors(pa.array(["/archive/a"]), "r1")  # three files: within the limit
-    assert removed == ["r0-0-errors.parquet"] and kept == []
-    table.commit(night("r1", ["a", "d", "e"]), removed, {}, overwrite=False)
-    assert len(_live_files(tmp_path / "out")) == 5
-    removed, kept = table.retried_errors(pa.array(["/archive/e"]), "r2")  # five: merged
-    assert len(removed) == 5 and len(kept) == 1 and kept[0].rows == 4
-    table.commit(kept, removed, {}, overwrite=False)
-    frame = read_scores(tmp_path / "out")
-    assert sorted(frame.path) == [f"/archive/{n}" for n in "abcd"] and len(_live_files(tmp_path / "out")) == 1
-
-
-def test_takeovers_keep_only_the_most_recent_set_aside_leases(tmp_path):
-    from stfpm_ray.store import lease as lease_module
-    from stfpm_ray.store.fs import resolve
-
-    folder = (tmp_path / lease_module.LEASE_FILE).parent
-    folder.mkdir(parents=True)
-    old = [folder / f"lease-stale-2026010{i}T000000-0000000{i}.json" for i in range(1, 10)]
-    older = [folder / f"lease-stale-2025010{i}T000000-0000000{i}.json" for i in range(1, 4)]
-    for path in old + older:
-        path.write_text("{}")
-    dead = {"run_id": "run-a", "user": "u", "host": "elsewhere", "pid": 1, "started_at": "t", "heartbeat": 0.0}
-    (tmp_path / lease_module.LEASE_FILE).write_text(json.dumps(dead))
-    lease = lease_module.Lease(resolve(str(tmp_path)), "run-b").acquire()
-    lease.release()
-    kept = sorted(p.name for p in folder.glob("lease-stale-*.json"))
-    assert len(kept) == lease_module.KEEP_SET_ASIDE and not any(p.exists() for p in older)
-    assert kept[:-1] == sorted(p.name for p in old) and json.loads((folder / kept[-1]).read_text())["run_id"] == "run-a"
-
-
-def test_a_stale_lease_from_another_host_is_taken_over(tmp_path):
-    from stfpm_ray.store import lease as lease_module
-    from stfpm_ray.store.fs import resolve
-
-    table = resolve(str(tmp_path))
-    holder = lease_module.Lease(table, "run-a").acquire()
-    with pytest.raises(FileExistsError, match="run-a"):
-        lease_module.Lease(table, "run-b").acquire()
-    holder._stop.set()  # the holder's host died: no more heartbeats
-    path = tmp_path / lease_module.LEASE_FILE
-    old = json.loads(path.read_text())
-    path.write_text(json.dumps({**old, "host": "elsewhere", "heartbeat": time.time() - lease_module.STALE_AFTER_S - 1}))
-    second = lease_module.Lease(table, "run-b").acquire()
-    assert second.took_over is not None and second.took_over.run_id == "run-a"
-    with pytest.raises(lease_module.LeaseLostError):
-        holder.check()  # the paused first run finds out before it commits
-    second.check()
-    second.release()
-    assert not path.exists()
-
-
-def test_foreign_files_and_bad_arguments_are_refused(tmp_path, trained):
+def test_foreign_files_and_missing_checkpoints_are_refused(tmp_path, trained):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not a scores table"):
-        ScoresTable(str(tmp_path)).check_mode(incremental=False, overwrite=True)
+        ScoresTable(str(tmp_path)).check_mode("overwrite")
     (tmp_path / "_manifests").mkdir()  # the plain-Parquet layout of earlier versions
     with pytest.raises(FileExistsError, match="earlier stfpm-ray"):
-        ScoresTable(str(tmp_path)).check_mode(incremental=True, overwrite=False)
-    with pytest.raises(ValueError, match="N or MIN,MAX"):
-        ray_score.parse_actors("0")
-    assert ray_score.parse_actors("2,4") == (2, 4)
+        ScoresTable(str(tmp_path)).check_mode("incremental")
     with pytest.raises(FileNotFoundError, match="checkpoint"):
-        ray_score.score_images(tmp_path, str(tmp_path), tmp_path / "o", progress=QUIET)
+        score_images(tmp_path, str(tmp_path), tmp_path / "o", progress=quiet)
     with pytest.raises(ValueError, match="no usable checkpoint for category"):
-        ray_score.score_images(trained[0], str(tmp_path), tmp_path / "o", category="nope", progress=QUIET)
-    # a pool that would take every CPU is refused instead of hanging the dataset
-    for actors, gpus, resources in [(2, 0.0, {"CPU": 2.0}), (None, 0.0, {"CPU": 1.0}), (None, 1.0, {"CPU": 8.0})]:
-        with pytest.raises(ValueError, match="would hang"):
-            ray_score.actor_pool_size(actors, gpus, 1.0, resources)
-    assert ray_score.actor_pool_size(None, 0.0, 1.0, {"CPU": 2.0}) == (1, 1)
-    assert ray_score.actor_pool_size(None, 0.0, 1.0, {"CPU": 16.0}) == (1, 15)
-    assert ray_score.actor_pool_size(None, 1.0, 1.0, {"CPU": 16.0, "GPU": 4.0}) == (1, 4)
-    assert ray_score.actor_pool_size((2, 3), 0.0, 1.0, {"CPU": 8.0}) == (2, 3)
-    with pytest.raises(SystemExit):  # argparse reports the bad value and exits with status 2
-        cli.main(["score", "--checkpoints", "c", "--input", "i", "--out", "o", "--actors", "3,1"])
+        score_images(trained[0], str(tmp_path), tmp_path / "o", category="nope", progress=quiet)
 
 
 def test_killed_scoring_actor_loses_and_duplicates_nothing(ray_session, trained, tmp_path):
@@ -500,8 +381,8 @@ def test_killed_scoring_actor_loses_and_duplicates_nothing(ray_session, trained,
     result: dict = {}
     worker = threading.Thread(
         target=lambda: result.update(
-            summary=ray_score.score_images(
-                slow.parent, str(inputs), out, ScoringOptions(batch_size=2), category=category, progress=QUIET
+            summary=score_images(
+                slow.parent, str(inputs), out, ScoringOptions(batch_size=2), category=category, progress=quiet
             )
         )
     )
@@ -528,46 +409,6 @@ def test_killed_scoring_actor_loses_and_duplicates_nothing(ray_session, trained,
     assert sum(w["rows"] for w in workers if w["pid"] != killed) > 0  # a restarted process took over
 
 
-def test_an_unexpected_decoder_error_becomes_an_error_row(trained, synth_root, tmp_path, monkeypatch):
-    images = _plain_folder(tmp_path / "plain", synth_root, trained[1][0], 2)
-    listing = list_images([str(tmp_path / "plain")])
-    found, _ = discover_checkpoints(trained[0])
-    [block], _ = ray_score.plan(listing, found, {}, trained[1][0], None, 8)
-    sources = listing.sources
-    decode, broken = ray_score.decode_image, images[0].read_bytes()
-
-    def decoder_with_a_bug(data: bytes, size: int) -> np.ndarray:
-        if data == broken:
-            raise TypeError("a decoder bug")
-        return decode(data, size)
-
-    monkeypatch.setattr(ray_score, "decode_image", decoder_with_a_bug)
-    decoded = ray_score.decode_batch(block, sources)
-    errors = {Path(p).name: e for p, e in zip(decoded["path"].to_pylist(), decoded["error"].to_pylist())}
-    assert errors == {images[0].name: "unexpected error while decoding: TypeError: a decoder bug", images[1].name: None}
-
-
-def test_planning_looks_up_masks_only_for_images_it_will_score(trained, synth_root, monkeypatch):
-    """A night over an archive of labelled test images: already-scored paths cost no file-system call."""
-    from stfpm_ray.data import mvtec
-
-    category = trained[1][0]
-    listing = list_images([str(synth_root)])
-    found, _ = discover_checkpoints(trained[0])
-    defective = sorted(p for p in listing.files["path"].to_pylist() if f"/{category}/test/" in p and "/good/" not in p)
-    fresh = defective[0]
-    looked_up: list[str] = []
-    monkeypatch.setattr(mvtec, "is_file", lambda path: looked_up.append(path) or True)
-
-    def scored(keys):
-        return pa.array([path != fresh for path in keys["path"].to_pylist()])
-
-    blocks, counts = ray_score.plan(listing, found, {}, None, scored, 64)
-    [row] = [r for block in blocks for r in block.to_pylist()]
-    assert row["path"] == fresh and row["label"] == 1 and row["mask_path"] == looked_up[0]
-    assert len(looked_up) == 1 and counts[category].skipped > len(defective) - 1
-
-
 def test_an_mvtec_root_behind_a_pyarrow_filesystem_keeps_masks_and_pixel_metrics(
     ray_session, trained, synth_root, tmp_path
 ):
@@ -576,8 +417,8 @@ def test_an_mvtec_root_behind_a_pyarrow_filesystem_keeps_masks_and_pixel_metrics
     register_filesystem("mvtec-test", pafs.SubTreeFileSystem(str(synth_root), pafs.LocalFileSystem()))
     results = {}
     for name, source in (("local", str(synth_root / category / "test")), ("uri", f"mvtec-test://{category}/test")):
-        ray_score.score_images(trained[0], source, tmp_path / name / "scores", progress=QUIET)
-        results[name] = evaluate_scores(tmp_path / name / "scores", tmp_path / name / "report", progress=QUIET)
+        score_images(trained[0], source, tmp_path / name / "scores", progress=quiet)
+        results[name] = evaluate_scores(tmp_path / name / "scores", tmp_path / name / "report", progress=quiet)
     frame = read_scores(tmp_path / "uri" / "scores")
     defective = frame[frame.label == 1]
     assert len(defective) and defective.mask_path.str.startswith(f"mvtec-test://{category}/ground_truth/").all()

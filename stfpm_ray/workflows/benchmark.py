@@ -1,10 +1,16 @@
 """``stfpm-ray benchmark``: train every category, score every test split, evaluate, print the table.
 
 This is the whole product in one command, as users run it to benchmark all 15 MVTec AD categories at once.
-Without ``--data`` it runs the embedded demo: a synthetic MVTec-layout dataset is generated into
-``OUT/data`` and trained with a small preset (128 px, 20 epochs) so that a fresh machine finishes in minutes.
-Outputs: ``OUT/checkpoints/<category>/``, ``OUT/scores/`` (Parquet), ``OUT/report/`` (metrics and HTML),
-``OUT/benchmark.json`` (stage timings and the metrics).
+The steps:
+
+1. **Data**: ``--data``, or without it the embedded demo: a synthetic MVTec-layout dataset generated into
+   ``OUT/data`` and trained with a small preset (128 px, 50 epochs) so that a fresh machine finishes in
+   minutes.
+2. **Train** every category (:mod:`stfpm_ray.workflows.train`) into ``OUT/checkpoints/<category>/``.
+3. **Score** the test splits of the categories that trained (:mod:`stfpm_ray.workflows.score`) into the
+   scores table ``OUT/scores/`` (Delta Lake).
+4. **Evaluate** (:mod:`stfpm_ray.evaluate.evaluation`) into ``OUT/report/`` (metrics and HTML), and record
+   the stage timings and the metrics in ``OUT/benchmark.json``.
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ from stfpm_ray.errors import OutputExistsError
 from stfpm_ray.evaluate.evaluation import evaluate_scores
 from stfpm_ray.evaluate.report import metrics_json
 from stfpm_ray.progress import Progress, log_progress
-from stfpm_ray.ray.score import ScoringOptions, score_images
-from stfpm_ray.ray.train import TrainResources, train_categories
-from stfpm_ray.store.fs import write_text_atomic
+from stfpm_ray.ray.pipeline import ScoringOptions
+from stfpm_ray.ray.resources import TrainResources
+from stfpm_ray.store.fs import join, write_text_atomic
+from stfpm_ray.workflows.score import score_images
+from stfpm_ray.workflows.train import train_categories
 
 # The embedded demo: small enough for two CPU cores, large enough for meaningful AUROC. 50 epochs of the
-# default (reverse) student cost about what 20 of the mirror student did (README: quality ablation).
+# default (reverse) student cost about what 20 of the mirror student did (docs/results-history.md).
 DEMO_DATA = {"categories": 3, "size": 128, "n_train": 40, "n_test": 20, "seed": 0}
 DEMO_TRAINING = {"image_size": 128, "epochs": 50}
 
@@ -79,7 +87,7 @@ def run_benchmark(
     started = time.perf_counter()
     summary = score_images(
         out / "checkpoints",
-        [str(Path(data) / name / "test") for name in trained],
+        [join(data, name, "test") for name in trained],
         out / "scores",
         options,
         overwrite=True,

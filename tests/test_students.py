@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from stfpm_ray.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, validate_checkpoint
-from stfpm_ray.core.fit import REVERSE_BETAS, TrainConfig, fit_category
+from stfpm_ray.core.fit import TrainConfig, fit_category
 from stfpm_ray.core.model import STFPM
 from stfpm_ray.core.score import load_scoring_model
+from stfpm_ray.core.students import REVERSE_BETAS
 from stfpm_ray.core.teacher import load_teacher
 from stfpm_ray.data.mvtec import discover_categories
 from stfpm_ray.errors import UserError
@@ -48,7 +49,7 @@ def test_a_pyramid_without_doubling_strides_is_refused_with_the_strides():
 
 
 def test_an_unknown_student_is_a_user_error():
-    with pytest.raises(UserError, match="student must be one of mirror, reverse"):
+    with pytest.raises(UserError, match="student must be one of reverse, mirror"):
         TrainConfig(student="sideways")
 
 
@@ -84,3 +85,56 @@ def test_a_checkpoint_whose_student_kind_was_edited_is_refused(fitted, tmp_path)
     (edited / "stfpm.json").write_text(json.dumps({**json.loads(meta_file.read_text()), "student": "mirror"}))
     with pytest.raises(CheckpointError, match="does not hold a mirror tf_efficientnet_lite0 student"):
         validate_checkpoint(edited)
+
+
+class _Tiny(torch.nn.Module):
+    """A third kind for the registry test: one 1x1 convolution per teacher level."""
+
+    def __init__(self, channels) -> None:
+        super().__init__()
+        self.levels = torch.nn.ModuleList(torch.nn.Conv2d(c, c, 1) for c in channels)
+
+    def forward(self, features):
+        return [level(f) for level, f in zip(self.levels, features)]
+
+
+def test_a_kind_registered_in_one_place_trains_validates_scores_and_is_offered_by_the_cli(
+    synth_root, tmp_path, monkeypatch, capsys
+):
+    """What adding a student takes: one registry entry. Recipe, optimiser, checkpoint shapes, scoring and the
+    CLI's --student choices and help all follow from it."""
+    from stfpm_ray import cli
+    from stfpm_ray.core import students
+    from stfpm_ray.core.teacher import create_features
+
+    def build(backbone, layers):
+        with torch.device("meta"):
+            channels = create_features(backbone, layers).feature_info.channels()
+        return _Tiny(channels)
+
+    tiny = students.StudentKind(
+        name="tiny",
+        help="one 1x1 convolution per level (a test kind)",
+        build=build,
+        reads_features=True,
+        recipe=students.Recipe(epochs=1, batch_size=4, lr=0.01),
+        optimizer=lambda parameters, settings: torch.optim.SGD(parameters, lr=settings.lr),
+        unused_parameters=False,
+    )
+    monkeypatch.setitem(students.STUDENTS, "tiny", tiny)
+    config = TrainConfig(student="tiny", image_size=64, weights="offline")
+    assert (config.epochs, config.batch_size, config.lr) == (1, 4, 0.01)
+    category = discover_categories(synth_root)[0]
+    result = fit_category(synth_root, category, config)
+    assert isinstance(result.fitter.optimizer, torch.optim.SGD)
+    folder = tmp_path / category
+    save_checkpoint(folder, result.model.student, result.meta)
+    assert validate_checkpoint(folder).student == "tiny"
+    scoring, _ = load_scoring_model(str(folder))
+    images = result.fitter.val_images
+    assert torch.allclose(scoring.predict(images)[1], result.model.predict(images)[1], rtol=1e-4)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "tiny: one 1x1 convolution per level" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):  # argparse refuses a kind the registry does not hold
+        cli.main(["train", "--data", str(synth_root), "--out", str(tmp_path / "o"), "--student", "sideways"])

@@ -1,23 +1,30 @@
-"""The deployed threshold: calibrated on held-out good scores at a target false-alarm rate, recorded in the
-checkpoint; checkpoints written before the record keep scoring with their stored threshold."""
+"""The fit recipe (stfpm_ray.core.fit): a seeded split, unreadable training images skipped with a message,
+students that separate defects, the calibrated level sum, and the deployed threshold: calibrated on held-out
+good scores at a target false-alarm rate, recorded in the checkpoint (checkpoints written before the record
+keep scoring with their stored threshold)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy import stats
 
 from stfpm_ray.cli.options import add_training_options, train_config
 from stfpm_ray.core.checkpoint import META_FILE, load_checkpoint, read_meta, save_checkpoint, validate_checkpoint
-from stfpm_ray.core.fit import CALIBRATION_METHOD, TrainConfig, calibration, fit_category, load_images
+from stfpm_ray.core.fit import CALIBRATION_METHOD, TrainConfig, calibration, fit_category, load_images, split_train_val
 from stfpm_ray.core.score import score_batch
 from stfpm_ray.data import mvtec
+from stfpm_ray.data.images import load_image
+from stfpm_ray.data.mvtec import discover_categories, train_images
 from stfpm_ray.errors import UserError
+from stfpm_ray.evaluate.metrics import image_auroc
 
 # Validation scores drawn from a known distribution, many times: the false-alarm rate of each threshold on
 # the population is exact (the distribution's survival function), not estimated from a few test images.
@@ -118,3 +125,54 @@ def test_a_checkpoint_without_the_record_scores_with_its_stored_threshold(fitted
         scored = score_batch(model, loaded, images)
     assert [s.is_anomalous for s in scored] == [s.score > meta.threshold for s in scored]
     assert [s.score_norm for s in scored] == pytest.approx([s.score / meta.threshold for s in scored])
+
+
+def test_split_is_seeded_and_disjoint():
+    paths = [Path(f"{i:03d}.png") for i in range(50)]
+    train, val = split_train_val(paths, 0.2, seed=1)
+    assert len(val) == 10 and not set(train) & set(val) and len(train) + len(val) == 50
+    assert split_train_val(paths, 0.2, seed=1) == (train, val)
+    assert split_train_val(paths, 0.2, seed=2)[1] != val
+
+
+def test_corrupt_training_image_is_skipped_with_a_message(tmp_path, synth_root, caplog):
+    category = discover_categories(synth_root)[0]
+    root = tmp_path / "data"
+    good = root / category / "train" / "good"
+    good.mkdir(parents=True)
+    for path in map(Path, train_images(synth_root, category)[:6]):
+        (good / path.name).write_bytes(path.read_bytes())
+    (good / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.fromarray(np.full((64, 64, 4), 200, dtype=np.uint8)).save(good / "rgba.png")
+    config = TrainConfig(image_size=64, epochs=1, batch_size=4, weights="offline", val_fraction=0.5)
+    _, meta, _ = fit_category(root, category, config)
+    skipped = meta.training["skipped_images"]
+    assert len(skipped) == 1 and "broken.png" in skipped[0]
+    assert meta.training["train_images"] + meta.training["val_images"] == 7
+
+
+@pytest.mark.parametrize("student", ["mirror", "reverse"])
+def test_plain_training_separates_defects(synth_root, student):
+    category = discover_categories(synth_root)[0]
+    config = TrainConfig(image_size=64, epochs=20, batch_size=8, weights="offline", student=student)
+    model, meta, _ = fit_category(synth_root, category, config)
+    assert meta.threshold > 0 and meta.training["best_epoch"] >= 1
+    samples = mvtec.test_samples(synth_root, category)
+    images = torch.from_numpy(np.stack([load_image(s.path, 64) for s in samples])).permute(0, 3, 1, 2)
+    _, scores = model.predict(images)
+    auroc = image_auroc(np.array([s.label for s in samples]), scores.numpy())
+    print(f"{category}, {student} student: image AUROC {auroc:.3f}")
+    assert auroc >= 0.9
+
+
+def test_sum_combination_is_calibrated_on_held_out_good_images(synth_root):
+    category = discover_categories(synth_root)[0]
+    config = TrainConfig(image_size=64, epochs=2, batch_size=8, weights="offline", combine="sum")
+    model, meta, fitter = fit_category(synth_root, category, config)
+    assert meta.combine == "sum" and len(meta.level_scales) == 3 and min(meta.level_scales) > 0
+    maps, scores = model.predict(fitter.val_images)
+    # every level divided by its mean on these very images: the combined map averages about 1 there
+    assert maps.mean().item() == pytest.approx(1.0, rel=0.1)
+    # the threshold is calibrated on these scores: never below their maximum (core.fit.calibration)
+    assert meta.calibration["val_max"] == pytest.approx(float(scores.max()))
+    assert meta.threshold >= float(scores.max()) - 1e-9

@@ -1,9 +1,5 @@
-"""Ray Train over categories: concurrency, checkpoints, quality, fault tolerance, determinism, refusals.
-
-Every training here is tiny (64 px, batch 8), but each Ray Train run still pays for starting its
-processes, so the runs are shared: one module fixture trains two categories side by side, and the
-failure test retrains one of them to check determinism.
-"""
+"""`stfpm-ray train` on Ray (Tune over categories, one TorchTrainer each): concurrent categories, a failed
+category beside a sound one, determinism, a killed worker resuming, output folders refused or resumed."""
 
 from __future__ import annotations
 
@@ -12,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import stat
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +15,14 @@ import pytest
 import torch
 
 from stfpm_ray import cli
-from stfpm_ray.core.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from stfpm_ray.core.checkpoint import load_checkpoint, read_meta
 from stfpm_ray.core.fit import TrainConfig, fit_category
 from stfpm_ray.data import mvtec
 from stfpm_ray.data.images import load_image
-from stfpm_ray.data.mvtec import discover_categories
 from stfpm_ray.evaluate.metrics import image_auroc
-from stfpm_ray.ray import train as ray_train
-from stfpm_ray.ray.train import RUN_FILE, TrainResources, _claim_out_dir, train_categories
+from stfpm_ray.ray.resources import TrainResources
+from stfpm_ray.store.checkpoint_folder import RUN_FILE
+from stfpm_ray.workflows.train import train_categories
 
 # The synthetic "tiles" defects are too small to separate at 64 px; "grain" and "weave" are not.
 PAIR = ["grain", "weave"]
@@ -187,34 +182,6 @@ def test_refuses_a_non_empty_output_folder_without_resume_or_overwrite(synth_roo
     assert cli.main(["train", "--data", str(synth_root), "--out", str(foreign), *TINY, "--overwrite"]) == 2
     assert "not written by" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "mine"
-
-
-def test_overwrite_empties_the_run_folder_and_resume_keeps_its_run_id(tmp_path):
-    out = tmp_path / "ckpt"
-    identity = {"config": {"epochs": 1}}
-    run_id, storage = _claim_out_dir(out, identity, None, resume=False, overwrite=False)
-    assert storage == str(out / "_ray") and json.loads((out / RUN_FILE).read_text())["run_id"] == run_id
-    (out / "grain").mkdir()
-    assert _claim_out_dir(out, identity, None, resume=True, overwrite=False) == (run_id, storage)
-    with pytest.raises(ValueError, match="its Ray Train state is in"):
-        _claim_out_dir(out, identity, str(tmp_path / "elsewhere"), resume=True, overwrite=False)
-    new_id, _ = _claim_out_dir(out, identity, None, resume=False, overwrite=True)
-    assert new_id != run_id and sorted(p.name for p in out.iterdir()) == [RUN_FILE]
-
-
-def test_installed_checkpoint_folders_are_readable_by_others(synth_root, tmp_path):
-    """Installed folders take their mode from the umask (0755 under 022), as shared cluster storage needs."""
-    category = discover_categories(synth_root)[0]
-    model, meta, _ = fit_category(synth_root, category, TrainConfig(weights="offline", image_size=64, epochs=1))
-    reported = tmp_path / "reported"
-    save_checkpoint(reported, model.student, meta)
-    previous = os.umask(0o022)
-    try:
-        ray_train._install_checkpoint(str(tmp_path), str(reported), tmp_path / "installed")
-    finally:
-        os.umask(previous)
-    assert stat.S_IMODE((tmp_path / "installed").stat().st_mode) == 0o755
-    assert read_meta(tmp_path / "installed").model_id == meta.model_id
 
 
 def test_a_reverse_student_trains_and_scores_through_the_cli(ray_session, synth_root, tmp_path):

@@ -1,4 +1,5 @@
-"""A local instance started by stfpm-ray listens on loopback only, even when Ray was imported first."""
+"""The Ray session (stfpm_ray.ray.session): a local instance started by stfpm-ray listens on loopback only,
+even when Ray was imported first."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import ipaddress
 import os
 import subprocess
 import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
 
 # Runs in a fresh interpreter: Ray imported before init_ray (the order that used to defeat the loopback
 # setting), then every listening socket of this process and the processes Ray started is printed.

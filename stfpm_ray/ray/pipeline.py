@@ -1,0 +1,212 @@
+"""Ray Data around the core's scoring: decode tasks, an actor pool of scorers, write tasks.
+
+Shaped by what costs what: decoding a large PNG takes tens of ms of one core, a GPU wants large batches,
+and the object store should carry as few bytes as possible. So only paths enter the dataset (a block per
+planned block), decoding runs in CPU tasks that ship uint8 pixels at model size
+(:func:`stfpm_ray.data.plan.decode_block`), the actors ship PNG-encoded maps
+(:func:`stfpm_ray.core.score.score_block`), and write tasks put Parquet files into the table folder for the
+driver to publish (:mod:`stfpm_ray.store.publish`).
+
+Defaults, and why:
+
+* Actors take ``--cpus-per-actor 1`` (and as many torch threads), and the pool grows from 1 to as many
+  actors as fit while ``DECODE_CPUS`` stays free: reading and decoding are Ray tasks that need CPU of their
+  own, and a pool that holds every CPU starves them and the dataset hangs. On a 2-core machine that is one
+  single-threaded actor beside the decoding tasks; a pool that cannot leave room for decoding is refused
+  with a message instead of hanging.
+* Fault tolerance: Ray Data creates scoring actors with ``max_restarts=-1`` and ``max_task_retries=-1``, so
+  a scoring process that dies is restarted and its unfinished batches rerun (the manifest's ``workers``
+  then lists both processes); Parquet files are named by run and write task, so a retried write replaces
+  rather than duplicates, and the pre-commit check refuses to publish anything but one row per image.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import ray
+import torch
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
+
+from stfpm_ray.core.model import resolve_precision
+from stfpm_ray.core.score import DEFAULT_MAP_SIZE, ScoreSettings, ScoringModels, cpu_chunk, score_block
+from stfpm_ray.data.plan import Plan, decode_block
+from stfpm_ray.errors import UserError
+from stfpm_ray.progress import Meter, Progress
+from stfpm_ray.ray.resources import DECODE_CPUS, actor_pool_size
+from stfpm_ray.ray.session import cluster_capacity, init_ray
+from stfpm_ray.store.scores import SCHEMA, DataFile, ScoresTable, write_data_files
+
+DEFAULT_BATCH_SIZE = 32
+# Rows per Parquet file: keeps files in the range of a few MB to tens of MB.
+ROWS_PER_FILE = 2048
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How a scoring run uses the cluster and stores maps (``stfpm-ray score`` and ``benchmark`` flags).
+
+    ``actors`` is a fixed count or ``(min, max)``; None: 1 up to what the cluster holds next to decoding.
+    ``precision`` is ``auto`` (bf16 on GPUs, fp32 on CPUs), ``fp32`` or ``bf16``.
+    """
+
+    batch_size: int = DEFAULT_BATCH_SIZE
+    actors: int | tuple[int, int] | None = None
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    map_size: int = DEFAULT_MAP_SIZE
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.map_size < 8 or self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+            raise UserError("batch size must be >= 1, map size >= 8, GPUs per actor >= 0 and CPUs per actor > 0")
+        resolve_precision(self.precision, "cpu")  # refuses an unknown precision before any work starts
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_actor > 0 else "cpu"
+
+    @property
+    def threads(self) -> int:
+        return max(1, round(self.cpus_per_actor))
+
+
+class Scorer:
+    """A scoring actor: :func:`~stfpm_ray.core.score.score_block` on each batch, plus a progress record per
+    process that the driver shows while the run goes and publishes in the manifest."""
+
+    def __init__(self, checkpoints: dict[str, str], options: ScoringOptions, table: ScoresTable, run_id: str) -> None:
+        torch.set_num_threads(options.threads)
+        if options.device == "cuda":
+            torch.backends.cudnn.benchmark = True  # one input size per category: pick the fastest kernels once
+        self.models = ScoringModels(checkpoints, options.device)
+        self.settings = ScoreSettings(
+            map_size=options.map_size,
+            precision=resolve_precision(options.precision, options.device),
+            chunk=cpu_chunk(options.device, options.threads),
+        )
+        self.table, self.run_id = table, run_id
+        self.record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": options.device,
+            "precision": self.settings.precision,
+            "started_at": datetime.now(timezone.utc).isoformat(),
+            "batches": 0,
+            "rows": 0,
+            "errors": 0,
+        }
+        self.table.record_worker(run_id, self.record)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = score_block(batch, self.models, self.settings, self.run_id)
+        self.record["batches"] += 1
+        self.record["rows"] += rows.num_rows
+        self.record["errors"] += pc.sum(pc.equal(rows["status"], "error")).as_py() or 0
+        self.record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        self.table.record_worker(self.run_id, self.record)
+        return rows
+
+
+class ScoresSink(Datasink):
+    """Write tasks put the scored rows into the table folder (:func:`stfpm_ray.store.scores.write_data_files`);
+    the driver keeps the list of files and publishes them itself (:mod:`stfpm_ray.store.publish`)."""
+
+    def __init__(self, table: ScoresTable, run_id: str) -> None:
+        self.table, self.run_id = table, run_id
+        self.files: list[DataFile] = []
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return ROWS_PER_FILE
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> list[DataFile]:
+        tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
+        rows = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        return write_data_files(rows, self.table.location, f"{self.run_id}-{ctx.task_idx:05d}")
+
+    def on_write_complete(self, write_result: Any) -> None:
+        self.files = [file for written in write_result.write_returns for file in written]
+
+
+@contextmanager
+def _watch(table: ScoresTable, run_id: str, total: int, progress: Progress, every_s: float = 2.0) -> Iterator[None]:
+    """Show images done, rate, errors and ETA while the pipeline runs, from the actors' own records
+    (the only progress signal that needs no Ray internals; a restarted actor's rows may count twice)."""
+    meter = Meter(total, "images", progress)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            try:
+                records = table.worker_records(run_id)
+            except (OSError, ValueError):  # a record being replaced right now: read it next time
+                continue
+            meter.update(sum(r["rows"] for r in records), sum(r.get("errors", 0) for r in records))
+
+    thread = threading.Thread(target=poll, name="stfpm-score-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        meter.close()
+
+
+def decode_stage(planned: Plan, sources: list[tuple[pafs.FileSystem, str]]) -> ray.data.Dataset:
+    """The dataset of decoded images, one read-and-decode task per planned block."""
+    return ray.data.from_arrow(planned.blocks).map_batches(
+        decode_block,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs={"sources": sources},
+        num_cpus=DECODE_CPUS,
+        udf_modifying_row_count=False,
+    )
+
+
+def score_plan(
+    planned: Plan,
+    sources: list[tuple[pafs.FileSystem, str]],
+    checkpoints: dict[str, str],
+    options: ScoringOptions,
+    table: ScoresTable,
+    run_id: str,
+    progress: Progress,
+) -> list[DataFile]:
+    """Decode, score and write a plan on the Ray cluster; returns the files written (not yet published).
+
+    ``checkpoints`` maps each category to its checkpoint folder. Connects to Ray with
+    :func:`~stfpm_ray.ray.session.init_ray` if it is not initialised yet.
+    """
+    init_ray()
+    pool = actor_pool_size(options.actors, options.gpus_per_actor, options.cpus_per_actor, cluster_capacity())
+    progress(
+        f"run {run_id}: {pool[0]}-{pool[1]} scoring actors, batch size {options.batch_size}, maps {options.map_size} px"
+    )
+    sink = ScoresSink(table, run_id)
+    with _watch(table, run_id, planned.images, progress):
+        decode_stage(planned, sources).map_batches(
+            Scorer,
+            batch_size=options.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]),
+            num_cpus=options.cpus_per_actor,
+            num_gpus=options.gpus_per_actor or None,
+            fn_constructor_kwargs={"checkpoints": checkpoints, "options": options, "table": table, "run_id": run_id},
+            udf_modifying_row_count=False,
+        ).write_datasink(sink)
+    return sink.files

@@ -1,0 +1,107 @@
+"""How a run sizes itself to the Ray cluster: scoring actors beside decoding tasks, training workers per category.
+
+Sizing is done on the driver from the cluster's resources (or what the autoscaler can grow it to,
+:func:`stfpm_ray.ray.session.cluster_capacity`) before anything starts, because the failure modes of a bad
+size are silent: an actor pool that holds every CPU starves the decoding tasks and the dataset hangs, and a
+category that needs more than the cluster has waits for ever. Both are refused here with the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from stfpm_ray.errors import UserError
+
+# What one read-and-decode task reserves; the actor pool is sized to leave at least this free. Decoding
+# costs less than the forward pass it feeds on CPU, so half a CPU per task keeps decoding ahead of a pool
+# that holds the rest. A request that differs from the actors' also keeps Ray Data from fusing decoding
+# into the actors (it fuses consecutive map stages whose resource requests are equal), which would
+# serialise the two.
+DECODE_CPUS = 0.5
+
+
+def parse_actors(text: str) -> tuple[int, int]:
+    """``N`` (a fixed pool) or ``MIN,MAX`` (autoscaling) to ``(min, max)``."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1 or values[0] > values[-1]:
+        raise UserError(f"--actors takes N or MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
+    return values[0], values[-1]
+
+
+def actor_pool_size(
+    actors: int | tuple[int, int] | None, gpus_per_actor: float, cpus_per_actor: float, resources: dict[str, float]
+) -> tuple[int, int]:
+    """``(min, max)`` actors: the given pool, or 1 up to all that fit while a decoding task still has CPU.
+
+    A pool that leaves no CPU for reading and decoding (or asks for GPUs the cluster lacks) would hang the
+    dataset rather than fail, so it is refused here with the numbers.
+    """
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    fits = int((cpus - DECODE_CPUS) // cpus_per_actor)
+    if gpus_per_actor > 0:
+        fits = min(fits, int(gpus // gpus_per_actor))
+    pool = (1, fits) if actors is None else (actors, actors) if isinstance(actors, int) else actors
+    if fits < 1 or pool[1] > fits:
+        raise UserError(
+            f"{pool[1]} scoring actors x ({cpus_per_actor:g} CPUs, {gpus_per_actor:g} GPUs) do not fit in the "
+            f"cluster's {cpus:g} CPUs and {gpus:g} GPUs with {DECODE_CPUS:g} CPU left for reading and decoding, "
+            "and the dataset would hang: lower --actors, --cpus-per-actor or --gpus-per-actor"
+        )
+    return pool
+
+
+@dataclass(frozen=True)
+class TrainResources:
+    """How a training run uses the cluster (``stfpm-ray train`` and ``benchmark`` resource flags).
+
+    ``storage_path`` holds Ray Train's run state (default ``CKPT_DIR/_ray``); multi-node clusters need
+    storage every node reaches. ``max_failures`` restarts a category's workers from its last checkpoint.
+    ``cpus_per_worker`` None sizes workers from the cluster (:meth:`sized_for`).
+    """
+
+    workers_per_category: int = 1
+    cpus_per_worker: float | None = None
+    gpus_per_worker: float = 0.0
+    storage_path: str | None = None
+    max_failures: int = 2
+
+    def __post_init__(self) -> None:
+        cpus = 1.0 if self.cpus_per_worker is None else self.cpus_per_worker
+        if self.workers_per_category < 1 or cpus <= 0 or self.gpus_per_worker < 0 or self.max_failures < -1:
+            raise UserError(
+                "need workers per category >= 1, CPUs per worker > 0, GPUs per worker >= 0, max failures >= -1"
+            )
+
+    def sized_for(self, capacity: dict[str, float], categories: int) -> TrainResources:
+        """Unset CPUs per worker: the cluster's CPUs shared among the workers that train at once.
+
+        One category on an N-core node then trains with N threads instead of leaving N-1 cores idle; many
+        categories get a core each, as many at once as the CPUs (or, with GPUs, the GPUs) allow.
+        """
+        if self.cpus_per_worker is not None:
+            return self
+        workers, cpus = self.workers_per_category, capacity.get("CPU", 1.0)
+        at_once = cpus // workers
+        if self.gpus_per_worker > 0:
+            at_once = min(at_once, capacity.get("GPU", 0.0) // (workers * self.gpus_per_worker))
+        at_once = max(1, min(categories, int(at_once)))
+        return replace(self, cpus_per_worker=float(max(1, int(cpus // (at_once * workers)))))
+
+
+def category_concurrency(capacity: dict[str, float], resources: TrainResources) -> int:
+    """How many categories the cluster holds at once; a category that never fits is an error."""
+    workers = resources.workers_per_category
+    need = {"CPU": workers * resources.cpus_per_worker, "GPU": workers * resources.gpus_per_worker}
+    fits = [math.floor(capacity.get(key, 0.0) / amount + 1e-9) for key, amount in need.items() if amount > 0]
+    count = min(fits) if fits else 1
+    if count < 1:
+        have = {key: capacity.get(key, 0.0) for key in need}
+        raise UserError(
+            f"one category needs {need} ({workers} workers) but the Ray cluster has {have}; "
+            "lower --workers-per-category, --cpus-per-worker or --gpus-per-worker"
+        )
+    return count

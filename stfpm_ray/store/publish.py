@@ -1,0 +1,127 @@
+"""A scoring run's hold on its table, from the lease to the one commit that publishes it.
+
+:func:`table_run` is the context a run works in: it takes the table's lease (one writer per table,
+:mod:`stfpm_ray.store.lease`), clears what dead runs left in ``_stfpm/runs``, checks that the output may be
+written in the run's mode, and on any failure deletes the run's own uncommitted files. Inside it,
+:meth:`TableRun.publish` is the only way rows enter the table: it checks the run's files (exactly one row
+per planned image), retires the error rows this run retried, records the manifest and makes one Delta
+commit, so readers see the previous version or the whole run, never a part of it or a doubled row.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from stfpm_ray.errors import UserError
+from stfpm_ray.store.lease import Holder, Lease
+from stfpm_ray.store.scores import DataFile, ScoresTable, counts_by_category, duplicated_paths
+
+MODES = ("plain", "incremental", "overwrite")
+
+
+def new_run_id() -> str:
+    """A run's id: sortable by start time (UTC), unique by a random suffix; it prefixes the run's files."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+@dataclass(frozen=True)
+class Published:
+    """What a commit published: the table version, rows and files, and per category ok and error rows."""
+
+    version: int
+    rows: int
+    files: int
+    counts: dict[str, dict[str, int]]
+
+
+class TableRun:
+    """One run's exclusive hold on a scores table (made by :func:`table_run`)."""
+
+    def __init__(self, table: ScoresTable, lease: Lease, run_id: str, mode: str, exists: bool) -> None:
+        self.table, self.lease, self.run_id, self.mode = table, lease, run_id, mode
+        self.exists = exists
+        self.committing = False
+
+    @property
+    def took_over(self) -> Holder | None:
+        """The dead run whose lease this run took over, if any."""
+        return self.lease.took_over
+
+    @property
+    def already_scored(self) -> Callable[[pa.Table], pa.Array] | None:
+        """For an incremental run into an existing table: which ``(path, model_id)`` have an ok row."""
+        return self.table.already_scored if self.mode == "incremental" and self.exists else None
+
+    def publish(
+        self, files: list[DataFile], expected: pa.ChunkedArray, manifest: dict[str, Any], skipped: dict[str, int]
+    ) -> Published:
+        """Commit the run's ``files`` as one table version, refusing unless ``expected`` (every planned path)
+        has exactly one row. ``manifest`` is what the caller records of the run; the files, rows, counts
+        (with ``skipped`` images per category), retired error files and the scoring processes' records are
+        added here."""
+        index = self.table.read_index(files)
+        check_staged(index, expected)
+        counts = counts_by_category(index)
+        removed, kept = ([], [])
+        if self.mode == "incremental":
+            removed, kept = self.table.retried_errors(index["path"], self.run_id)
+        record = {
+            **manifest,
+            "rows": index.num_rows,
+            "files": [{"name": f.name, "rows": f.rows} for f in files],
+            "counts": {
+                name: {"ok": 0, "error": 0, **counts.get(name, {}), "skipped": skipped.get(name, 0)}
+                for name in sorted(counts.keys() | skipped.keys())
+            },
+            "replaced_error_files": removed,
+            "workers": self.table.worker_records(self.run_id),
+        }
+        self.lease.check()
+        # From here on the log entry may exist, so these files may be live: they must never be discarded.
+        self.committing = True
+        version = self.table.commit(files + kept, removed, record, overwrite=self.mode == "overwrite")
+        return Published(version, index.num_rows, len(files), counts)
+
+
+@contextmanager
+def table_run(uri: str, run_id: str, mode: str) -> Iterator[TableRun]:
+    """Hold the table at ``uri`` for one run in ``mode`` (``plain``, ``incremental`` or ``overwrite``).
+
+    Refuses, before anything is read, a table held by a live run and an output the mode may not write
+    (:meth:`ScoresTable.check_mode`). A failure inside deletes the run's uncommitted files, unless its
+    commit had begun.
+    """
+    if mode not in MODES:
+        raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    table = ScoresTable(uri)
+    with Lease(table.location, run_id) as lease:
+        table.clear_runs()
+        run = TableRun(table, lease, run_id, mode, table.check_mode(mode))
+        try:
+            yield run
+        except BaseException:
+            if not run.committing:
+                table.discard(run_id)
+            raise
+        finally:
+            table.clear_runs()
+
+
+def check_staged(index: pa.Table, expected: pa.ChunkedArray) -> None:
+    """Refuse to commit unless every expected path has exactly one row."""
+    duplicates = duplicated_paths(index)
+    missing = expected.filter(pc.invert(pc.is_in(expected, value_set=index["path"].combine_chunks())))
+    if duplicates or len(missing) or index.num_rows != len(expected):
+        raise RuntimeError(
+            f"the run wrote {index.num_rows} rows for {len(expected)} images "
+            f"({len(duplicates)} paths twice, {len(missing)} missing, "
+            f"e.g. {(duplicates or missing.to_pylist())[:2]}); nothing was committed"
+        )

@@ -1,0 +1,42 @@
+"""Sizing runs to the cluster (stfpm_ray.ray.resources): a scoring actor pool that leaves room for
+decoding, the --actors flag, and training workers shared among the categories that train at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from stfpm_ray import cli
+from stfpm_ray.ray.resources import TrainResources, actor_pool_size, category_concurrency, parse_actors
+
+
+def test_actors_flag_takes_a_count_or_a_range():
+    assert parse_actors("3") == (3, 3)
+    assert parse_actors("2,4") == (2, 4)
+    for text in ("0", "3,1", "x", "1,2,3"):
+        with pytest.raises(ValueError, match="N or MIN,MAX"):
+            parse_actors(text)
+    with pytest.raises(SystemExit):  # argparse reports the bad value and exits with status 2
+        cli.main(["score", "--checkpoints", "c", "--input", "i", "--out", "o", "--actors", "3,1"])
+
+
+def test_a_pool_that_would_take_every_cpu_is_refused_instead_of_hanging_the_dataset():
+    for actors, gpus, resources in [(2, 0.0, {"CPU": 2.0}), (None, 0.0, {"CPU": 1.0}), (None, 1.0, {"CPU": 8.0})]:
+        with pytest.raises(ValueError, match="would hang"):
+            actor_pool_size(actors, gpus, 1.0, resources)
+    assert actor_pool_size(None, 0.0, 1.0, {"CPU": 2.0}) == (1, 1)
+    assert actor_pool_size(None, 0.0, 1.0, {"CPU": 16.0}) == (1, 15)
+    assert actor_pool_size(None, 1.0, 1.0, {"CPU": 16.0, "GPU": 4.0}) == (1, 4)
+    assert actor_pool_size((2, 3), 0.0, 1.0, {"CPU": 8.0}) == (2, 3)
+
+
+def test_training_workers_share_the_cluster_and_a_category_that_never_fits_is_refused():
+    # one category gets every CPU of the node; four categories on 2 CPUs train two at a time, one CPU each
+    assert TrainResources().sized_for({"CPU": 16.0}, categories=1).cpus_per_worker == 16.0
+    four = TrainResources().sized_for({"CPU": 2.0}, categories=4)
+    assert four.cpus_per_worker == 1.0 and category_concurrency({"CPU": 2.0}, four) == 2
+    # GPUs bound how many train at once: 2 GPUs, one per worker, 2 workers per category
+    gpus = TrainResources(workers_per_category=2, gpus_per_worker=1.0).sized_for({"CPU": 16.0, "GPU": 2.0}, 8)
+    assert gpus.cpus_per_worker == 8.0 and category_concurrency({"CPU": 16.0, "GPU": 2.0}, gpus) == 1
+    assert TrainResources(cpus_per_worker=3.0).sized_for({"CPU": 16.0}, 1).cpus_per_worker == 3.0
+    with pytest.raises(ValueError, match="one category needs"):
+        category_concurrency({"CPU": 2.0}, TrainResources(workers_per_category=3, cpus_per_worker=1.0))
