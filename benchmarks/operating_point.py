@@ -4,7 +4,7 @@ For each category and seed: fit a student with the plain PyTorch core (:func:`st
 score the labelled test split through the deployed scoring step (:func:`stfpm_ray.core.score.score_batch`,
 networks rewritten for inference), and count at each threshold the false alarms on the good test images and
 the detected defective ones. Both thresholds come from the same held-out good training images
-(:func:`stfpm_ray.core.fit.calibration`); test labels are read only here, to count. The second table pools
+(:func:`stfpm_ray.core.calibration.calibration`); test labels are read only here, to count. The second table pools
 every fit of a dataset at other target false-alarm rates (``--far``), computed from the same validation
 scores without refitting: the measurement behind ``TrainConfig.target_far``'s default.
 
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stfpm_ray.core.fit import TrainConfig, calibration, fit_category, load_images, validation_scores
+from stfpm_ray.core.calibration import calibration
+from stfpm_ray.core.fit import TrainConfig, fit_category, load_images, validation_scores
 from stfpm_ray.core.score import ScoreSettings, cpu_chunk, score_batch
 from stfpm_ray.data.mvtec import resolve_categories, test_samples
 from stfpm_ray.data.synth import generate_dataset

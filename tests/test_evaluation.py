@@ -23,7 +23,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from stfpm_ray import cli
-from stfpm_ray.core.checkpoint import META_FILE, CheckpointMeta
+from stfpm_ray.core.checkpoint import META_FILE, CheckpointMeta, add_operating_point, read_meta
 from stfpm_ray.data.images import load_mask
 from stfpm_ray.evaluate.evaluation import N_FLAGGED, evaluate_scores
 from stfpm_ray.evaluate.metrics import aupro_exact, f1_max, operating_point
@@ -458,3 +458,38 @@ def test_unlabelled_table_reports_flagged_images(tmp_path) -> None:
     # one histogram, then the flagged images: the first (highest, its file gone) as the map alone
     assert page.count("src='data:image/png;base64,") == 1 + N_FLAGGED
     assert page.count("image unreadable, map only") == 1 and "no labelled rows (an unlabelled archive)" in page
+
+
+def test_rows_are_decided_again_by_the_operating_point_in_force_without_rescoring(tmp_path) -> None:
+    """A calibrate after the rows were scored: evaluate decides them against the new point, says which point
+    decided and how many rows it decides differently, and keeps the history; the rows themselves are unchanged."""
+    rows = _unlabelled_rows(tmp_path, 30, np.random.default_rng(3))
+    checkpoints = tmp_path / "ckpt"
+    write_checkpoint_meta(checkpoints / "archive", "archive", NEW_MODEL, THRESHOLD, CALIBRATION)
+    manifest = {"run_id": "night-1", "checkpoints": str(checkpoints), "model_ids": {"archive": NEW_MODEL}}
+    scores = commit_rows(tmp_path / "scores", [(rows, manifest)])
+    before = evaluate_scores(scores, tmp_path / "before", progress=None)["categories"]["archive"]
+    assert before["operating_point"]["id"] == "training" and before["n_flagged"] == 10
+    assert before["n_decided_anew"] == 0 and len(before["operating_history"]) == 1
+
+    meta = read_meta(checkpoints / "archive")
+    record = {
+        "id": "calibrate-1",
+        "threshold": 1.5 * THRESHOLD,
+        "target_far": 0.05,
+        "method": "lognormal-t",
+        "source": "10 good images under /day2",
+        "created_at": "2026-12-07T00:00:00+00:00",
+        "n_val": 10,
+    }
+    add_operating_point(checkpoints / "archive", meta, record)
+    assert read_meta(checkpoints / "archive").model_id == NEW_MODEL  # the rows keep their model
+    after = evaluate_scores(scores, tmp_path / "after", progress=None)["categories"]["archive"]
+    expected = sum(float(np.float32(row["score"])) > 1.5 * THRESHOLD for row in rows)  # as stored: float32
+    assert 0 < expected < 10 and after["n_flagged"] == expected and after["n_decided_anew"] == 10 - expected
+    assert after["threshold"] == pytest.approx(1.5 * THRESHOLD) and after["operating_point"]["id"] == "calibrate-1"
+    assert [point["id"] for point in after["operating_history"]] == ["training", "calibrate-1"]
+    assert after["top_flagged"][0]["score_norm"] == pytest.approx(2.0 / 1.5, rel=1e-6)
+    page = (tmp_path / "after" / "report.html").read_text()
+    assert "Operating points of this checkpoint, the last in force" in page and "decided differently now" in page
+    assert read_scores(scores).is_anomalous.sum() == 10  # nothing was rescored or rewritten

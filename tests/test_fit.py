@@ -17,8 +17,9 @@ from PIL import Image
 from scipy import stats
 
 from stfpm_ray.cli.options import add_training_options, train_config
+from stfpm_ray.core.calibration import CALIBRATION_METHOD, calibration
 from stfpm_ray.core.checkpoint import META_FILE, load_checkpoint, read_meta, save_checkpoint, validate_checkpoint
-from stfpm_ray.core.fit import CALIBRATION_METHOD, TrainConfig, calibration, fit_category, load_images, split_train_val
+from stfpm_ray.core.fit import TrainConfig, fit_category, load_images, split_train_val
 from stfpm_ray.core.score import score_batch
 from stfpm_ray.data import mvtec
 from stfpm_ray.data.images import load_image
@@ -78,7 +79,13 @@ def test_record_and_floor_at_the_validation_maximum():
 @pytest.mark.parametrize("scores", [np.array([0.3, 0.2]), np.array([0.3, 0.0, 0.2, 0.25])])
 def test_too_few_or_non_positive_scores_keep_the_maximum(scores):
     threshold, _, record = calibration(scores, 0.01)
-    assert threshold == 0.3 and record == {"method": "max", "target_far": 0.01, "n_val": len(scores), "val_max": 0.3}
+    assert threshold == 0.3 and record == {
+        "method": "max",
+        "target_far": 0.01,
+        "n_val": len(scores),
+        "val_max": 0.3,
+        "scores": list(scores),
+    }
 
 
 @pytest.mark.parametrize("far", [0.0, 0.5, -0.1])

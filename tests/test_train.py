@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from stfpm_ray import cli
-from stfpm_ray.core.checkpoint import load_checkpoint, read_meta
+from stfpm_ray.core.checkpoint import load_checkpoint, read_meta, validate_checkpoint
 from stfpm_ray.core.fit import TrainConfig, fit_category
 from stfpm_ray.data import mvtec
 from stfpm_ray.data.images import load_image
@@ -198,3 +198,14 @@ def test_a_reverse_student_trains_and_scores_through_the_cli(ray_session, synth_
     frame = read_scores(scores)
     assert len(frame) == len(mvtec.test_samples(synth_root, "grain")) and (frame.status == "ok").all()
     assert set(frame.model_id) == {meta.model_id}
+
+
+def test_two_workers_per_category_train_one_student_data_parallel(ray_session, synth_root, tmp_path):
+    """DDP over two workers: every reverse-student parameter gets a gradient, so DDP runs without searching for
+    unused ones (the registry's entry says so); both ranks take the same number of steps here (13 images)."""
+    out = tmp_path / "ckpt"
+    argv = ["train", "--data", str(synth_root), "--categories", "grain", "--out", str(out), *TINY]
+    assert cli.main([*argv, "--workers-per-category", "2", "--cpus-per-worker", "1", "--epochs", "2"]) == 0
+    meta = read_meta(out / "grain")
+    assert meta.training["workers"] == 2 and meta.student == "reverse" and meta.training["train_images"] == 13
+    assert validate_checkpoint(out / "grain").model_id == meta.model_id

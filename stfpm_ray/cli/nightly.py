@@ -34,4 +34,4 @@ def run(args: argparse.Namespace) -> int:
     report, _ = nightly(
         args.checkpoints, args.input, args.out, top=args.top, options=options, category=args.category, split=args.split
     )
-    return exit_status(sum(entry["errors"] for entry in report["categories"].values()))
+    return exit_status(sum(entry["errors"] for entry in report["categories"].values()), report["drifted"])

@@ -51,13 +51,16 @@ _CONFIG_FLAGS = (
 )
 
 
-# Exit status of score and nightly runs that completed but wrote error rows (unreadable or undecodable files):
-# distinct from 0 (all rows ok) and 2 (a user error, nothing written), so a scheduler can alert on it.
+# Exit status of score and nightly runs that completed but need a look, distinct from 0 (all rows ok, every
+# operating point held) and 2 (a user error, nothing written), so a scheduler can alert on them: error rows
+# were written (unreadable or undecodable files), or a category's operating point did not hold (its decisions
+# cannot be trusted until someone checks the line or recalibrates; this one wins over error rows).
 EXIT_ERROR_ROWS = 3
+EXIT_DRIFT = 4
 
 
-def exit_status(error_rows: int) -> int:
-    return EXIT_ERROR_ROWS if error_rows else 0
+def exit_status(error_rows: int, drifted: list[str]) -> int:
+    return EXIT_DRIFT if drifted else EXIT_ERROR_ROWS if error_rows else 0
 
 
 def add_address(parser: argparse.ArgumentParser) -> None:

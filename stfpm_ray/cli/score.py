@@ -30,4 +30,4 @@ def run(args: argparse.Namespace) -> int:
         split=args.split,
     )
     log_progress(summary.table())
-    return exit_status(summary.error_rows)
+    return exit_status(summary.error_rows, summary.drifted)

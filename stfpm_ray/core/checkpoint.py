@@ -2,8 +2,8 @@
 
 ``student.safetensors`` holds the student's tensors (loading executes no pickle), ``stfpm.json`` holds what
 is needed to rebuild the model and to trust its scores: format version, backbone, layers, image size,
-teacher source and hash, the validation-derived threshold with how it was calibrated, normalisation, and
-training figures.
+teacher source and hash, the operating points (the threshold training calibrated, and those ``calibrate``
+added later from good images of new conditions), normalisation, and training figures.
 The teacher is never stored: it is rebuilt from its source and checked against the recorded hash. Folders
 may be local paths or URIs: every byte goes through :mod:`stfpm_ray.store.fs`.
 
@@ -20,7 +20,7 @@ import os
 import posixpath
 import struct
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load, save
 
+from stfpm_ray.core.calibration import OperatingPoint, later_point, training_point
 from stfpm_ray.core.model import STFPM
 from stfpm_ray.core.students import DEFAULT_STUDENT, LEGACY_STUDENT, state_shapes
 from stfpm_ray.core.teacher import OFFLINE_WEIGHTS, Teacher, load_teacher
@@ -63,6 +64,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "student": (str,),
     "level_scales": (list, type(None)),
     "calibration": (dict,),
+    "operating_points": (list,),
     "model_id": (str,),
     "format_version": (int,),
 }
@@ -92,7 +94,12 @@ class CheckpointError(UserError):
 
 @dataclass
 class CheckpointMeta:
-    """Everything a scorer needs besides the weights; ``model_id`` identifies weights + threshold."""
+    """Everything a scorer needs besides the weights; ``model_id`` identifies weights + the training threshold.
+
+    ``threshold`` is the threshold training calibrated; the one in force (:attr:`operating_point`) is the newest
+    of ``operating_points`` where ``calibrate`` added any, so that recalibrating changes decisions without
+    changing ``model_id`` (rows already scored keep their identity and need no rescoring).
+    """
 
     category: str
     backbone: str
@@ -114,12 +121,21 @@ class CheckpointMeta:
     # validation images, fitted parameters. Checkpoints written before lack it: their threshold is the
     # validation maximum, and they score with it unchanged.
     calibration: dict[str, Any] = field(default_factory=dict)
+    # Operating points set after training from known-good images (stfpm_ray.core.calibration.new_point), oldest
+    # first; the newest is in force.
+    operating_points: list[dict[str, Any]] = field(default_factory=list)
     model_id: str = ""
     format_version: int = FORMAT_VERSION
 
-    def normalize(self, score: float) -> float:
-        """Score divided by the threshold: 1.0 is the decision boundary, comparable across categories."""
-        return score / self.threshold if self.threshold > 0 else float("nan")
+    @property
+    def operating_history(self) -> list[OperatingPoint]:
+        """Every operating point the checkpoint has had, training's first; the last one is in force."""
+        return [training_point(self.threshold, self.calibration), *map(later_point, self.operating_points)]
+
+    @property
+    def operating_point(self) -> OperatingPoint:
+        """The operating point in force: the one that decides ``is_anomalous``."""
+        return self.operating_history[-1]
 
 
 def _model_id(weights: bytes, meta: CheckpointMeta) -> str:
@@ -140,6 +156,16 @@ def save_checkpoint(folder: str | Path, student: torch.nn.Module, meta: Checkpoi
     meta.model_id = _model_id(weights, meta)
     write_text_atomic(location.join(META_FILE), json.dumps(asdict(meta), indent=2, sort_keys=True))
     return meta
+
+
+def add_operating_point(folder: str | Path, meta: CheckpointMeta, record: dict[str, Any]) -> CheckpointMeta:
+    """Put ``record`` in force as the checkpoint's newest operating point (the old ones stay, for the record).
+
+    Only ``stfpm.json`` is rewritten, atomically; the weights and ``model_id`` stay as they are.
+    """
+    updated = replace(meta, operating_points=[*meta.operating_points, record])
+    write_text_atomic(resolve(folder).join(META_FILE), json.dumps(asdict(updated), indent=2, sort_keys=True))
+    return updated
 
 
 def _read(location: Location, what: str) -> bytes:
@@ -171,9 +197,24 @@ def _field_problem(raw: dict[str, Any]) -> str | None:
         wrong.append("layers")
     if isinstance(raw.get("level_scales"), list) and not all(isinstance(v, (int, float)) for v in raw["level_scales"]):
         wrong.append("level_scales")
+    if isinstance(raw.get("operating_points"), list) and not all(map(_is_operating_point, raw["operating_points"])):
+        wrong.append("operating_points")
     if wrong:
         return f"fields of the wrong type {sorted(wrong)}"
     return None
+
+
+def _is_operating_point(record: object) -> bool:
+    """A record ``calibrate`` writes: an id, a source, a positive threshold and its target."""
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("id"), str)
+        and isinstance(record.get("source"), str)
+        and isinstance(record.get("method"), str)
+        and isinstance(record.get("threshold"), (int, float))
+        and record["threshold"] > 0
+        and isinstance(record.get("target_far"), (int, float))
+    )
 
 
 def read_meta(folder: str | Path) -> CheckpointMeta:

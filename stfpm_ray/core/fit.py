@@ -15,15 +15,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy.stats import t as student_t
 from torch import Tensor, nn
 
 from stfpm_ray.core.anomaly_map import COMBINATIONS
 from stfpm_ray.core.augment import AUGMENTATIONS, photometric_jitter
+from stfpm_ray.core.calibration import calibration
 from stfpm_ray.core.checkpoint import CheckpointMeta
 from stfpm_ray.core.model import STFPM, stfpm_loss
 from stfpm_ray.core.students import DEFAULT_STUDENT, RECIPE_FIELDS, OptimizerSettings, student_kind
@@ -34,10 +34,6 @@ from stfpm_ray.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# The threshold's model (see calibration) and the fewest validation scores it is fitted to.
-CALIBRATION_METHOD = "lognormal-t"
-MIN_FIT_IMAGES = 3
-
 
 @dataclass
 class TrainConfig:
@@ -47,7 +43,8 @@ class TrainConfig:
     ``augment="photometric"`` adds brightness/contrast jitter (:mod:`stfpm_ray.core.augment`) for data whose
     exposure drifts between training and scoring; it is off by default because it costs detection on other
     data (docs/results-history.md: levers measured on the mirror student).
-    ``target_far`` is the false-alarm rate on good images the threshold is calibrated for (:func:`calibration`).
+    ``target_far`` is the false-alarm rate on good images the threshold is calibrated for
+    (:func:`stfpm_ray.core.calibration.calibration`).
     5%, from ``benchmarks/operating_point.py`` on the demo data (15 fits of 8 validation images, 360 good and
     540 defective test images): it let through 3.1% of good images, where the old validation maximum let
     through 7.5%, and kept 68% recall (maximum: 77%). Stricter targets pay for the few validation images
@@ -248,46 +245,6 @@ def validation_scores(model: STFPM, images: Tensor, batch_size: int, device: tor
     model.eval()
     scores = [model.predict(images[i : i + batch_size].to(device))[1].cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(scores).numpy().astype(np.float64)
-
-
-def calibration(scores: np.ndarray, target_far: float) -> tuple[float, dict[str, float], dict[str, Any]]:
-    """Threshold at ``target_far`` false alarms on good images, from held-out good scores alone.
-
-    The maximum of a few dozen validation scores is no operating point: with n images the next good image
-    exceeds it with probability 1/(n+1), so 8 validation images flag about 11% of good parts. Instead the
-    log scores are taken as Gaussian (scores are maxima of products of distances: positive, right-skewed)
-    and the threshold is the upper ``1 - target_far`` prediction bound, ``mean + t(n-1) * std * sqrt(1 + 1/n)``:
-    with the Student t quantile, a new good image exceeds it with probability ``target_far`` exactly under
-    that model, whatever n, where a plug-in Gaussian quantile would under-shoot at small n. The threshold
-    never falls below the validation maximum, so no held-out good image is flagged, as before. Fewer than
-    ``MIN_FIT_IMAGES`` scores, or a non-positive one, leave the maximum (method ``max``).
-
-    Returns (threshold, validation statistics, the calibration record stored in the checkpoint).
-    """
-    val_max = float(scores.max())
-    stats = {
-        "val_count": float(len(scores)),
-        "val_mean": float(scores.mean()),
-        "val_std": float(scores.std()),
-        "val_min": float(scores.min()),
-        "val_max": val_max,
-    }
-    record: dict[str, Any] = {"method": "max", "target_far": target_far, "n_val": len(scores), "val_max": val_max}
-    if len(scores) < MIN_FIT_IMAGES or not (scores > 0).all():
-        return val_max, stats, record
-    logs = np.log(scores)
-    log_mean, log_std = float(logs.mean()), float(logs.std(ddof=1))
-    factor = float(student_t.ppf(1.0 - target_far, df=len(scores) - 1) * np.sqrt(1.0 + 1.0 / len(scores)))
-    fitted = float(np.exp(log_mean + factor * log_std))
-    record.update(
-        method=CALIBRATION_METHOD,
-        log_mean=log_mean,
-        log_std=log_std,
-        t_factor=factor,
-        fitted_threshold=fitted,
-        bound="fit" if fitted >= val_max else "val_max",
-    )
-    return max(fitted, val_max), stats, record
 
 
 def build_meta(

@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from stfpm_ray.core.anomaly_map import shrink_maps
-from stfpm_ray.core.checkpoint import CheckpointMeta, load_checkpoint, read_meta
+from stfpm_ray.core.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, read_meta
 from stfpm_ray.core.inference_graph import optimize_for_inference
 from stfpm_ray.core.model import STFPM
 from stfpm_ray.core.teacher import Teacher, load_teacher
@@ -77,31 +77,42 @@ class ScoringModels:
 
     A scoring process may be sent any category's images, and most runs hold many categories of one teacher:
     loading lazily keeps a process's memory to the categories it meets, sharing keeps one teacher for all.
+    ``checkpoints`` maps each category to its folder and the metadata the run validated: a whole run decides
+    with the operating points it started with, even if ``calibrate`` adds one while it runs.
     """
 
-    def __init__(self, folders: Mapping[str, str], device: str | torch.device = "cpu") -> None:
-        self.folders, self.device = dict(folders), device
+    def __init__(
+        self, checkpoints: Mapping[str, tuple[str, CheckpointMeta]], device: str | torch.device = "cpu"
+    ) -> None:
+        self.checkpoints, self.device = dict(checkpoints), device
         self.loaded: dict[str, tuple[STFPM, CheckpointMeta]] = {}
         self.teachers: dict[tuple, Teacher] = {}
 
     def __call__(self, category: str) -> tuple[STFPM, CheckpointMeta]:
         if category not in self.loaded:
-            self.loaded[category] = load_scoring_model(self.folders[category], self.device, self.teachers)
+            folder, meta = self.checkpoints[category]
+            model, found = load_scoring_model(folder, self.device, self.teachers)
+            if found.model_id != meta.model_id:
+                raise CheckpointError(f"{folder} was replaced while this run was scoring with it; run again")
+            self.loaded[category] = model, meta
         return self.loaded[category]
 
 
 def score_batch(
     model: STFPM, meta: CheckpointMeta, images: torch.Tensor, settings: ScoreSettings = ScoreSettings()
 ) -> list[ScoredImage]:
-    """Score uint8 NCHW ``images`` (already on the model's device) with one category's model."""
+    """Score uint8 NCHW ``images`` (already on the model's device) with one category's model, deciding
+    ``is_anomalous`` with its operating point in force."""
     chunk = settings.chunk or len(images)
+    threshold = meta.operating_point.threshold
     results = []
     for start in range(0, len(images), chunk):
         maps, scores = model.predict(images[start : start + chunk], settings.precision)
         small = shrink_maps(maps, settings.map_size)
         for score, anomaly_map in zip(scores.float().cpu().tolist(), small.float().cpu().numpy()):
             png, scale = encode_map(anomaly_map)
-            results.append(ScoredImage(score, meta.normalize(score), score > meta.threshold, png, scale))
+            normalized = score / threshold if threshold > 0 else float("nan")
+            results.append(ScoredImage(score, normalized, score > threshold, png, scale))
     return results
 
 

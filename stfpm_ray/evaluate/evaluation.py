@@ -40,10 +40,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from stfpm_ray.core.calibration import OperatingPoint
 from stfpm_ray.core.checkpoint import CheckpointMeta, read_meta
 from stfpm_ray.data.images import load_mask
 from stfpm_ray.errors import InputNotFoundError, StfpmError, UserError
-from stfpm_ray.evaluate import metrics, report
+from stfpm_ray.evaluate import drift, metrics, report
 from stfpm_ray.progress import Progress, log_progress, quiet
 from stfpm_ray.store.fs import is_dir, resolve
 from stfpm_ray.store.mapcodec import decode_map
@@ -95,11 +96,18 @@ RowKey = tuple[str, int]  # (path, scored_at in microseconds): identifies a row 
 
 @dataclass(frozen=True)
 class Deployed:
-    """The threshold behind one model's ``is_anomalous``, where it was read, and how it was calibrated."""
+    """The threshold that decides a model's rows, where it was read, and how it was calibrated.
+
+    With the checkpoint in reach, that is its operating point in force (``point``), and every row is decided
+    again against it when read: a ``calibrate`` run since the rows were scored changes the decisions without
+    rescoring. Without it, the rows' stored ``is_anomalous`` stands, and the threshold is implied by them.
+    """
 
     threshold: float = math.nan
     source: str | None = None  # "checkpoint", "score / score_norm", or None when neither tells
-    calibration: dict | None = None  # the checkpoint's record; {} for checkpoints older than the record
+    calibration: dict | None = None  # the point's record without its scores; {} for checkpoints older than it
+    point: OperatingPoint | None = None
+    history: tuple[dict, ...] = ()  # every operating point of the checkpoint, oldest first
 
 
 @dataclass
@@ -122,12 +130,27 @@ class CategoryRows:
         return ok[ok["label"].notna()]
 
     @property
-    def flagged(self) -> np.ndarray:
-        """The deployed decision of every ok row: ``is_anomalous`` as stored (score > threshold where null)."""
+    def stored(self) -> np.ndarray:
+        """Every ok row's ``is_anomalous`` as its scoring run decided it (score > threshold where null)."""
         ok = self.ok
         stored = ok["is_anomalous"].to_numpy(dtype=object)
         fallback = ok["score"].to_numpy(dtype=np.float64) > self.deployed.threshold
         return np.where(pd.isna(stored), fallback, np.equal(stored, True).astype(bool))
+
+    @property
+    def flagged(self) -> np.ndarray:
+        """The deployed decision of every ok row: against the operating point in force where the checkpoint
+        is in reach, else as stored."""
+        if self.deployed.point is None:
+            return self.stored
+        return self.ok["score"].to_numpy(dtype=np.float64) > self.deployed.threshold
+
+    @property
+    def score_norm(self) -> np.ndarray:
+        """Every ok row's score over the threshold that decides it now (as stored where that is unknown)."""
+        if self.deployed.point is None:
+            return self.ok["score_norm"].to_numpy(dtype=np.float64)
+        return self.ok["score"].to_numpy(dtype=np.float64) / self.deployed.threshold
 
     @property
     def top_flagged(self) -> pd.DataFrame:
@@ -275,7 +298,10 @@ def deployed_threshold(group: CategoryRows, roots: dict[str, str]) -> Deployed:
     root = roots.get(group.model_id or "")
     meta = _checkpoint_meta(group.name, group.model_id, root) if root and group.model_id else None
     if meta is not None:
-        return Deployed(float(meta.threshold), "checkpoint", dict(meta.calibration))
+        point = meta.operating_point
+        record = {key: value for key, value in point.record.items() if key != "scores"}
+        history = tuple(p.summary() for p in meta.operating_history)
+        return Deployed(point.threshold, "checkpoint", record, point, history)
     ok = group.ok
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = ok["score"].to_numpy(dtype=np.float64) / ok["score_norm"].to_numpy(dtype=np.float64)
@@ -433,26 +459,37 @@ def deployed_metrics(group: CategoryRows) -> dict:
     ``score_norm_quantiles`` and ``top_flagged`` describe every ok row, labelled or not, so a nightly table
     without labels still says how many images were flagged, which, and how far the scores are from 1.
     """
-    ok, flagged = group.ok, group.flagged
-    point = metrics.operating_point(
-        ok["label"].fillna(-1).to_numpy(dtype=np.int64), flagged, ok["defect"].to_numpy(dtype=object)
-    )
+    ok, flagged, deployed = group.ok, group.flagged, group.deployed
+    labels = ok["label"].fillna(-1).to_numpy(dtype=np.int64)
+    point = metrics.operating_point(labels, flagged, ok["defect"].to_numpy(dtype=object))
     unlabelled = ok["label"].isna().to_numpy()
-    top = group.top_flagged
+    normalized = pd.Series(group.score_norm, index=ok.index)
     return {
-        "threshold": group.deployed.threshold,
-        "threshold_source": group.deployed.source,
-        "calibration": group.deployed.calibration,
+        "threshold": deployed.threshold,
+        "threshold_source": deployed.source,
+        "calibration": deployed.calibration,
+        "operating_point": deployed.point.summary() if deployed.point else {},
+        "operating_history": list(deployed.history),
+        # rows whose stored is_anomalous the point in force decides otherwise (scored before a calibrate)
+        "n_decided_anew": int((flagged != group.stored).sum()),
+        "drift": _drift(ok, labels, deployed.point),
         "n_flagged": int(flagged.sum()),
         "flag_rate": float(flagged.mean()) if flagged.size else math.nan,
         "n_unlabeled_flagged": int((flagged & unlabelled).sum()),
         **point,
-        "score_norm_quantiles": _quantiles(ok["score_norm"].to_numpy(dtype=np.float64)),
+        "score_norm_quantiles": _quantiles(normalized.to_numpy()),
         "top_flagged": [
-            {"path": row.path, "score": float(row.score), "score_norm": float(row.score_norm)}
-            for row in top.itertuples()
+            {"path": row.path, "score": float(row.score), "score_norm": float(normalized[row.Index])}
+            for row in group.top_flagged.itertuples()
         ],
     }
+
+
+def _drift(ok: pd.DataFrame, labels: np.ndarray, point: OperatingPoint | None) -> dict:
+    """Whether the rows kept the promise of the operating point in force (:mod:`stfpm_ray.evaluate.drift`)."""
+    if point is None:
+        return {"detected": False, "reason": "no checkpoint in reach: no operating point to compare with"}
+    return drift.assess(ok["score"].to_numpy(dtype=np.float64), labels, point)
 
 
 def mean_metrics(per_category: dict[str, dict]) -> dict:
@@ -517,6 +554,7 @@ def _evaluate_groups(
                     examples=list(state.examples.values()),
                     map_max=state.pixel.max_score,
                     unlabeled_scores=ok.loc[ok["label"].isna(), "score"].to_numpy(dtype=np.float64),
+                    reference_scores=np.asarray(group.deployed.point.scores if group.deployed.point else ()),
                 )
             )
     return per_category, details
@@ -567,5 +605,9 @@ def evaluate_scores(
     say(report.format_table(result))
     for note in result["notes"]:
         say(f"note: {note}")
+    for group in groups:
+        if per_category[group.name]["drift"]["detected"]:
+            root = runs["checkpoint_roots"].get(group.model_id or "", "CKPT_DIR")
+            say(drift.drift_line(group.name, per_category[group.name]["drift"], root))
     say(f"wrote {', '.join(str(path) for path in paths)}")
     return result

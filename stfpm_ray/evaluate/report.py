@@ -94,6 +94,8 @@ class CategoryDetail:
     examples: list[Example]
     map_max: float  # top of the colour scale of this category's overlays
     unlabeled_scores: np.ndarray = field(default_factory=lambda: np.empty(0))
+    # the good scores the operating point in force was set from (empty where the checkpoint is out of reach)
+    reference_scores: np.ndarray = field(default_factory=lambda: np.empty(0))
 
 
 def _is_missing(value: object) -> bool:
@@ -199,8 +201,9 @@ def format_table(result: dict) -> str:
         )
     table = fixed_width_table(header, rows, rule=True)
     return (
-        f"{table}\nFAR (false alarms on good images), recall and flagged: at the deployed threshold "
-        "(is_anomalous); F1 oracle: threshold chosen on the test labels\n"
+        f"{table}\nFAR (false alarms on good images), recall and flagged: at the checkpoint's operating point in "
+        "force (the stored is_anomalous where the checkpoint is out of reach); F1 oracle: threshold chosen on the "
+        "test labels\n"
         f"pixel metrics at the stored map resolution: {_resolution(result)}"
     )
 
@@ -253,7 +256,7 @@ def _overview_figure(details: list[CategoryDetail], per_category: dict[str, dict
 def _histogram_axes(axes: Axes, detail: CategoryDetail, entry: dict) -> None:
     """Scores of good, defective and unlabelled images with the deployed threshold, the line that decides
     ``is_anomalous``, and the F1-max threshold for comparison."""
-    every = np.concatenate([detail.scores, detail.unlabeled_scores])
+    every = np.concatenate([detail.scores, detail.unlabeled_scores, detail.reference_scores])
     if every.size:
         edges = np.histogram_bin_edges(every, bins=min(40, max(5, every.size // 3)))
         for chosen, name, color in (
@@ -263,6 +266,15 @@ def _histogram_axes(axes: Axes, detail: CategoryDetail, entry: dict) -> None:
         ):
             if chosen.size:
                 axes.hist(chosen, bins=edges, alpha=0.55, color=color, label=f"{name} ({chosen.size})")
+        if detail.reference_scores.size:  # what the threshold was set from: a drift shows as a gap to these
+            axes.hist(
+                detail.reference_scores,
+                bins=edges,
+                histtype="step",
+                color="black",
+                linewidth=1.2,
+                label=f"calibration's good images ({detail.reference_scores.size})",
+            )
     else:
         axes.text(0.5, 0.5, "no scored images", ha="center", va="center")
     lines = [
@@ -304,19 +316,21 @@ def _category_figure(detail: CategoryDetail, entry: dict) -> str:
 
 def threshold_origin(entry: dict) -> str:
     """Where the deployed threshold came from and how it was set, in words, for the report."""
-    record, source = entry.get("calibration"), entry.get("threshold_source")
+    record, source, point = entry.get("calibration"), entry.get("threshold_source"), entry.get("operating_point")
     if source is None:
         return "unknown: no checkpoint reachable and no score_norm in the rows"
     if source != "checkpoint":
-        return f"implied by the rows ({source}): the model's checkpoint was not reachable"
+        return f"implied by the rows ({source}): the model's checkpoint was not reachable, its stored decisions stand"
+    images = "held-out good images" if point.get("id") == "training" else f"good images ({point.get('source')})"
+    where = f"operating point {point.get('id')} of the checkpoint"
     if not record:
-        return "from the checkpoint: the maximum of the validation scores (written before calibration was recorded)"
+        return f"{where}: the maximum of the validation scores (written before calibration was recorded)"
     if record.get("method") == "max":
-        return f"from the checkpoint: the maximum of {record.get('n_val')} validation scores"
-    bound = "the validation maximum, above the fit" if record.get("bound") == "val_max" else "the fit"
+        return f"{where}: the maximum of {record.get('n_val')} {images}"
+    bound = "the largest good score, above the fit" if record.get("bound") == "val_max" else "the fit"
     return (
-        f"from the checkpoint: {record.get('method')} fit to {record.get('n_val')} held-out good images, "
-        f"target false-alarm rate {_fmt(record.get('target_far'), 4)} (binding: {bound})"
+        f"{where}: {record.get('method')} fit to {record.get('n_val')} {images}, target false-alarm rate "
+        f"{_fmt(record.get('target_far'), 4)} (binding: {bound})"
     )
 
 
@@ -440,6 +454,7 @@ def render_html(result: dict, details: list[CategoryDetail]) -> str:
         defects=defects,
         defect_rows=defect_rows,
         n_inputs_shown=N_INPUTS_SHOWN,
+        drifted=[(name, entry["drift"]) for name, entry in result["categories"].items() if entry["drift"]["detected"]],
     )
 
 

@@ -40,6 +40,7 @@ import torch
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
+from stfpm_ray.core.checkpoint import CheckpointMeta
 from stfpm_ray.core.model import resolve_precision
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE, ScoreSettings, ScoringModels, cpu_chunk, score_block
 from stfpm_ray.data.plan import Plan, decode_block
@@ -87,7 +88,13 @@ class Scorer:
     """A scoring actor: :func:`~stfpm_ray.core.score.score_block` on each batch, plus a progress record per
     process that the driver shows while the run goes and publishes in the manifest."""
 
-    def __init__(self, checkpoints: dict[str, str], options: ScoringOptions, table: ScoresTable, run_id: str) -> None:
+    def __init__(
+        self,
+        checkpoints: dict[str, tuple[str, CheckpointMeta]],
+        options: ScoringOptions,
+        table: ScoresTable,
+        run_id: str,
+    ) -> None:
         torch.set_num_threads(options.threads)
         if options.device == "cuda":
             torch.backends.cudnn.benchmark = True  # one input size per category: pick the fastest kernels once
@@ -181,7 +188,7 @@ def decode_stage(planned: Plan, sources: list[tuple[pafs.FileSystem, str]]) -> r
 def score_plan(
     planned: Plan,
     sources: list[tuple[pafs.FileSystem, str]],
-    checkpoints: dict[str, str],
+    checkpoints: dict[str, tuple[str, CheckpointMeta]],
     options: ScoringOptions,
     table: ScoresTable,
     run_id: str,
@@ -189,7 +196,7 @@ def score_plan(
 ) -> list[DataFile]:
     """Decode, score and write a plan on the Ray cluster; returns the files written (not yet published).
 
-    ``checkpoints`` maps each category to its checkpoint folder. Connects to Ray with
+    ``checkpoints`` maps each category to its checkpoint folder and the metadata the run validated. Connects to Ray with
     :func:`~stfpm_ray.ray.session.init_ray` if it is not initialised yet.
     """
     init_ray()

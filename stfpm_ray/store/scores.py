@@ -208,6 +208,11 @@ class ScoresTable:
         """The live rows as a pyarrow dataset: only files of the chosen version, never staged or removed ones."""
         return self.delta(version).to_pyarrow_dataset()
 
+    def run_rows(self, version: int, run_id: str, columns: list[str]) -> pa.Table:
+        """The rows one run wrote, as of ``version``; the filter reaches the Parquet reader and the files'
+        statistics, so other runs' files are skipped."""
+        return self.dataset(version).to_table(columns=columns, filter=pc.field("run_id") == run_id)
+
     def history(self) -> list[dict[str, Any]]:
         """``[{version, timestamp, operation, manifest}]``, newest first; manifest None for foreign commits.
 

@@ -36,12 +36,18 @@ def new_anomalies(out_dir: str, summary: ScoreSummary, top: int = DEFAULT_TOP) -
     up to ``top`` per category; ``anomalous`` always counts them all.
     """
     categories: dict[str, dict[str, Any]] = {
-        name: {"scored": 0, "errors": 0, "skipped": counts.skipped, "anomalous": 0, "anomalies": []}
+        name: {
+            "scored": 0,
+            "errors": 0,
+            "skipped": counts.skipped,
+            "anomalous": 0,
+            "anomalies": [],
+            "drift": summary.drift.get(name),
+        }
         for name, counts in summary.counts.items()
     }
     if summary.version is not None:
-        dataset = ScoresTable(out_dir).dataset(summary.version)
-        table = dataset.to_table(columns=REPORT_COLUMNS, filter=pc.field("run_id") == summary.run_id)
+        table = ScoresTable(out_dir).run_rows(summary.version, summary.run_id, REPORT_COLUMNS)
         for name, entry in categories.items():
             rows = table.filter(pc.equal(table["category"], name))
             anomalous = rows.filter(pc.fill_null(rows["is_anomalous"], False)).sort_by([("score_norm", "descending")])
@@ -53,6 +59,8 @@ def new_anomalies(out_dir: str, summary: ScoreSummary, top: int = DEFAULT_TOP) -
             )
     return {
         "run_id": summary.run_id,
+        # categories whose operating point did not hold: their anomalies are not to be trusted as they stand
+        "drifted": summary.drifted,
         "out_dir": str(out_dir),
         "version": summary.version,
         "created_at": datetime.now(timezone.utc).isoformat(),
@@ -70,12 +78,18 @@ def write_report(out_dir: str, report: dict[str, Any]) -> str:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The per-category table and the most anomalous new images, for the job's log."""
+    """The job's log: first the categories whose operating point did not hold (the scoring step said why), then
+    the per-category table and the most anomalous new images."""
     categories = report["categories"]
+    drifted = [
+        f"operating point did not hold for {name}: its {categories[name]['anomalous']} flagged images are not "
+        "to be trusted as they stand"
+        for name in report["drifted"]
+    ]
     keys = ("scored", "errors", "skipped", "anomalous")
     rows = [(name, *(c[key] for key in keys)) for name, c in categories.items()]
     rows.append(("total", *(sum(c[key] for c in categories.values()) for key in keys)))
-    lines = [fixed_width_table(("category", *keys), rows)]
+    lines = [*drifted, fixed_width_table(("category", *keys), rows)]
     for name, c in categories.items():
         for row in c["anomalies"]:
             lines.append(f"  {name}: {row['score_norm']:.3f} x threshold  {row['path']}")

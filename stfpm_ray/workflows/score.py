@@ -13,6 +13,9 @@ The steps, in the order an operator would list them:
 4. **Score on Ray** (:mod:`stfpm_ray.ray.pipeline`): decode tasks, an actor pool of scorers, write tasks.
 5. **Publish** (:meth:`stfpm_ray.store.publish.TableRun.publish`): exactly one row per planned image, the
    retried error rows retired, the manifest recorded, one Delta commit.
+6. **Check the operating points** (:mod:`stfpm_ray.evaluate.drift`): per category, whether this run's scores
+   keep the false-alarm rate each threshold promised; one line per category where they do not, with what to
+   do about it.
 
 Reading the output (``OUT_DIR`` is the ``--out`` table; these lines decode one anomaly map)::
 
@@ -43,9 +46,11 @@ from stfpm_ray.data.images import IMAGE_EXTENSIONS
 from stfpm_ray.data.listing import Listing, list_images
 from stfpm_ray.data.plan import SPLITS, CategoryCounts, Plan, plan
 from stfpm_ray.errors import InputNotFoundError, UserError
+from stfpm_ray.evaluate.drift import drift_line, run_drift
 from stfpm_ray.progress import Progress, fixed_width_table, log_progress
 from stfpm_ray.ray.pipeline import ScoringOptions, score_plan
 from stfpm_ray.store.publish import new_run_id, table_run
+from stfpm_ray.store.scores import ScoresTable
 
 
 @dataclass
@@ -59,10 +64,16 @@ class ScoreSummary:
     files_written: int = 0
     seconds: float = 0.0
     version: int | None = None  # the table version this run committed
+    drift: dict[str, dict] = field(default_factory=dict)  # per category: did its operating point hold?
 
     @property
     def error_rows(self) -> int:
         return sum(counts.error for counts in self.counts.values())
+
+    @property
+    def drifted(self) -> list[str]:
+        """The categories whose operating point did not hold in this run."""
+        return sorted(name for name, drift in self.drift.items() if drift["detected"])
 
     def table(self) -> str:
         """The per-category ok/error/skipped counts as aligned text."""
@@ -109,8 +120,7 @@ def score_images(
         progress(
             f"{listing.files.num_rows} images: {planned.images} to score, {planned.skipped} already scored (skipped)"
         )
-        folders = {name: folder for name, (folder, _) in models.items()}
-        files = score_plan(planned, listing.sources, folders, options, run.table, run_id, progress)
+        files = score_plan(planned, listing.sources, models, options, run.table, run_id, progress)
         manifest = _manifest(run_id, started, mode, inputs, checkpoints, models, options, listing)
         published = run.publish(files, planned.paths, manifest, planned.skipped_by_category)
     for name, tally in published.counts.items():
@@ -121,7 +131,16 @@ def score_images(
         f"wrote {summary.rows_written} rows in {summary.files_written} files to {summary.out_dir} "
         f"(table version {summary.version}, {summary.seconds:.1f} s)"
     )
+    summary.drift = _drift(run.table, summary, models)
+    for name in summary.drifted:
+        progress(drift_line(name, summary.drift[name], str(checkpoints)))
     return summary
+
+
+def _drift(table: ScoresTable, summary: ScoreSummary, models: dict[str, tuple[str, CheckpointMeta]]) -> dict:
+    """Per category, whether this run's rows kept the promise of the operating point that decided them."""
+    rows = table.run_rows(summary.version, summary.run_id, ["category", "score", "label", "status"])
+    return run_drift(rows, {name: meta.operating_point for name, (_, meta) in models.items()})
 
 
 def _usable_checkpoints(
@@ -178,6 +197,7 @@ def _manifest(
         "inputs": inputs,
         "checkpoints": str(checkpoints),
         "model_ids": {name: meta.model_id for name, (_, meta) in sorted(models.items())},
+        "operating_points": {name: meta.operating_point.id for name, (_, meta) in sorted(models.items())},
         "map_size": options.map_size,
         "batch_size": options.batch_size,
         "precision": options.precision,

@@ -1,0 +1,37 @@
+"""``stfpm-ray calibrate``: a new operating point from known-good images, no retraining (see
+:mod:`stfpm_ray.workflows.calibrate`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from stfpm_ray.cli.flags import add_config_options, print_config
+from stfpm_ray.workflows.calibrate import calibrate
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoints", required=True, metavar="CKPT_DIR", help="folder of <category>/ checkpoints")
+    parser.add_argument(
+        "--good",
+        required=True,
+        nargs="+",
+        metavar="PATH_OR_URI",
+        help="images known to be good, from the conditions to calibrate for (a handful to a few dozen): folders, "
+        "files, s3:// or gs:// prefixes",
+    )
+    parser.add_argument("--category", help="the category to calibrate (may be left out with one checkpoint)")
+    parser.add_argument(
+        "--target-far",
+        type=float,
+        default=None,
+        help="false-alarm rate on good images the new threshold is set for (default: the target of the "
+        "operating point in force)",
+    )
+    add_config_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.print_config:
+        return print_config(args)
+    calibrate(args.checkpoints, args.good, category=args.category, target_far=args.target_far)
+    return 0

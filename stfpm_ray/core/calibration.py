@@ -1,0 +1,141 @@
+"""Operating points: the threshold that decides ``is_anomalous``, set from known-good images alone.
+
+An operating point promises a false-alarm rate on good images (``target_far``). Training sets the first one
+from the held-out good validation images; ``stfpm-ray calibrate`` adds later ones from a handful of good
+images of new conditions (a later day, another lighting), without retraining: a checkpoint keeps every
+operating point it has had, the newest in force. Each one keeps the good scores it was set from, the
+reference a scoring run compares its own scores with (:mod:`stfpm_ray.evaluate.drift`).
+
+The threshold model (:func:`calibration`): the maximum of a few dozen validation scores is no operating
+point (with n images the next good image exceeds it with probability 1/(n+1), so 8 validation images flag
+about 11% of good parts). The log scores are taken as Gaussian (scores are maxima of products of distances:
+positive, right-skewed) and the threshold is the upper ``1 - target_far`` prediction bound,
+``mean + t(n-1) * std * sqrt(1 + 1/n)``: with the Student t quantile, a new good image exceeds it with
+probability ``target_far`` exactly under that model, whatever n, where a plug-in Gaussian quantile would
+under-shoot at small n. The threshold never falls below the largest good score, so none of the images it was
+set from is flagged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from scipy.stats import t as student_t
+
+CALIBRATION_METHOD = "lognormal-t"
+# The fewest good scores a threshold is fitted to; fewer leave the maximum (method "max").
+MIN_FIT_IMAGES = 3
+# The id of the operating point set at training.
+TRAINING_POINT = "training"
+
+
+def calibration(scores: np.ndarray, target_far: float) -> tuple[float, dict[str, float], dict[str, Any]]:
+    """Threshold at ``target_far`` false alarms on good images, from good scores alone (see the module doc).
+
+    Fewer than ``MIN_FIT_IMAGES`` scores, or a non-positive one, leave the maximum (method ``max``). Returns
+    (threshold, score statistics, the record a checkpoint stores, which keeps the scores themselves).
+    """
+    val_max = float(scores.max())
+    stats = {
+        "val_count": float(len(scores)),
+        "val_mean": float(scores.mean()),
+        "val_std": float(scores.std()),
+        "val_min": float(scores.min()),
+        "val_max": val_max,
+    }
+    record: dict[str, Any] = {
+        "method": "max",
+        "target_far": target_far,
+        "n_val": len(scores),
+        "val_max": val_max,
+        "scores": [float(v) for v in scores],
+    }
+    if len(scores) < MIN_FIT_IMAGES or not (scores > 0).all():
+        return val_max, stats, record
+    logs = np.log(scores)
+    log_mean, log_std = float(logs.mean()), float(logs.std(ddof=1))
+    factor = float(student_t.ppf(1.0 - target_far, df=len(scores) - 1) * np.sqrt(1.0 + 1.0 / len(scores)))
+    fitted = float(np.exp(log_mean + factor * log_std))
+    record.update(
+        method=CALIBRATION_METHOD,
+        log_mean=log_mean,
+        log_std=log_std,
+        t_factor=factor,
+        fitted_threshold=fitted,
+        bound="fit" if fitted >= val_max else "val_max",
+    )
+    return max(fitted, val_max), stats, record
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One operating point of a checkpoint: its threshold, its promise, and the good scores it came from.
+
+    ``scores`` is empty for checkpoints written before operating points kept them; ``source`` says where
+    the good images came from (``training``: the held-out validation images).
+    """
+
+    id: str
+    threshold: float
+    target_far: float
+    method: str
+    source: str
+    created_at: str | None = None
+    scores: tuple[float, ...] = ()
+    record: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def summary(self) -> dict[str, Any]:
+        """The point as reports show it (its scores left out)."""
+        return {
+            "id": self.id,
+            "threshold": self.threshold,
+            "target_far": self.target_far,
+            "method": self.method,
+            "source": self.source,
+            "created_at": self.created_at,
+            "n_images": len(self.scores) or None,
+        }
+
+
+def training_point(threshold: float, record: dict[str, Any]) -> OperatingPoint:
+    """The operating point training set (``record`` is the checkpoint's ``calibration``; empty for checkpoints
+    older than the record, whose threshold is the validation maximum)."""
+    return OperatingPoint(
+        id=TRAINING_POINT,
+        threshold=float(threshold),
+        target_far=float(record.get("target_far", float("nan"))),
+        method=str(record.get("method", "max")),
+        source="training: held-out good validation images",
+        scores=tuple(float(v) for v in record.get("scores", ())),
+        record=dict(record),
+    )
+
+
+def later_point(record: dict[str, Any]) -> OperatingPoint:
+    """An operating point ``calibrate`` added, from its stored record."""
+    return OperatingPoint(
+        id=str(record["id"]),
+        threshold=float(record["threshold"]),
+        target_far=float(record["target_far"]),
+        method=str(record["method"]),
+        source=str(record["source"]),
+        created_at=record.get("created_at"),
+        scores=tuple(float(v) for v in record.get("scores", ())),
+        record=dict(record),
+    )
+
+
+def new_point(scores: np.ndarray, target_far: float, source: str, existing: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The record of an operating point set from the good ``scores`` of ``source``, numbered after ``existing``."""
+    threshold, _, record = calibration(scores, target_far)
+    return {
+        **record,
+        "id": f"calibrate-{len(existing) + 1}",
+        "threshold": threshold,
+        "source": source,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

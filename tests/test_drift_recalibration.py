@@ -1,0 +1,90 @@
+"""A later day that drifts, end to end: `score` detects that the operating point no longer holds and says so
+(exit status 4), `calibrate` sets a new one from ten known-good images of that day, and the rows already in the
+table are decided again by `evaluate` without rescoring; the next night decides with the new point.
+
+The later day is the same synthetic category captured again (another seed) by a noisier camera: Gaussian
+sensor noise of 10 grey levels, which lifts every image's score while keeping good and defective apart.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stfpm_ray import cli
+from stfpm_ray.core.checkpoint import save_checkpoint
+from stfpm_ray.core.fit import TrainConfig, fit_category
+from stfpm_ray.data.synth import generate_dataset
+from stfpm_ray.store.scores import ScoresTable
+
+pytestmark = pytest.mark.slow
+
+CATEGORY = "weave"
+NOISE = 10.0
+TARGET_FAR = 0.05
+
+
+def _noisy_copy(source: Path, target: Path, seed: int) -> None:
+    pixels = np.asarray(Image.open(source).convert("RGB"), dtype=np.float64)
+    pixels += np.random.default_rng(seed).normal(0.0, NOISE, pixels.shape)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8)).save(target)
+
+
+def _later_day(raw: Path, archive: Path, known_good: Path) -> None:
+    """The day's archive in the MVTec layout (its test images and 30 more good ones, labelled by their folders),
+    and ten other good images of the day that the operator knows to be good."""
+    captures = raw / CATEGORY
+    for index, image in enumerate(sorted(captures.glob("test/*/*.png"))):
+        _noisy_copy(image, archive / CATEGORY / image.relative_to(captures), seed=index)
+    shutil.copytree(captures / "ground_truth", archive / CATEGORY / "ground_truth")
+    good = sorted(captures.glob("train/good/*.png"))
+    for index, image in enumerate(good[:10]):
+        _noisy_copy(image, known_good / image.name, seed=1000 + index)
+    for index, image in enumerate(good[10:]):
+        _noisy_copy(image, archive / CATEGORY / "test" / "good" / f"day-{image.name}", seed=2000 + index)
+
+
+def test_a_drifted_day_is_detected_and_ten_good_images_of_it_restore_the_operating_point(ray_session, tmp_path, capsys):
+    day1, raw, archive, known_good = (tmp_path / name for name in ("day1", "raw", "archive", "known-good"))
+    generate_dataset(day1, categories=1, size=64, n_train=40, n_test=20, seed=0)
+    generate_dataset(raw, categories=1, size=64, n_train=40, n_test=60, seed=1)
+    config = TrainConfig(image_size=64, epochs=20, weights="offline", target_far=TARGET_FAR)
+    result = fit_category(day1, CATEGORY, config)
+    checkpoints = tmp_path / "ckpt"
+    save_checkpoint(checkpoints / CATEGORY, result.model.student, result.meta)
+    _later_day(raw, archive, known_good)
+    scores, ckpt = tmp_path / "scores", str(checkpoints)
+
+    # the day is scored with the training day's operating point: it no longer holds, and the run says so
+    assert cli.main(["score", "--checkpoints", ckpt, "--input", str(archive), "--out", str(scores)]) == 4
+    printed = capsys.readouterr().out
+    assert f"{CATEGORY}: the operating point (training) no longer holds: labelled good images: " in printed
+    assert f"stfpm-ray calibrate --checkpoints {ckpt} --category {CATEGORY} --good FOLDER" in printed
+    assert ScoresTable(str(scores)).history()[0]["manifest"]["operating_points"] == {CATEGORY: "training"}
+
+    # ten good images of the day set a new operating point; the table's rows are decided again when read
+    assert cli.main(["calibrate", "--checkpoints", ckpt, "--category", CATEGORY, "--good", str(known_good)]) == 0
+    assert cli.main(["evaluate", "--scores", str(scores), "--out", str(tmp_path / "report")]) == 0
+    entry = json.loads((tmp_path / "report" / "metrics.json").read_text())["categories"][CATEGORY]
+    assert entry["operating_point"]["id"] == "calibrate-1" and not entry["drift"]["detected"]
+    assert entry["n_good"] == 54 and entry["n_defective"] > 20 and entry["n_decided_anew"] > 0
+    assert entry["image_auroc"] >= 0.99  # the ranking allows it, so:
+    assert entry["false_alarm_rate"] <= 2 * TARGET_FAR and entry["recall"] >= 0.9
+    assert [point["id"] for point in entry["operating_history"]] == ["training", "calibrate-1"]
+
+    # the next night of the same conditions is decided with the new point, which holds
+    night = tmp_path / "night-2"
+    generate_dataset(tmp_path / "raw-2", categories=1, size=64, n_train=24, n_test=2, seed=2)
+    for index, image in enumerate(sorted((tmp_path / "raw-2" / CATEGORY / "train" / "good").glob("*.png"))):
+        _noisy_copy(image, night / image.name, seed=3000 + index)
+    argv = ["nightly", "--checkpoints", ckpt, "--input", str(night), "--out", str(scores), "--category", CATEGORY]
+    assert cli.main(argv) == 0
+    report = json.loads(next((scores / "_reports").glob("nightly-*.json")).read_text())
+    assert report["drifted"] == [] and report["categories"][CATEGORY]["drift"]["operating_point"] == "calibrate-1"
+    assert report["categories"][CATEGORY]["anomalous"] <= 3  # of 24 good images, at a 5% target
