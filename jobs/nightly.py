@@ -8,9 +8,12 @@ directory) and always runs it ``--incremental``: images that already have an ``o
 model are skipped, so a nightly run costs what arrived since the last one;
 error rows are retried and replaced, and a run that failed is simply run again. The report lists, per
 category, this run's rows with ``is_anomalous`` true (read from the table version the run committed) and is
-written to ``OUT/_reports/nightly-<run_id>.json`` beside the table. Exit status: 0 when every row is ok,
-whatever it found; 3 when error rows were written (unreadable images, unusable checkpoints); 2 for a user
-error (nothing written, e.g. another run holds the table's lease).
+written to ``OUT/_reports/nightly-<run_id>.json`` beside the table, first listing the categories whose
+operating point did not hold. Exit status: 0 when every row is ok and every operating point held, whatever it
+found; 3 when error rows were written (unreadable images, unusable checkpoints); 4 when a category's operating
+point did not hold (its flagged images are not to be trusted until the line is checked or the category
+recalibrated with ``jobs/calibrate.py``); 2 for a user error (nothing written, e.g. another run holds the
+table's lease).
 """
 
 import sys

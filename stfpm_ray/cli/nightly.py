@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit status 0 when every row is ok, whatever it found; 3 when error rows were written."""
+    """Exit status 0 when every row is ok and every operating point held, whatever it found; 3 when error rows
+    were written; 4 when a category's operating point did not hold."""
     if getattr(args, "overwrite", False):
         raise UserError("nightly runs are incremental; --overwrite would drop earlier nights' rows")
     vars(args).pop("incremental", None)  # what nightly always does: not part of its configuration

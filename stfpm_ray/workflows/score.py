@@ -27,9 +27,10 @@ Reading the output (``OUT_DIR`` is the ``--out`` table; these lines decode one a
     anomaly_map = png / 65535 * row.map_scale  # map_size x map_size float32, max = map_scale
 
 ``score`` is the raw image score (maximum of the full-resolution map), ``score_norm = score / threshold``
-and ``is_anomalous = score > threshold``, with the threshold the checkpoint derived from held-out good
-images. The table holds one row per (path, model_id): several models appear for one path when the
-checkpoints change between runs, and an error row is replaced when a later run scores its image.
+and ``is_anomalous = score > threshold``, with the threshold of the checkpoint's operating point in force
+(set from good images alone: at training, or later by ``stfpm-ray calibrate``). The table holds one row per
+(path, model_id): several models appear for one path when the checkpoints change between runs, and an error
+row is replaced when a later run scores its image.
 """
 
 from __future__ import annotations

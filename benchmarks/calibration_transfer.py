@@ -1,0 +1,163 @@
+"""Which threshold keeps its promise on a later day? Calibrations compared on shifted copies of real test sets.
+
+A nightly archive is captured after the training images, and any real line drifts in between (lighting,
+camera, pose). For trained checkpoints (e.g. of ``stfpm-ray benchmark``) this script rebuilds each category's
+held-out validation images (the checkpoint's own split), scores them and the labelled test split through the
+deployed scoring path, and then, for each "later day" (the test images unchanged, or shifted in exposure,
+scale or sensor noise), counts the false alarms on good images and the recall on defective ones at the
+thresholds of several calibrations:
+
+* ``lognormal-t``: the default (:func:`stfpm_ray.core.calibration.calibration`): a log-normal prediction bound
+  from the validation scores, never below their maximum;
+* ``robust``: the same bound with the median and the scaled median absolute deviation of the log scores, and
+  no floor at the maximum, so that one outlying validation image does not set the threshold;
+* ``val max``: the largest validation score;
+* ``adaptive``: the night's own scores set the threshold: the validation bound's distance from the validation
+  median, in robust spreads, applied to the night's median and spread (``--threshold adaptive`` for archives
+  where anomalies are rare); the night here holds the day's good images and 5% defective ones;
+* ``recalibrated``: ``stfpm-ray calibrate``'s threshold from ``--recalibrate`` good images of the day; its false
+  alarms are counted on the day's other good images.
+
+Test labels are read only here, to count.
+
+    python benchmarks/calibration_transfer.py --checkpoints runs/real256/checkpoints --data ../shared/data/mvtec
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from stfpm_ray.core.calibration import calibration
+from stfpm_ray.core.checkpoint import discover_checkpoints
+from stfpm_ray.core.fit import split_train_val
+from stfpm_ray.core.score import load_scoring_model
+from stfpm_ray.data.images import load_image
+from stfpm_ray.data.mvtec import test_samples, train_images
+from stfpm_ray.progress import fixed_width_table
+
+Shift = Callable[[np.ndarray, int], np.ndarray]
+
+
+def _exposure(factor: float) -> Shift:
+    return lambda image, _: np.clip(image.astype(np.float64) * factor + 0.5, 0, 255).astype(np.uint8)
+
+
+def _zoom(factor: float) -> Shift:
+    def shift(image: np.ndarray, _: int) -> np.ndarray:
+        size = image.shape[0]
+        crop = int(round(size / factor))
+        start = (size - crop) // 2
+        inner = Image.fromarray(image[start : start + crop, start : start + crop])
+        return np.asarray(inner.resize((size, size), Image.Resampling.BILINEAR))
+
+    return shift
+
+
+def _noise(sigma: float) -> Shift:
+    def shift(image: np.ndarray, index: int) -> np.ndarray:
+        noisy = image + np.random.default_rng(index).normal(0.0, sigma, image.shape)
+        return np.clip(noisy + 0.5, 0, 255).astype(np.uint8)
+
+    return shift
+
+
+DAYS: dict[str, Shift] = {
+    "same day": lambda image, _: image,
+    "exposure -15%": _exposure(0.85),
+    "exposure +15%": _exposure(1.15),
+    "zoom +5%": _zoom(1.05),
+    "sensor noise 5": _noise(5.0),
+}
+
+
+def robust_threshold(scores: np.ndarray, target_far: float) -> float:
+    """The log-normal prediction bound with median and scaled MAD, not floored at the maximum."""
+    logs = np.log(scores)
+    centre, spread = np.median(logs), 1.4826 * np.median(np.abs(logs - np.median(logs)))
+    _, _, record = calibration(scores, target_far)
+    return float(np.exp(centre + record["t_factor"] * spread))
+
+
+def adaptive_threshold(val: np.ndarray, night: np.ndarray, target_far: float) -> float:
+    """The validation bound's distance from the validation median, in robust spreads, applied to the night."""
+
+    def centre_spread(scores: np.ndarray) -> tuple[float, float]:
+        logs = np.log(scores)
+        return float(np.median(logs)), float(1.4826 * np.median(np.abs(logs - np.median(logs))))
+
+    v_centre, v_spread = centre_spread(val)
+    z = (np.log(robust_threshold(val, target_far)) - v_centre) / v_spread
+    n_centre, n_spread = centre_spread(night)
+    return float(np.exp(n_centre + z * n_spread))
+
+
+def _scores(model, images: list[np.ndarray], shift: Shift) -> np.ndarray:
+    batch = np.stack([shift(image, index) for index, image in enumerate(images)])
+    tensor = torch.from_numpy(batch).permute(0, 3, 1, 2)
+    chunks = [model.predict(tensor[i : i + 8])[1] for i in range(0, len(tensor), 8)]
+    return torch.cat(chunks).numpy().astype(np.float64)
+
+
+def _rate(flagged: np.ndarray) -> str:
+    return f"{flagged.mean():.3f} ({int(flagged.sum())}/{flagged.size})"
+
+
+def category_rows(root: str, name: str, folder: str, args: argparse.Namespace) -> list[tuple]:
+    """One table row per (day, calibration) of one category."""
+    model, meta = load_scoring_model(folder)
+    size, training = meta.image_size, meta.training
+    _, val_paths = split_train_val(train_images(root, name), training["val_fraction"], training["seed"])
+    val = _scores(model, [load_image(p, size) for p in val_paths], DAYS["same day"])
+    samples = test_samples(root, name)
+    images = [load_image(s.path, size) for s in samples]
+    labels = np.array([s.label for s in samples])
+    target = args.far
+    fixed = {
+        "lognormal-t": calibration(val, target)[0],
+        "robust": robust_threshold(val, target),
+        "val max": float(val.max()),
+    }
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for day, shift in DAYS.items():
+        scores = _scores(model, images, shift)
+        good, defective = scores[labels == 0], scores[labels == 1]
+        order = rng.permutation(good.size)
+        known, rest = good[order[: args.recalibrate]], good[order[args.recalibrate :]]
+        night = np.concatenate([rest, defective[: max(1, round(0.05 * rest.size))]])
+        thresholds = {
+            **fixed,
+            "adaptive": adaptive_threshold(val, night, target),
+            "recalibrated": calibration(known, target)[0],
+        }
+        for method, threshold in thresholds.items():
+            judged = rest if method == "recalibrated" else good
+            rows.append(
+                (name, day, method, f"{threshold:.4g}", _rate(judged > threshold), _rate(defective > threshold))
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoints", required=True, help="folder of <category>/ checkpoints")
+    parser.add_argument("--data", required=True, help="the MVTec-layout root they were trained on")
+    parser.add_argument("--far", type=float, default=0.05, help="target false-alarm rate")
+    parser.add_argument("--recalibrate", type=int, default=10, help="good images of the day given to calibrate")
+    parser.add_argument("--seed", type=int, default=0, help="which good images of the day are the known ones")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    found, problems = discover_checkpoints(args.checkpoints)
+    rows = [row for name, (folder, _) in sorted(found.items()) for row in category_rows(args.data, name, folder, args)]
+    print(fixed_width_table(("category", "day", "calibration", "threshold", "FAR on good", "recall"), rows, rule=True))
+    for name, problem in problems.items():
+        print(f"skipped {name}: {problem}")
+
+
+if __name__ == "__main__":
+    main()
