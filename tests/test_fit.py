@@ -69,11 +69,31 @@ def test_record_and_floor_at_the_validation_maximum():
     assert record["t_factor"] == pytest.approx(factor)
     assert record["fitted_threshold"] == pytest.approx(math.exp(logs.mean() + factor * logs.std(ddof=1)))
     assert threshold == max(record["fitted_threshold"], 0.40) and record["val_max"] == normalization["val_max"] == 0.40
+    assert record["floor_rank"] == 1 and record["floor"] == 0.40  # 8 images at 1%: the largest score
     assert record["bound"] == ("fit" if record["fitted_threshold"] >= 0.40 else "val_max")
-    # a loose target puts the fit below an outlying maximum: the maximum still binds, no good image is flagged
+    # a loose target allows flagging some good images: the floor is the 2nd largest (k = floor(9 * 0.3)), so
+    # the outlying maximum does not set the threshold
     loose, _, loose_record = calibration(scores, 0.3)
-    assert loose == 0.40 and loose_record["bound"] == "val_max" and loose_record["fitted_threshold"] < 0.40
+    assert loose_record["floor_rank"] == 2 and loose_record["floor"] == 0.26
+    assert loose == max(loose_record["fitted_threshold"], 0.26) < 0.40
     json.dumps(record)  # stored in stfpm.json
+
+
+def test_one_outlying_good_image_does_not_set_the_threshold_of_a_large_validation_set():
+    """88 validation images at 5% (elpv_mono's count): the floor is the 4th largest score, not the outlier."""
+    scores = np.random.default_rng(0).lognormal(-2.5, 0.25, 88)
+    scores[0] = 3 * scores.max()
+    threshold, _, record = calibration(scores, 0.05)
+    assert record["floor_rank"] == 4 and threshold < scores[0] / 2
+    assert threshold == max(record["fitted_threshold"], np.sort(scores)[-4])
+
+
+@pytest.mark.parametrize("n", [40, 64, 120])
+def test_the_order_statistic_floor_keeps_the_target_on_heavy_tailed_scores(n):
+    """Where the log-normal fit is too light for the scores' tail, the k-th largest score still holds the
+    target in expectation (k/(n+1) <= target, whatever the distribution); the maximum would hold 1/(n+1)."""
+    new, old = _population_far(stats.pareto(3.0, scale=0.1), n, target=0.05)
+    assert new.mean() <= 0.05 * 1.1 and old.mean() == pytest.approx(1 / (n + 1), rel=0.2)
 
 
 @pytest.mark.parametrize("scores", [np.array([0.3, 0.2]), np.array([0.3, 0.0, 0.2, 0.25])])

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-from stfpm_ray.cli.flags import add_config_options, print_config
+from stfpm_ray.cli.flags import add_checkpoints, add_config_options, print_config
 from stfpm_ray.workflows.calibrate import calibrate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoints", required=True, metavar="CKPT_DIR", help="folder of <category>/ checkpoints")
+    add_checkpoints(parser)
     parser.add_argument(
         "--good",
         required=True,

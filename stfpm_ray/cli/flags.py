@@ -54,6 +54,11 @@ class Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def add_checkpoints(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoints``, as the verbs that use trained models (score, nightly, calibrate) take it."""
+    parser.add_argument("--checkpoints", required=True, metavar="CKPT_DIR", help="folder of <category>/ checkpoints")
+
+
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from stfpm_ray.cli.flags import Deprecated, add_config_options
+from stfpm_ray.cli.flags import Deprecated, add_checkpoints, add_config_options
 from stfpm_ray.core.fit import TrainConfig
 from stfpm_ray.core.model import PRECISIONS
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE
@@ -198,7 +198,7 @@ def add_score_arguments(parser: argparse.ArgumentParser, table_modes: bool = Tru
     (``--incremental``/``--overwrite``: it is always incremental). ``--batch-size`` was the scoring
     batch here until ``--batch-size`` came to mean the training batch everywhere; nightly cron lines still
     pass it, hence one release of grace."""
-    parser.add_argument("--checkpoints", required=True, metavar="CKPT_DIR", help="folder of <category>/ checkpoints")
+    add_checkpoints(parser)
     parser.add_argument(
         "--input",
         required=True,

@@ -12,12 +12,20 @@ about 11% of good parts). The log scores are taken as Gaussian (scores are maxim
 positive, right-skewed) and the threshold is the upper ``1 - target_far`` prediction bound,
 ``mean + t(n-1) * std * sqrt(1 + 1/n)``: with the Student t quantile, a new good image exceeds it with
 probability ``target_far`` exactly under that model, whatever n, where a plug-in Gaussian quantile would
-under-shoot at small n. The threshold never falls below the largest good score, so none of the images it was
-set from is flagged.
+under-shoot at small n.
+
+Real good scores have heavier tails than a log-normal (screw), so the fit alone can promise too little; the
+threshold therefore never falls below the k-th largest good score, ``k = max(1, floor((n + 1) * target_far))``,
+a bound that holds whatever the distribution: a new good image exceeds the k-th largest of n exchangeable good
+scores with probability k/(n+1) <= target_far. Below 2/target_far - 1 images (39 at 5%) k is 1, the largest
+score; above, one outlying good image no longer sets the threshold, which the largest score let it do (on the
+shared elpv_mono, 88 validation images at 5%: a threshold 2.7 times the next score, catching 60% of the
+defects instead of 76%, at 0% false alarms where the target allowed 5%; README: Operating point).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,8 +44,9 @@ TRAINING_POINT = "training"
 def calibration(scores: np.ndarray, target_far: float) -> tuple[float, dict[str, float], dict[str, Any]]:
     """Threshold at ``target_far`` false alarms on good images, from good scores alone (see the module doc).
 
-    Fewer than ``MIN_FIT_IMAGES`` scores, or a non-positive one, leave the maximum (method ``max``). Returns
-    (threshold, score statistics, the record a checkpoint stores, which keeps the scores themselves).
+    The larger of the log-normal fit and the order-statistic floor (``bound`` says which binds). Fewer than
+    ``MIN_FIT_IMAGES`` scores, or a non-positive one, leave the maximum (method ``max``). Returns (threshold,
+    score statistics, the record a checkpoint stores, which keeps the scores themselves).
     """
     val_max = float(scores.max())
     stats = {
@@ -60,15 +69,19 @@ def calibration(scores: np.ndarray, target_far: float) -> tuple[float, dict[str,
     log_mean, log_std = float(logs.mean()), float(logs.std(ddof=1))
     factor = float(student_t.ppf(1.0 - target_far, df=len(scores) - 1) * np.sqrt(1.0 + 1.0 / len(scores)))
     fitted = float(np.exp(log_mean + factor * log_std))
+    rank = max(1, math.floor((len(scores) + 1) * target_far))
+    floor = float(np.sort(scores)[len(scores) - rank])
     record.update(
         method=CALIBRATION_METHOD,
         log_mean=log_mean,
         log_std=log_std,
         t_factor=factor,
         fitted_threshold=fitted,
-        bound="fit" if fitted >= val_max else "val_max",
+        floor_rank=rank,
+        floor=floor,
+        bound="fit" if fitted >= floor else "val_max" if rank == 1 else "order statistic",
     )
-    return max(fitted, val_max), stats, record
+    return max(fitted, floor), stats, record
 
 
 @dataclass(frozen=True)

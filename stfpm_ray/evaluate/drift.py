@@ -68,8 +68,8 @@ def assess(scores: np.ndarray, labels: np.ndarray | None, point: OperatingPoint)
         "flagged": flagged,
         "rate": flagged / judged.size if judged.size else math.nan,
         "target_far": point.target_far,
-        "median_ratio": _median_ratio(scores, reference),
-        **_ks(scores if basis == "all images" else good, reference),
+        "median_ratio": _median_ratio(judged, reference),
+        **_ks(judged, reference),
     }
     if judged.size < MIN_IMAGES:
         return {"detected": False, "reason": f"too few images to judge ({judged.size} < {MIN_IMAGES})", **figures}

@@ -322,12 +322,15 @@ def threshold_origin(entry: dict) -> str:
     if source != "checkpoint":
         return f"implied by the rows ({source}): the model's checkpoint was not reachable, its stored decisions stand"
     images = "held-out good images" if point.get("id") == "training" else f"good images ({point.get('source')})"
-    where = f"operating point {point.get('id')} of the checkpoint"
+    where = f"the checkpoint's operating point '{point.get('id')}'"
     if not record:
         return f"{where}: the maximum of the validation scores (written before calibration was recorded)"
     if record.get("method") == "max":
         return f"{where}: the maximum of {record.get('n_val')} {images}"
-    bound = "the largest good score, above the fit" if record.get("bound") == "val_max" else "the fit"
+    bound = {
+        "val_max": "the largest good score, above the fit",
+        "order statistic": f"the {record.get('floor_rank')}th largest good score, above the fit",
+    }.get(record.get("bound"), "the fit")
     return (
         f"{where}: {record.get('method')} fit to {record.get('n_val')} {images}, target false-alarm rate "
         f"{_fmt(record.get('target_far'), 4)} (binding: {bound})"
