@@ -13,6 +13,7 @@ import torch
 from conftest import plain_folder
 
 from stfpm_ray import cli
+from stfpm_ray.core.calibration import MIN_RUN_IMAGES, calibration, later_point, new_point
 from stfpm_ray.core.checkpoint import CheckpointError, load_checkpoint, read_meta, validate_checkpoint
 from stfpm_ray.core.score import ScoreSettings, score_batch
 from stfpm_ray.data.images import load_image
@@ -92,6 +93,33 @@ def test_a_hand_edited_operating_point_is_refused_in_one_line(checkpoints, train
     raw["operating_points"] = [
         {"id": "calibrate-1", "threshold": -1.0, "target_far": 0.05, "source": "x", "method": "max"}
     ]
+    (folder / "stfpm.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"fields of the wrong type \['operating_points'\]"):
+        validate_checkpoint(folder)
+
+
+def test_an_adaptive_point_moves_its_threshold_with_each_run_and_keeps_the_fixed_one_for_small_runs():
+    good = np.exp(np.random.default_rng(0).normal(-3.0, 0.3, 60))
+    record = new_point(good, 0.05, "test", [], adaptive=True)
+    point = later_point(record)
+    assert point.adaptive and point.threshold == calibration(good, 0.05)[0]
+    assert point.threshold_for(good) == pytest.approx(point.threshold)  # a run like the good scores: the same
+    assert point.threshold_for(3.0 * good) == pytest.approx(3.0 * point.threshold)  # moved as a whole: moves along
+    assert point.threshold_for(3.0 * good[: MIN_RUN_IMAGES - 1]) == point.threshold  # too few to trust
+    with pytest.raises(ValueError, match="no spread"):
+        new_point(np.full(10, 0.1), 0.05, "test", [], adaptive=True)
+
+
+def test_calibrate_without_good_images_makes_an_adaptive_point_only(checkpoints, trained, capsys):
+    folder = checkpoints / trained[1][0]
+    assert cli.main(["calibrate", "--checkpoints", str(folder)]) == 2
+    assert "--good is required" in capsys.readouterr().err
+    training = read_meta(folder).operating_point
+    assert cli.main(["calibrate", "--checkpoints", str(folder), "--adaptive"]) == 0
+    point = validate_checkpoint(folder).operating_point
+    assert (point.id, point.method, point.scores) == ("calibrate-1", "adaptive", training.scores)
+    raw = json.loads((folder / "stfpm.json").read_text())
+    del raw["operating_points"][0]["z"]
     (folder / "stfpm.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match=r"fields of the wrong type \['operating_points'\]"):
         validate_checkpoint(folder)

@@ -1,6 +1,7 @@
 """A later day that drifts, end to end: `score` detects that the operating point no longer holds and says so
 (exit status 4), `calibrate` sets a new one from ten known-good images of that day, and the rows already in the
-table are decided again by `evaluate` without rescoring; the next night decides with the new point.
+table are decided again by `evaluate` without rescoring; the next night decides with the new point. Or, with no
+good image of the day at hand, `calibrate --adaptive` lets each night set its threshold from its own scores.
 
 The later day is the same synthetic category captured again (another seed) by a noisier camera: Gaussian
 sensor noise of 10 grey levels, which lifts every image's score while keeping good and defective apart.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,16 +52,45 @@ def _later_day(raw: Path, archive: Path, known_good: Path) -> None:
         _noisy_copy(image, archive / CATEGORY / "test" / "good" / f"day-{image.name}", seed=2000 + index)
 
 
-def test_a_drifted_day_is_detected_and_ten_good_images_of_it_restore_the_operating_point(ray_session, tmp_path, capsys):
-    day1, raw, archive, known_good = (tmp_path / name for name in ("day1", "raw", "archive", "known-good"))
+@dataclass(frozen=True)
+class DriftedDay:
+    checkpoints: Path
+    archive: Path
+    known_good: Path
+
+
+@pytest.fixture(scope="module")
+def drifted_day(tmp_path_factory) -> DriftedDay:
+    """A model trained on day 1, the later day's labelled archive, and ten known-good images of that day."""
+    root = tmp_path_factory.mktemp("drift")
+    day1, raw, archive, known_good = (root / name for name in ("day1", "raw", "archive", "known-good"))
     generate_dataset(day1, categories=1, size=64, n_train=40, n_test=20, seed=0)
     generate_dataset(raw, categories=1, size=64, n_train=40, n_test=60, seed=1)
     config = TrainConfig(image_size=64, epochs=20, weights="offline", target_far=TARGET_FAR)
     result = fit_category(day1, CATEGORY, config)
-    checkpoints = tmp_path / "ckpt"
-    save_checkpoint(checkpoints / CATEGORY, result.model.student, result.meta)
+    save_checkpoint(root / "ckpt" / CATEGORY, result.model.student, result.meta)
     _later_day(raw, archive, known_good)
-    scores, ckpt = tmp_path / "scores", str(checkpoints)
+    return DriftedDay(root / "ckpt", archive, known_good)
+
+
+def _night_of_good_images(root: Path, night: Path) -> None:
+    """24 good images of the later day's conditions, in a folder of their own, as a nightly archive gets them."""
+    generate_dataset(root / "raw-2", categories=1, size=64, n_train=24, n_test=2, seed=2)
+    for index, image in enumerate(sorted((root / "raw-2" / CATEGORY / "train" / "good").glob("*.png"))):
+        _noisy_copy(image, night / image.name, seed=3000 + index)
+
+
+def _own_checkpoints(day: DriftedDay, tmp_path: Path) -> str:
+    """A copy of the checkpoints for one test: calibrating changes them."""
+    shutil.copytree(day.checkpoints, tmp_path / "ckpt")
+    return str(tmp_path / "ckpt")
+
+
+def test_a_drifted_day_is_detected_and_ten_good_images_of_it_restore_the_operating_point(
+    ray_session, drifted_day, tmp_path, capsys
+):
+    archive, known_good = drifted_day.archive, drifted_day.known_good
+    scores, ckpt = tmp_path / "scores", _own_checkpoints(drifted_day, tmp_path)
 
     # the day is scored with the training day's operating point: it no longer holds, and the run says so
     assert cli.main(["score", "--checkpoints", ckpt, "--input", str(archive), "--out", str(scores)]) == 4
@@ -80,11 +111,39 @@ def test_a_drifted_day_is_detected_and_ten_good_images_of_it_restore_the_operati
 
     # the next night of the same conditions is decided with the new point, which holds
     night = tmp_path / "night-2"
-    generate_dataset(tmp_path / "raw-2", categories=1, size=64, n_train=24, n_test=2, seed=2)
-    for index, image in enumerate(sorted((tmp_path / "raw-2" / CATEGORY / "train" / "good").glob("*.png"))):
-        _noisy_copy(image, night / image.name, seed=3000 + index)
+    _night_of_good_images(tmp_path, night)
     argv = ["nightly", "--checkpoints", ckpt, "--input", str(night), "--out", str(scores), "--category", CATEGORY]
     assert cli.main(argv) == 0
     report = json.loads(next((scores / "_reports").glob("nightly-*.json")).read_text())
     assert report["drifted"] == [] and report["categories"][CATEGORY]["drift"]["operating_point"] == "calibrate-1"
     assert report["categories"][CATEGORY]["anomalous"] <= 3  # of 24 good images, at a 5% target
+
+
+def test_an_adaptive_point_lets_each_night_set_its_threshold_without_good_images_of_the_day(
+    ray_session, drifted_day, tmp_path, capsys
+):
+    ckpt, night, scores = _own_checkpoints(drifted_day, tmp_path), tmp_path / "night", tmp_path / "scores"
+    _night_of_good_images(tmp_path, night)
+    argv = ["nightly", "--checkpoints", ckpt, "--input", str(night), "--out", str(scores), "--category", CATEGORY]
+    assert cli.main(argv) == 4  # the training day's point flags the noisy night
+    before = json.loads(next((scores / "_reports").glob("nightly-*.json")).read_text())["categories"][CATEGORY]
+    assert before["anomalous"] > 12
+
+    assert cli.main(["calibrate", "--checkpoints", ckpt, "--category", CATEGORY, "--adaptive"]) == 0
+    printed = capsys.readouterr().out
+    assert "adaptive operating point calibrate-1 from the good scores of training" in printed
+
+    # the night already scored is decided again at its own threshold when read; nothing is rescored
+    assert cli.main(["evaluate", "--scores", str(scores), "--out", str(tmp_path / "report")]) == 0
+    entry = json.loads((tmp_path / "report" / "metrics.json").read_text())["categories"][CATEGORY]
+    assert entry["operating_point"]["method"] == "adaptive" and not entry["drift"]["detected"]
+    (night_threshold,) = entry["run_thresholds"].values()
+    assert night_threshold > 2 * entry["threshold"]  # the night's scores moved, and its threshold with them
+    assert entry["n_flagged"] <= 3 and entry["n_decided_anew"] >= before["anomalous"] - 3
+
+    # a labelled later day, scored under the adaptive point: its good images stay near the target
+    day = tmp_path / "day"
+    assert cli.main(["score", "--checkpoints", ckpt, "--input", str(drifted_day.archive), "--out", str(day)]) == 0
+    assert cli.main(["evaluate", "--scores", str(day), "--out", str(tmp_path / "day-report")]) == 0
+    entry = json.loads((tmp_path / "day-report" / "metrics.json").read_text())["categories"][CATEGORY]
+    assert entry["false_alarm_rate"] <= 2 * TARGET_FAR and entry["image_auroc"] >= 0.99

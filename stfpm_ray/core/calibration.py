@@ -21,6 +21,14 @@ scores with probability k/(n+1) <= target_far. Below 2/target_far - 1 images (39
 score; above, one outlying good image no longer sets the threshold, which the largest score let it do (on the
 shared elpv_mono, 88 validation images at 5%: a threshold 2.7 times the next score, catching 60% of the
 defects instead of 76%, at 0% false alarms where the target allowed 5%; README: Operating point).
+
+An **adaptive** point (``stfpm-ray calibrate --adaptive``) keeps the shape of the good scores and takes their
+place and spread from each scoring run itself: its threshold sits as many robust spreads (scaled median absolute
+deviation of the log scores) above the run's median as the fixed threshold sits above the good scores' median.
+A night that moved as a whole (exposure, a new camera gain) moves its threshold with it, with no good image of
+the new conditions; it assumes what a fixed point does not, that defects are a small minority of the run (with
+a third of the images defective the median itself moves). Runs of fewer than ``MIN_RUN_IMAGES`` images are
+decided by the fixed threshold, which is also what the scorers store in ``is_anomalous``.
 """
 
 from __future__ import annotations
@@ -39,6 +47,11 @@ CALIBRATION_METHOD = "lognormal-t"
 MIN_FIT_IMAGES = 3
 # The id of the operating point set at training.
 TRAINING_POINT = "training"
+ADAPTIVE = "adaptive"
+# The fewest images of a run whose median and spread an adaptive point trusts.
+MIN_RUN_IMAGES = 20
+# The scaled MAD estimates a Gaussian's standard deviation.
+MAD_SCALE = 1.4826
 
 
 def calibration(scores: np.ndarray, target_far: float) -> tuple[float, dict[str, float], dict[str, Any]]:
@@ -101,6 +114,19 @@ class OperatingPoint:
     scores: tuple[float, ...] = ()
     record: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    @property
+    def adaptive(self) -> bool:
+        return self.method == ADAPTIVE
+
+    def threshold_for(self, run_scores: np.ndarray) -> float:
+        """The threshold that decides a run's scores: the fixed one, or for an adaptive point with enough
+        positive scores, the run's log median plus ``z`` of its robust spreads."""
+        run_scores = np.asarray(run_scores, dtype=np.float64)
+        if not self.adaptive or run_scores.size < MIN_RUN_IMAGES or not (run_scores > 0).all():
+            return self.threshold
+        centre, spread = log_centre_spread(run_scores)
+        return float(np.exp(centre + self.record["z"] * spread)) if spread > 0 else self.threshold
+
     def summary(self) -> dict[str, Any]:
         """The point as reports show it (its scores left out)."""
         return {
@@ -112,6 +138,14 @@ class OperatingPoint:
             "created_at": self.created_at,
             "n_images": len(self.scores) or None,
         }
+
+
+def log_centre_spread(scores: np.ndarray) -> tuple[float, float]:
+    """Median and scaled median absolute deviation of the log scores: a place and spread that a few outlying
+    images (defects among a night's good ones) hardly move."""
+    logs = np.log(scores)
+    centre = float(np.median(logs))
+    return centre, float(MAD_SCALE * np.median(np.abs(logs - centre)))
 
 
 def training_point(threshold: float, record: dict[str, Any]) -> OperatingPoint:
@@ -142,9 +176,23 @@ def later_point(record: dict[str, Any]) -> OperatingPoint:
     )
 
 
-def new_point(scores: np.ndarray, target_far: float, source: str, existing: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The record of an operating point set from the good ``scores`` of ``source``, numbered after ``existing``."""
+def new_point(
+    scores: np.ndarray, target_far: float, source: str, existing: Sequence[dict[str, Any]], adaptive: bool = False
+) -> dict[str, Any]:
+    """The record of an operating point set from the good ``scores`` of ``source``, numbered after ``existing``.
+
+    ``adaptive``: the point decides each run from the run's own place and spread (see the module doc); its
+    ``threshold`` is the fixed one it starts from. Refused where the good scores have no spread to measure in.
+    """
     threshold, _, record = calibration(scores, target_far)
+    if adaptive:
+        if len(scores) < MIN_FIT_IMAGES or not (scores > 0).all():
+            raise ValueError(f"an adaptive point needs at least {MIN_FIT_IMAGES} positive good scores")
+        centre, spread = log_centre_spread(scores)
+        if spread <= 0:
+            raise ValueError("the good scores have no spread: an adaptive point cannot be measured in it")
+        record = {**record, "fixed_method": record["method"], "method": ADAPTIVE}
+        record.update(log_median=centre, log_spread=spread, z=float((np.log(threshold) - centre) / spread))
     return {
         **record,
         "id": f"calibrate-{len(existing) + 1}",

@@ -49,20 +49,26 @@ def _above_target(flagged: int, n: int, target: float) -> tuple[bool, float]:
     return p_value < ALPHA and flagged / n > FACTOR * target, p_value
 
 
-def assess(scores: np.ndarray, labels: np.ndarray | None, point: OperatingPoint) -> dict[str, Any]:
+def assess(
+    scores: np.ndarray, labels: np.ndarray | None, point: OperatingPoint, thresholds: float | np.ndarray | None = None
+) -> dict[str, Any]:
     """Whether ``point`` held for these scores (``labels``: 0 good, 1 defective, -1 or NaN unknown), with figures.
 
-    Returns ``{"detected": bool, "reason": str, ...figures}`` for ``metrics.json`` and the nightly report.
+    ``thresholds``: what decided each score, where that is not the point's one threshold (an adaptive point
+    decides each run at its own). Returns ``{"detected": bool, "reason": str, ...figures}`` for
+    ``metrics.json`` and the nightly report.
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.full(scores.shape, -1.0) if labels is None else np.nan_to_num(np.asarray(labels, float), nan=-1.0)
+    decided_at = np.broadcast_to(point.threshold if thresholds is None else thresholds, scores.shape)
     reference = np.asarray(point.scores, dtype=np.float64)
-    good = scores[labels == 0]
     labelled = bool((labels >= 0).any())  # defective rows never count: with labels, only good ones are judged
-    basis, judged = ("labelled good images", good) if labelled else ("all images", scores)
-    flagged = int((judged > point.threshold).sum())
+    basis, mask = ("labelled good images", labels == 0) if labelled else ("all images", np.ones(scores.shape, bool))
+    judged = scores[mask]
+    flagged = int((judged > decided_at[mask]).sum())
     figures: dict[str, Any] = {
         "operating_point": point.id,
+        "method": point.method,
         "basis": basis,
         "n": int(judged.size),
         "flagged": flagged,
@@ -104,13 +110,16 @@ def _ks(scores: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 
 def run_drift(rows: pa.Table, points: dict[str, OperatingPoint]) -> dict[str, dict[str, Any]]:
     """:func:`assess` per category of a run's rows (``category``, ``score``, ``label``, ``status``), against each
-    category's operating point; categories without a point (no checkpoint) or without ok rows are left out."""
+    category's operating point; categories without a point (no checkpoint) or without ok rows are left out.
+    ``threshold`` is what decides the run's rows (an adaptive point's is the run's own)."""
     ok = rows.filter(pc.equal(rows["status"], "ok"))
     found = {}
     for category in sorted(set(ok["category"].to_pylist()) & points.keys()):
         mine = ok.filter(pc.equal(ok["category"], category))
         labels = mine["label"].to_numpy(zero_copy_only=False).astype(np.float64)
-        found[category] = assess(mine["score"].to_numpy(zero_copy_only=False), labels, points[category])
+        scores = mine["score"].to_numpy(zero_copy_only=False).astype(np.float64)
+        threshold = points[category].threshold_for(scores)
+        found[category] = {**assess(scores, labels, points[category], threshold), "threshold": threshold}
     return found
 
 

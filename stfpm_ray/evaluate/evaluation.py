@@ -88,6 +88,7 @@ SMALL_COLUMNS = (
     "map_scale",
     "model_id",
     "status",
+    "run_id",
 )
 REQUIRED_COLUMNS = (*SMALL_COLUMNS, "anomaly_map", "scored_at")
 
@@ -138,19 +139,28 @@ class CategoryRows:
         return np.where(pd.isna(stored), fallback, np.equal(stored, True).astype(bool))
 
     @property
+    def thresholds(self) -> pd.Series:
+        """The threshold that decides each ok row now: the point in force's, or for an adaptive point the one
+        of the scoring run that wrote the row (from that run's rows of the category)."""
+        ok, point = self.ok, self.deployed.point
+        if point is None or not point.adaptive:
+            return pd.Series(self.deployed.threshold, index=ok.index, dtype=np.float64)
+        return ok.groupby("run_id", dropna=False)["score"].transform(point.threshold_for).astype(np.float64)
+
+    @property
     def flagged(self) -> np.ndarray:
         """The deployed decision of every ok row: against the operating point in force where the checkpoint
         is in reach, else as stored."""
         if self.deployed.point is None:
             return self.stored
-        return self.ok["score"].to_numpy(dtype=np.float64) > self.deployed.threshold
+        return self.ok["score"].to_numpy(dtype=np.float64) > self.thresholds.to_numpy()
 
     @property
     def score_norm(self) -> np.ndarray:
         """Every ok row's score over the threshold that decides it now (as stored where that is unknown)."""
         if self.deployed.point is None:
             return self.ok["score_norm"].to_numpy(dtype=np.float64)
-        return self.ok["score"].to_numpy(dtype=np.float64) / self.deployed.threshold
+        return self.ok["score"].to_numpy(dtype=np.float64) / self.thresholds.to_numpy()
 
     @property
     def top_flagged(self) -> pd.DataFrame:
@@ -470,9 +480,11 @@ def deployed_metrics(group: CategoryRows) -> dict:
         "calibration": deployed.calibration,
         "operating_point": deployed.point.summary() if deployed.point else {},
         "operating_history": list(deployed.history),
+        # an adaptive point decides each scoring run at its own threshold
+        "run_thresholds": _run_thresholds(group) if deployed.point and deployed.point.adaptive else {},
         # rows whose stored is_anomalous the point in force decides otherwise (scored before a calibrate)
         "n_decided_anew": int((flagged != group.stored).sum()),
-        "drift": _drift(ok, labels, deployed.point),
+        "drift": _drift(group, labels),
         "n_flagged": int(flagged.sum()),
         "flag_rate": float(flagged.mean()) if flagged.size else math.nan,
         "n_unlabeled_flagged": int((flagged & unlabelled).sum()),
@@ -485,11 +497,18 @@ def deployed_metrics(group: CategoryRows) -> dict:
     }
 
 
-def _drift(ok: pd.DataFrame, labels: np.ndarray, point: OperatingPoint | None) -> dict:
+def _run_thresholds(group: CategoryRows) -> dict[str, float]:
+    """Per scoring run (by id), the threshold that decided its rows."""
+    thresholds = group.thresholds
+    return {str(run): float(thresholds[rows.index[0]]) for run, rows in group.ok.groupby("run_id", dropna=False)}
+
+
+def _drift(group: CategoryRows, labels: np.ndarray) -> dict:
     """Whether the rows kept the promise of the operating point in force (:mod:`stfpm_ray.evaluate.drift`)."""
+    point = group.deployed.point
     if point is None:
         return {"detected": False, "reason": "no checkpoint in reach: no operating point to compare with"}
-    return drift.assess(ok["score"].to_numpy(dtype=np.float64), labels, point)
+    return drift.assess(group.ok["score"].to_numpy(dtype=np.float64), labels, point, group.thresholds.to_numpy())
 
 
 def mean_metrics(per_category: dict[str, dict]) -> dict:

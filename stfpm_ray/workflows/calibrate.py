@@ -10,7 +10,10 @@ is. The steps:
    (:mod:`stfpm_ray.data.plan` and :func:`stfpm_ray.core.score.score_block`), so they are decoded and scored
    exactly as a nightly run would. A few dozen images need no cluster: this runs on this machine.
 3. **Set the operating point** with the threshold model of training (:mod:`stfpm_ray.core.calibration`) at
-   ``--target-far`` (default: the target of the point in force).
+   ``--target-far`` (default: the target of the point in force). ``--adaptive`` makes it a point that decides
+   each run from the run's own median and spread; without ``--good`` it is set from the good scores of the
+   point in force (for lines whose nights move as a whole and where no good image of the new conditions is
+   at hand).
 4. **Record it** in the checkpoint (:func:`~stfpm_ray.core.checkpoint.add_operating_point`): the earlier points
    stay, the weights and ``model_id`` do not change. Later runs decide with the new point, and the rows
    already in a scores table are decided again when read (``evaluate``, reports): nothing is rescored.
@@ -27,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from stfpm_ray.core.calibration import new_point
+from stfpm_ray.core.calibration import MIN_RUN_IMAGES, new_point
 from stfpm_ray.core.checkpoint import CheckpointMeta, add_operating_point, discover_checkpoints
 from stfpm_ray.core.score import ScoreSettings, ScoringModels, cpu_chunk, score_block
 from stfpm_ray.data.listing import list_images
@@ -44,32 +47,48 @@ DEFAULT_TARGET_FAR = 0.05
 
 def calibrate(
     checkpoints: str | Path,
-    good: str | Sequence[str],
+    good: str | Sequence[str] | None,
     category: str | None = None,
     target_far: float | None = None,
+    adaptive: bool = False,
     progress: Progress = log_progress,
 ) -> dict[str, Any]:
-    """Add an operating point to ``category``'s checkpoint from the known-good images under ``good``.
+    """Add an operating point to ``category``'s checkpoint from the known-good images under ``good`` (an
+    adaptive point may leave them out: the good scores of the point in force are used).
 
     Returns ``{"category", "point", "before", "after"}``: the new point (without its scores) and how many of
     the good images the point in force before, and the new one, flag.
     """
     if target_far is not None and not 0.0 < target_far < 0.5:
         raise UserError(f"--target-far must be in (0, 0.5), got {target_far}")
-    inputs = [good] if isinstance(good, str) else [str(item) for item in good]
+    if good is None and not adaptive:
+        raise UserError("--good is required: the images known to be good to set the threshold from")
     name, folder, meta = _checkpoint(checkpoints, category)
-    scores = _good_scores(inputs, name, folder, meta, progress)
     before = meta.operating_point
+    if good is None:
+        scores, source = np.asarray(before.scores, dtype=np.float64), f"the good scores of {before.id}"
+    else:
+        inputs = [good] if isinstance(good, str) else [str(item) for item in good]
+        scores = _good_scores(inputs, name, folder, meta, progress)
+        source = f"{len(scores)} good images under {', '.join(inputs)}"
     target = target_far or (before.target_far if 0 < before.target_far < 1 else DEFAULT_TARGET_FAR)
-    record = new_point(scores, target, f"{len(scores)} good images under {', '.join(inputs)}", meta.operating_points)
-    updated = add_operating_point(folder, meta, record)
-    point = updated.operating_point
+    try:
+        record = new_point(scores, target, source, meta.operating_points, adaptive=adaptive)
+    except ValueError as exc:
+        raise UserError(f"[{name}] no adaptive operating point from {source}: {exc}") from None
+    point = add_operating_point(folder, meta, record).operating_point
     flagged = {"before": int((scores > before.threshold).sum()), "after": int((scores > point.threshold).sum())}
+    kind = "adaptive operating point" if point.adaptive else "operating point"
     progress(
-        f"[{name}] operating point {point.id} from {len(scores)} good images: threshold "
-        f"{before.threshold:.4g} ({before.id}) -> {point.threshold:.4g}, target false-alarm rate {target:.1%}; "
-        f"of these images the old point flagged {flagged['before']}, the new one {flagged['after']}"
+        f"[{name}] {kind} {point.id} from {source}: threshold {before.threshold:.4g} ({before.id}) -> "
+        f"{point.threshold:.4g}, target false-alarm rate {target:.1%}; of these images the old point flagged "
+        f"{flagged['before']}, the new one {flagged['after']}"
     )
+    if point.adaptive:
+        progress(
+            f"[{name}] each later run of at least {MIN_RUN_IMAGES} images is decided at its own median + "
+            f"{point.record['z']:.2f} robust spreads (log scores); smaller runs at {point.threshold:.4g}"
+        )
     progress(f"[{name}] later runs decide with {point.id}; rows already scored are decided again when read")
     return {"category": name, "point": point.summary(), **flagged}
 

@@ -2,19 +2,22 @@
 
 Runs ``stfpm-ray score --incremental``: images that already have an ``ok`` row for their current model are
 skipped, so a nightly run costs what arrived since the last one; error rows are retried (and replaced), and
-a run that failed is simply run again. The report lists, per category, this run's rows with
-``is_anomalous`` true; it reads only the rows of this run (``run_id``, pushed down to the Parquet reader)
-of the version it committed, and is written to ``OUT/_reports/nightly-<run_id>.json`` beside the table.
+a run that failed is simply run again. The report lists, per category, this run's rows over the threshold
+that decided the run (an adaptive operating point's is the run's own); it reads only the rows of this run
+(``run_id``, pushed down to the Parquet reader) of the version it committed, and is written to
+``OUT/_reports/nightly-<run_id>.json`` beside the table.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from stfpm_ray.errors import UserError
@@ -26,7 +29,7 @@ from stfpm_ray.workflows.score import ScoreSummary, score_images
 
 REPORTS = "_reports"
 DEFAULT_TOP = 20
-REPORT_COLUMNS = ["path", "category", "score", "score_norm", "is_anomalous", "status"]
+REPORT_COLUMNS = ["path", "category", "score", "status"]
 
 
 def new_anomalies(out_dir: str, summary: ScoreSummary, top: int = DEFAULT_TOP) -> dict[str, Any]:
@@ -50,12 +53,12 @@ def new_anomalies(out_dir: str, summary: ScoreSummary, top: int = DEFAULT_TOP) -
         table = ScoresTable(out_dir).run_rows(summary.version, summary.run_id, REPORT_COLUMNS)
         for name, entry in categories.items():
             rows = table.filter(pc.equal(table["category"], name))
-            anomalous = rows.filter(pc.fill_null(rows["is_anomalous"], False)).sort_by([("score_norm", "descending")])
+            anomalous = _anomalous(rows, entry["drift"])
             entry.update(
                 scored=rows.num_rows,
                 errors=rows.filter(pc.equal(rows["status"], "error")).num_rows,
                 anomalous=anomalous.num_rows,
-                anomalies=anomalous.slice(0, top).select(["path", "score", "score_norm"]).to_pylist(),
+                anomalies=anomalous.slice(0, top).to_pylist(),
             )
     return {
         "run_id": summary.run_id,
@@ -68,6 +71,18 @@ def new_anomalies(out_dir: str, summary: ScoreSummary, top: int = DEFAULT_TOP) -
         "new_anomalies": sum(c["anomalous"] for c in categories.values()),
         "categories": dict(sorted(categories.items())),
     }
+
+
+def _anomalous(rows: pa.Table, drift: dict[str, Any] | None) -> pa.Table:
+    """The run's anomalous rows of one category, most anomalous first: over the threshold that decided the run
+    (an adaptive point's is the run's own, which the stored ``is_anomalous`` cannot know); no ok rows, none."""
+    threshold = drift["threshold"] if drift else math.inf
+    ok = rows.filter(pc.equal(rows["status"], "ok"))
+    above = ok.filter(pc.greater(ok["score"], threshold))
+    norm = pc.divide(above["score"].cast(pa.float64()), threshold)
+    return pa.table({"path": above["path"], "score": above["score"], "score_norm": norm}).sort_by(
+        [("score_norm", "descending")]
+    )
 
 
 def write_report(out_dir: str, report: dict[str, Any]) -> str:
