@@ -13,10 +13,12 @@ thresholds of several calibrations:
 * ``robust``: the same bound with the median and the scaled median absolute deviation of the log scores, and
   no floor at the maximum, so that one outlying validation image does not set the threshold;
 * ``val max``: the largest validation score;
-* ``adaptive``: the night's own scores set the threshold: the validation bound's distance from the validation
-  median, in robust spreads, applied to the night's median and spread (``--threshold adaptive`` for archives
-  where anomalies are rare); the night here holds the day's good images and 5% defective ones;
-* ``calibrate N``: ``stfpm-ray calibrate``'s threshold from ``--recalibrate`` good images of the day, drawn
+* ``augmented``: the default bound, set from the validation images and four mild nuisance copies of each
+  (exposure -8% and +8%, a 2.5% zoom, sensor noise of 3 grey levels), all milder than the days below;
+* ``adaptive 5%`` and ``adaptive 33%``: an adaptive operating point (``stfpm-ray calibrate --adaptive``,
+  :meth:`stfpm_ray.core.calibration.OperatingPoint.threshold_for`: the night's own median and robust spread)
+  deciding a night that holds the day's good images and 5% (a third) as many defective ones as good;
+* ``calibrate N``: ``stfpm-ray calibrate``'s threshold from N (``--recalibrate``) good images of the day, drawn
   ``--draws`` times at random; its false alarms are counted on the day's other good images, and the row gives
   the mean over the draws, the worst draw, and the share of draws within twice the target.
 
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stfpm_ray.core.calibration import calibration
+from stfpm_ray.core.calibration import calibration, later_point, log_centre_spread, new_point, prediction_factor
 from stfpm_ray.core.checkpoint import discover_checkpoints
 from stfpm_ray.core.fit import split_train_val
 from stfpm_ray.core.score import load_scoring_model
@@ -79,23 +81,16 @@ DAYS: dict[str, Shift] = {
 
 def robust_threshold(scores: np.ndarray, target_far: float) -> float:
     """The log-normal prediction bound with median and scaled MAD, not floored at the maximum."""
-    logs = np.log(scores)
-    centre, spread = np.median(logs), 1.4826 * np.median(np.abs(logs - np.median(logs)))
-    _, _, record = calibration(scores, target_far)
-    return float(np.exp(centre + record["t_factor"] * spread))
+    centre, spread = log_centre_spread(scores)
+    return float(np.exp(centre + prediction_factor(scores.size, target_far) * spread))
+
+
+AUGMENTATIONS: tuple[Shift, ...] = (_exposure(0.92), _exposure(1.08), _zoom(1.025), _noise(3.0))
 
 
 def adaptive_threshold(val: np.ndarray, night: np.ndarray, target_far: float) -> float:
-    """The validation bound's distance from the validation median, in robust spreads, applied to the night."""
-
-    def centre_spread(scores: np.ndarray) -> tuple[float, float]:
-        logs = np.log(scores)
-        return float(np.median(logs)), float(1.4826 * np.median(np.abs(logs - np.median(logs))))
-
-    v_centre, v_spread = centre_spread(val)
-    z = (np.log(robust_threshold(val, target_far)) - v_centre) / v_spread
-    n_centre, n_spread = centre_spread(night)
-    return float(np.exp(n_centre + z * n_spread))
+    """The threshold an adaptive operating point set from the validation scores gives the night."""
+    return later_point(new_point(val, target_far, "validation", [], adaptive=True)).threshold_for(night)
 
 
 def _scores(model, images: list[np.ndarray], shift: Shift) -> np.ndarray:
@@ -109,13 +104,15 @@ def _rate(flagged: np.ndarray) -> str:
     return f"{flagged.mean():.3f} ({int(flagged.sum())}/{flagged.size})"
 
 
-def _recalibrated(good: np.ndarray, defective: np.ndarray, args: argparse.Namespace) -> tuple[str, str, str]:
+def _recalibrated(good: np.ndarray, defective: np.ndarray, known_count: int, args: argparse.Namespace) -> tuple:
     """(mean threshold, false alarms over the draws, mean recall) of calibrate from a few good images of the day."""
+    if known_count >= good.size:
+        return "n/a", f"n/a: the day has {good.size} good images, none left to count", "n/a"
     rng = np.random.default_rng(args.seed)
     thresholds, far, recall = [], [], []
     for _ in range(args.draws):
         order = rng.permutation(good.size)
-        known, rest = good[order[: args.recalibrate]], good[order[args.recalibrate :]]
+        known, rest = good[order[:known_count]], good[order[known_count:]]
         threshold = calibration(known, args.far)[0]
         thresholds.append(threshold)
         far.append(float((rest > threshold).mean()))
@@ -133,7 +130,9 @@ def category_rows(root: str, name: str, folder: str, args: argparse.Namespace) -
     model, meta = load_scoring_model(folder)
     size, training = meta.image_size, meta.training
     _, val_paths = split_train_val(train_images(root, name), training["val_fraction"], training["seed"])
-    val = _scores(model, [load_image(p, size) for p in val_paths], DAYS["same day"])
+    val_images = [load_image(p, size) for p in val_paths]
+    val = _scores(model, val_images, DAYS["same day"])
+    augmented = np.concatenate([val, *(_scores(model, val_images, shift) for shift in AUGMENTATIONS)])
     samples = test_samples(root, name)
     images = [load_image(s.path, size) for s in samples]
     labels = np.array([s.label for s in samples])
@@ -144,16 +143,20 @@ def category_rows(root: str, name: str, folder: str, args: argparse.Namespace) -
         "max floor": max(record.get("fitted_threshold", 0.0), float(val.max())),
         "robust": robust_threshold(val, target),
         "val max": float(val.max()),
+        "augmented": calibration(augmented, target)[0],
     }
     rows = []
     for day, shift in DAYS.items():
         scores = _scores(model, images, shift)
         good, defective = scores[labels == 0], scores[labels == 1]
-        night = np.concatenate([good, defective[: max(1, round(0.05 * good.size))]])  # 5% defective
-        thresholds = {**fixed, "adaptive": adaptive_threshold(val, night, target)}
+        thresholds = dict(fixed)
+        for share in (0.05, 1 / 3):
+            night = np.concatenate([good, defective[: max(1, round(share * good.size))]])
+            thresholds[f"adaptive {share:.0%}"] = adaptive_threshold(val, night, target)
         for method, threshold in thresholds.items():
             rows.append((name, day, method, f"{threshold:.4g}", _rate(good > threshold), _rate(defective > threshold)))
-        rows.append((name, day, f"calibrate {args.recalibrate}", *_recalibrated(good, defective, args)))
+        for count in args.recalibrate:
+            rows.append((name, day, f"calibrate {count}", *_recalibrated(good, defective, count, args)))
     return rows
 
 
@@ -162,7 +165,9 @@ def main() -> None:
     parser.add_argument("--checkpoints", required=True, help="folder of <category>/ checkpoints")
     parser.add_argument("--data", required=True, help="the MVTec-layout root they were trained on")
     parser.add_argument("--far", type=float, default=0.05, help="target false-alarm rate")
-    parser.add_argument("--recalibrate", type=int, default=10, help="good images of the day given to calibrate")
+    parser.add_argument(
+        "--recalibrate", type=int, nargs="+", default=[10, 20], help="good images of the day given to calibrate"
+    )
     parser.add_argument("--draws", type=int, default=50, help="random draws of the known good images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws")
     args = parser.parse_args()

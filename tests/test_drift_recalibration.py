@@ -138,7 +138,7 @@ def test_an_adaptive_point_lets_each_night_set_its_threshold_without_good_images
     entry = json.loads((tmp_path / "report" / "metrics.json").read_text())["categories"][CATEGORY]
     assert entry["operating_point"]["method"] == "adaptive" and not entry["drift"]["detected"]
     (night_threshold,) = entry["run_thresholds"].values()
-    assert night_threshold > 2 * entry["threshold"]  # the night's scores moved, and its threshold with them
+    assert night_threshold > entry["threshold"]  # the night's scores moved up, and its threshold with them
     assert entry["n_flagged"] <= 3 and entry["n_decided_anew"] >= before["anomalous"] - 3
 
     # a labelled later day, scored under the adaptive point: its good images stay near the target

@@ -22,13 +22,15 @@ score; above, one outlying good image no longer sets the threshold, which the la
 shared elpv_mono, 88 validation images at 5%: a threshold 2.7 times the next score, catching 60% of the
 defects instead of 76%, at 0% false alarms where the target allowed 5%; README: Operating point).
 
-An **adaptive** point (``stfpm-ray calibrate --adaptive``) keeps the shape of the good scores and takes their
-place and spread from each scoring run itself: its threshold sits as many robust spreads (scaled median absolute
-deviation of the log scores) above the run's median as the fixed threshold sits above the good scores' median.
-A night that moved as a whole (exposure, a new camera gain) moves its threshold with it, with no good image of
-the new conditions; it assumes what a fixed point does not, that defects are a small minority of the run (with
-a third of the images defective the median itself moves). Runs of fewer than ``MIN_RUN_IMAGES`` images are
-decided by the fixed threshold, which is also what the scorers store in ``is_anomalous``.
+An **adaptive** point (``stfpm-ray calibrate --adaptive``) sets each scoring run's threshold from the run
+itself: the same log-normal prediction bound at the target, with the run's median and scaled median absolute
+deviation of the log scores in place of the good scores' mean and standard deviation, so that the few defects
+of a night hardly move it. A night that moved as a whole (exposure, zoom, a noisier camera) moves its
+threshold with it, with no good image of the new conditions; it assumes what a fixed point does not, that
+defects are a small minority of the run (with a third of the images defective the median itself moves, and
+recall falls). Runs of fewer than ``MIN_RUN_IMAGES`` images are decided by the point's fixed threshold (set
+from good scores like any other), which is also what the scorers store in ``is_anomalous``: the stored column
+cannot know the run's own threshold; ``evaluate`` and the nightly report decide with it.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def calibration(scores: np.ndarray, target_far: float) -> tuple[float, dict[str,
         return val_max, stats, record
     logs = np.log(scores)
     log_mean, log_std = float(logs.mean()), float(logs.std(ddof=1))
-    factor = float(student_t.ppf(1.0 - target_far, df=len(scores) - 1) * np.sqrt(1.0 + 1.0 / len(scores)))
+    factor = prediction_factor(len(scores), target_far)
     fitted = float(np.exp(log_mean + factor * log_std))
     rank = max(1, math.floor((len(scores) + 1) * target_far))
     floor = float(np.sort(scores)[len(scores) - rank])
@@ -95,6 +97,12 @@ def calibration(scores: np.ndarray, target_far: float) -> tuple[float, dict[str,
         bound="fit" if fitted >= floor else "val_max" if rank == 1 else "order statistic",
     )
     return max(fitted, floor), stats, record
+
+
+def prediction_factor(n: int, target_far: float) -> float:
+    """How many standard deviations above the mean of n Gaussian samples a new one exceeds with probability
+    ``target_far``: the Student t quantile, widened by sqrt(1 + 1/n) for the estimated mean."""
+    return float(student_t.ppf(1.0 - target_far, df=n - 1) * np.sqrt(1.0 + 1.0 / n))
 
 
 @dataclass(frozen=True)
@@ -120,12 +128,14 @@ class OperatingPoint:
 
     def threshold_for(self, run_scores: np.ndarray) -> float:
         """The threshold that decides a run's scores: the fixed one, or for an adaptive point with enough
-        positive scores, the run's log median plus ``z`` of its robust spreads."""
+        positive scores, the prediction bound of the run's own log median and robust spread."""
         run_scores = np.asarray(run_scores, dtype=np.float64)
-        if not self.adaptive or run_scores.size < MIN_RUN_IMAGES or not (run_scores > 0).all():
+        fewest = self.record.get("min_run_images", MIN_RUN_IMAGES)
+        if not self.adaptive or run_scores.size < fewest or not (run_scores > 0).all():
             return self.threshold
         centre, spread = log_centre_spread(run_scores)
-        return float(np.exp(centre + self.record["z"] * spread)) if spread > 0 else self.threshold
+        factor = prediction_factor(run_scores.size, self.target_far)
+        return float(np.exp(centre + factor * spread)) if spread > 0 else self.threshold
 
     def summary(self) -> dict[str, Any]:
         """The point as reports show it (its scores left out)."""
@@ -179,20 +189,11 @@ def later_point(record: dict[str, Any]) -> OperatingPoint:
 def new_point(
     scores: np.ndarray, target_far: float, source: str, existing: Sequence[dict[str, Any]], adaptive: bool = False
 ) -> dict[str, Any]:
-    """The record of an operating point set from the good ``scores`` of ``source``, numbered after ``existing``.
-
-    ``adaptive``: the point decides each run from the run's own place and spread (see the module doc); its
-    ``threshold`` is the fixed one it starts from. Refused where the good scores have no spread to measure in.
-    """
+    """The record of an operating point set from the good ``scores`` of ``source``, numbered after ``existing``;
+    ``adaptive``: one that decides each run of enough images at the run's own bound (see the module doc)."""
     threshold, _, record = calibration(scores, target_far)
     if adaptive:
-        if len(scores) < MIN_FIT_IMAGES or not (scores > 0).all():
-            raise ValueError(f"an adaptive point needs at least {MIN_FIT_IMAGES} positive good scores")
-        centre, spread = log_centre_spread(scores)
-        if spread <= 0:
-            raise ValueError("the good scores have no spread: an adaptive point cannot be measured in it")
-        record = {**record, "fixed_method": record["method"], "method": ADAPTIVE}
-        record.update(log_median=centre, log_spread=spread, z=float((np.log(threshold) - centre) / spread))
+        record = {**record, "fixed_method": record["method"], "method": ADAPTIVE, "min_run_images": MIN_RUN_IMAGES}
     return {
         **record,
         "id": f"calibrate-{len(existing) + 1}",

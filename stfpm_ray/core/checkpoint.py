@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load, save
 
-from stfpm_ray.core.calibration import ADAPTIVE, OperatingPoint, later_point, training_point
+from stfpm_ray.core.calibration import OperatingPoint, later_point, training_point
 from stfpm_ray.core.model import STFPM
 from stfpm_ray.core.students import DEFAULT_STUDENT, LEGACY_STUDENT, state_shapes
 from stfpm_ray.core.teacher import OFFLINE_WEIGHTS, Teacher, load_teacher
@@ -205,8 +205,7 @@ def _field_problem(raw: dict[str, Any]) -> str | None:
 
 
 def _is_operating_point(record: object) -> bool:
-    """A record ``calibrate`` writes: an id, a source, a positive threshold and its target (an adaptive one
-    also its distance ``z`` in robust spreads)."""
+    """A record ``calibrate`` writes: an id, a source, a positive threshold and its target."""
     return (
         isinstance(record, dict)
         and isinstance(record.get("id"), str)
@@ -215,7 +214,6 @@ def _is_operating_point(record: object) -> bool:
         and isinstance(record.get("threshold"), (int, float))
         and record["threshold"] > 0
         and isinstance(record.get("target_far"), (int, float))
-        and (record["method"] != ADAPTIVE or isinstance(record.get("z"), (int, float)))
     )
 
 

@@ -72,10 +72,7 @@ def calibrate(
         scores = _good_scores(inputs, name, folder, meta, progress)
         source = f"{len(scores)} good images under {', '.join(inputs)}"
     target = target_far or (before.target_far if 0 < before.target_far < 1 else DEFAULT_TARGET_FAR)
-    try:
-        record = new_point(scores, target, source, meta.operating_points, adaptive=adaptive)
-    except ValueError as exc:
-        raise UserError(f"[{name}] no adaptive operating point from {source}: {exc}") from None
+    record = new_point(scores, target, source, meta.operating_points, adaptive=adaptive)
     point = add_operating_point(folder, meta, record).operating_point
     flagged = {"before": int((scores > before.threshold).sum()), "after": int((scores > point.threshold).sum())}
     kind = "adaptive operating point" if point.adaptive else "operating point"
@@ -86,8 +83,8 @@ def calibrate(
     )
     if point.adaptive:
         progress(
-            f"[{name}] each later run of at least {MIN_RUN_IMAGES} images is decided at its own median + "
-            f"{point.record['z']:.2f} robust spreads (log scores); smaller runs at {point.threshold:.4g}"
+            f"[{name}] each later run of at least {MIN_RUN_IMAGES} images is decided at its own bound (median and "
+            f"spread of its log scores, target {target:.1%}); smaller runs at {point.threshold:.4g}"
         )
     progress(f"[{name}] later runs decide with {point.id}; rows already scored are decided again when read")
     return {"category": name, "point": point.summary(), **flagged}
