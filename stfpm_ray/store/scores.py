@@ -17,11 +17,14 @@ Layout of the files (the Delta log, not the folder, says which files are live):
 * ``<run_id>-<task>.parquet``: a write task's ``ok`` rows, ``<run_id>-<task>-errors.parquet`` its error
   rows. Error rows live in files of their own, so retrying them rewrites only tiny error files, never the
   files that hold maps.
-* ``_stfpm/lease.json``: the writer's lease (:mod:`stfpm_ray.store.lease`); ``_stfpm/runs/<run_id>/``: the
-  per-process records of a running run, folded into its manifest at commit.
+* ``_stfpm/lease.json``: the writer's lease (:mod:`stfpm_ray.store.lease`); ``_stfpm/runs/<run_id>.json``:
+  the record of a run that has begun and not finished, written before its first data file;
+  ``_stfpm/runs/<run_id>/``: the per-process records of a running run, folded into its manifest at commit.
 
-A run that dies before its commit leaves data files that no commit references: readers never see them,
-the run deletes its own on failure, and ``DeltaTable(OUT_DIR).vacuum()`` removes any others.
+A run that dies before its commit leaves data files that no commit references: readers never see them, the
+run deletes its own on failure, and a run killed before it could (``kill -9``, a lost node) left its record,
+so the next run into the folder deletes them under the lease (:meth:`ScoresTable.recover`), a table or not
+yet. Files without a record are never deleted: a folder holding them is refused as not ours.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from deltalake.transaction import AddAction, CommitProperties, RemoveAction, cre
 
 from stfpm_ray.errors import InputNotFoundError, OutputExistsError, UserError
 from stfpm_ray.store.fs import Location, is_dir, list_dir, read_text, resolve, write_text_atomic
+from stfpm_ray.store.lease import STATE
 
 
 def _fields(**types: pa.DataType) -> list[pa.Field]:
@@ -90,7 +94,7 @@ SCHEMA = pa.schema(sorted(SAMPLE_FIELDS + RESULT_FIELDS + RUN_FIELDS, key=lambda
 INDEX_COLUMNS = ["path", "category", "status", "model_id"]
 # The commit metadata key that holds a run's manifest (see ScoresTable.history).
 MANIFEST_KEY = "stfpm_ray.manifest"
-RUNS = "_stfpm/runs"
+RUNS = f"{STATE}/runs"
 FILES_PER_SCAN = 256
 ERRORS_SUFFIX = "-errors.parquet"
 # Live error files an incremental run reads and rewrites in place; beyond this it merges them into one.
@@ -246,7 +250,7 @@ class ScoresTable:
         info = self.location.filesystem.get_file_info(self.location.path)
         if info.type == pafs.FileType.File:
             raise OutputExistsError(f"{self.uri} exists and is not a folder")
-        foreign = [e.base_name for e in list_dir(self.location) if e.base_name != "_stfpm"]
+        foreign = [e.base_name for e in list_dir(self.location) if e.base_name != STATE]
         if "_manifests" in foreign:
             raise OutputExistsError(
                 f"{self.uri} holds plain Parquet output of an earlier stfpm-ray (before scores tables); "
@@ -342,17 +346,50 @@ class ScoresTable:
         folder = self._run_state(run_id)
         return [json.loads(read_text(folder.at(e.path))) for e in list_dir(folder) if e.base_name.endswith(".json")]
 
-    def clear_runs(self) -> None:
-        """Delete the run records of earlier runs: called by the lease holder, so none of them is live."""
+    def begin_run(self, record: dict[str, Any]) -> None:
+        """Record a run before it writes anything (``_stfpm/runs/<run_id>.json``: who, where, when): every data
+        file named ``<run_id>-*.parquet`` is then recognisably this run's, and if the run dies before its
+        commit, the next lease holder knows whose files it may delete (:meth:`recover`)."""
+        write_text_atomic(self.location.join(RUNS, f"{record['run_id']}.json"), json.dumps(record))
+
+    def end_run(self, run_id: str) -> None:
+        """Delete a finished run's record and progress records (the ``runs`` folder too, once empty)."""
         folder = self.location.join(RUNS)
-        if is_dir(folder):
+        for entry in list_dir(folder):
+            if entry.base_name in (run_id, f"{run_id}.json"):
+                _delete(folder.at(entry.path), entry.type)
+        if is_dir(folder) and not list_dir(folder):
             folder.filesystem.delete_dir(folder.path)
 
+    def recover(self) -> dict[str, int]:
+        """Delete what runs that died before their commit left: their uncommitted data files and records.
+
+        Called by the lease holder before it reads anything, so none of the recorded runs is alive (a run
+        only paused past its lease commits nothing). A recorded run's files that the current version holds
+        were committed (the run died after its log entry) and stay. Returns ``{run_id: files deleted}``.
+        """
+        folder = self.location.join(RUNS)
+        records = list_dir(folder)
+        if not records:
+            return {}
+        dead = sorted({entry.base_name.removesuffix(".json") for entry in records})
+        live = {posixpath.basename(path) for path in self._live_paths()} if self.exists() else set()
+        entries = list_dir(self.location)
+        removed = {}
+        for run_id in dead:
+            orphans = [e for e in entries if _written_by(e.base_name, run_id) and e.base_name not in live]
+            for entry in orphans:
+                self.location.filesystem.delete_file(entry.path)
+            self.end_run(run_id)
+            removed[run_id] = len(orphans)
+        return removed
+
     def discard(self, run_id: str) -> None:
-        """After a failed run: delete its own uncommitted data files (best effort; vacuum finds the rest)."""
+        """After a failed run: delete its own uncommitted data files (best effort; the next run's
+        :meth:`recover` deletes what is left)."""
         try:
             for entry in list_dir(self.location):
-                if entry.base_name.startswith(f"{run_id}-") and entry.base_name.endswith(".parquet"):
+                if _written_by(entry.base_name, run_id):
                     self.location.filesystem.delete_file(entry.path)
         except OSError:
             pass
@@ -378,6 +415,18 @@ class ScoresTable:
             [*adds, *removes], mode="overwrite" if overwrite else "append", schema=SCHEMA, commit_properties=properties
         )
         return self.delta().version()
+
+
+def _written_by(name: str, run_id: str) -> bool:
+    """Whether a file name in the table folder is one of ``run_id``'s data files (:func:`write_data_files`)."""
+    return name.startswith(f"{run_id}-") and name.endswith(".parquet")
+
+
+def _delete(location: Location, kind: pafs.FileType) -> None:
+    if kind == pafs.FileType.Directory:
+        location.filesystem.delete_dir(location.path)
+    else:
+        location.filesystem.delete_file(location.path)
 
 
 def counts_by_category(index: pa.Table) -> dict[str, dict[str, int]]:
