@@ -14,6 +14,7 @@ from conftest import plain_folder, read_scores
 from deltalake import DeltaTable
 
 from stfpm_ray import cli
+from stfpm_ray.store.scores import ScoresTable
 
 KILL_AT = Path(__file__).with_name("kill_at.py")
 STEPS = ["planned", "mid-write", "written", "commit", "committed"]
@@ -63,3 +64,31 @@ def test_a_refused_command_creates_nothing(tmp_path, synth_root):
     (out / "notes").mkdir(parents=True)
     assert cli.main([*argv, "--incremental"]) == 2  # a folder that is not a table: refused
     assert [p.name for p in out.iterdir()] == ["notes"]
+
+
+@pytest.mark.parametrize("damage", ["missing data file", "corrupt log entry"])
+def test_a_damaged_table_is_refused_then_repaired_and_the_next_nightly_scores_every_image_once(
+    ray_session, trained, synth_root, tmp_path, capsys, damage
+):
+    checkpoints, category = trained[0], trained[1][0]
+    inputs, out = tmp_path / "inbox", tmp_path / "out"
+    nightly = ["nightly", "--checkpoints", str(checkpoints), "--input", str(inputs), "--out", str(out)]
+    nightly += ["--category", category, "-q"]
+    plain_folder(inputs, synth_root, category, 4)
+    assert cli.main(nightly) == 0
+    plain_folder(inputs, synth_root, category, 3, start=4)
+    assert cli.main(nightly) == 0
+    if damage == "missing data file":  # the second night's file
+        [second, *_] = ScoresTable(str(out)).history()
+        (out / second["manifest"]["files"][0]["name"]).unlink()
+    else:
+        entry = out / "_delta_log" / "00000000000000000001.json"
+        entry.write_bytes(entry.read_bytes()[:200])
+    capsys.readouterr()
+    assert cli.main(nightly) == 5
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "stfpm-ray table repair" in err
+    assert cli.main(["table", "repair", "--scores", str(out)]) == 0
+    assert cli.main(nightly) == 0
+    assert cli.main(["table", "vacuum", "--scores", str(out), "--retention-hours", "0"]) == 0
+    _assert_exactly_once(out, inputs)

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stfpm_ray.errors import UserError
+from stfpm_ray.errors import TableError, UserError
 from stfpm_ray.store.fs import is_dir, remove_empty
 from stfpm_ray.store.lease import STATE, Holder, Lease
 from stfpm_ray.store.scores import DataFile, ScoresTable, counts_by_category, duplicated_paths
@@ -111,7 +111,7 @@ def table_run(uri: str, run_id: str, mode: str) -> Iterator[TableRun]:
     created = [place for place in (table.location, table.location.join(STATE)) if not is_dir(place)]
     run: TableRun | None = None
     try:
-        with Lease(table.location, run_id) as lease:
+        with hold(table, run_id) as lease:
             recovered = table.recover()
             run = TableRun(table, lease, run_id, mode, table.check_mode(mode), recovered)
             table.begin_run({"run_id": run_id, "mode": mode, **lease.describe_holder()})
@@ -126,6 +126,24 @@ def table_run(uri: str, run_id: str, mode: str) -> Iterator[TableRun]:
     finally:
         if run is None or not run.committing:
             remove_empty(reversed(created))
+
+
+@contextmanager
+def hold(table: ScoresTable, run_id: str) -> Iterator[Lease]:
+    """The table's lease for ``run_id`` (a scoring run, or table maintenance); a folder this user may not
+    write is a :class:`TableError`, not a traceback."""
+    lease = Lease(table.location, run_id)
+    try:
+        lease.acquire()
+    except PermissionError as exc:
+        raise TableError(
+            f"scores table {table.uri}: no permission to write ({exc.strerror or exc}); a read-only mount or "
+            "expired credentials? Make it writable for this user, or score into another --out"
+        ) from None
+    try:
+        yield lease
+    finally:
+        lease.release()
 
 
 def check_staged(index: pa.Table, expected: pa.ChunkedArray) -> None:

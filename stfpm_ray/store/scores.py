@@ -45,7 +45,7 @@ from deltalake import DeltaTable, Schema
 from deltalake.exceptions import TableNotFoundError
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
 
-from stfpm_ray.errors import InputNotFoundError, OutputExistsError, UserError
+from stfpm_ray.errors import InputNotFoundError, OutputExistsError, TableError, UserError
 from stfpm_ray.store.fs import Location, is_dir, list_dir, read_text, resolve, write_text_atomic
 from stfpm_ray.store.lease import STATE
 
@@ -95,6 +95,7 @@ INDEX_COLUMNS = ["path", "category", "status", "model_id"]
 # The commit metadata key that holds a run's manifest (see ScoresTable.history).
 MANIFEST_KEY = "stfpm_ray.manifest"
 RUNS = f"{STATE}/runs"
+LOG = "_delta_log"
 FILES_PER_SCAN = 256
 ERRORS_SUFFIX = "-errors.parquet"
 # Live error files an incremental run reads and rewrites in place; beyond this it merges them into one.
@@ -196,17 +197,41 @@ class ScoresTable:
         return DeltaTable.is_deltatable(self.table_uri)
 
     def delta(self, version: int | None = None) -> DeltaTable:
-        """The table at ``version`` (default: the current one), or a clear error."""
+        """The table at ``version`` (default: the current one), or one line that says what is wrong."""
         try:
             return DeltaTable(self.table_uri, version=version)
         except TableNotFoundError:
             raise InputNotFoundError(
                 f"{self.uri} is not a scores table (no _delta_log): write one with `stfpm-ray score`"
             ) from None
-        except Exception as exc:  # deltalake reports a missing version as a generic error
-            if version is not None:
-                raise UserError(f"{self.uri} has no version {version}: {str(exc).splitlines()[0]}") from None
-            raise
+        except Exception as exc:  # deltalake reports a missing version and a damaged log as one generic error
+            reason = str(exc).splitlines()[0]
+            if version is not None and (version < 0 or version > max(self.log_versions(), default=-1)):
+                raise UserError(f"{self.uri} has no version {version}: {reason}") from None
+            raise TableError(
+                f"scores table {self.uri}: its transaction log cannot be read ({reason}); run `stfpm-ray table "
+                f"check --scores {self.uri}` to see the damage and `stfpm-ray table repair --scores {self.uri}` "
+                "to fall back to the last readable version"
+            ) from None
+
+    def log_versions(self) -> list[int]:
+        """The versions whose commit files are in ``_delta_log/``, oldest first (readable or not)."""
+        names = (entry.base_name for entry in list_dir(self.location.join(LOG)))
+        return sorted(int(name[:-5]) for name in names if name.endswith(".json") and name[:-5].isdigit())
+
+    def intact(self, version: int | None = None) -> DeltaTable:
+        """:meth:`delta`, refusing a table whose data files are not all there (deleted by hand or by a
+        lifecycle rule): every reader would otherwise fail halfway with a traceback."""
+        delta = self.delta(version)
+        present = {entry.base_name for entry in list_dir(self.location)}
+        missing = [name for name in (posixpath.basename(uri) for uri in delta.file_uris()) if name not in present]
+        if missing:
+            raise TableError(
+                f"scores table {self.uri}: {len(missing)} data file(s) of version {delta.version()} are missing "
+                f"(e.g. {missing[0]}); run `stfpm-ray table repair --scores {self.uri}` to drop them from the "
+                "table in one commit (the next nightly then scores their images again)"
+            )
+        return delta
 
     def dataset(self, version: int | None = None) -> pads.Dataset:
         """The live rows as a pyarrow dataset: only files of the chosen version, never staged or removed ones."""
@@ -246,6 +271,10 @@ class ScoresTable:
                     "--incremental to score only images without an ok row for their model, or --overwrite "
                     "to replace it"
                 )
+            if mode == "incremental":
+                self.intact()  # the plan reads every live file
+            else:
+                self.delta()  # the commit reads the log
             return True
         info = self.location.filesystem.get_file_info(self.location.path)
         if info.type == pafs.FileType.File:
