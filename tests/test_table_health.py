@@ -18,6 +18,7 @@ from stfpm_ray import cli
 from stfpm_ray.store.health import REPAIR_KEY
 from stfpm_ray.store.publish import table_run
 from stfpm_ray.store.scores import SCHEMA, write_data_files
+from stfpm_ray.workflows.table import COMPACT_AFTER, compact_when_needed
 
 DAMAGES = ["missing data file", "corrupt log entry"]
 
@@ -111,3 +112,22 @@ def test_a_table_this_user_may_not_write_is_one_line(tmp_path, capsys):
     finally:
         subprocess.run(["chattr", "-R", "-i", str(out)], check=True)
     assert os.listdir(out / "_stfpm") == []
+
+
+def test_compaction_merges_the_small_files_of_many_nights_without_changing_a_row(tmp_path):
+    out = tmp_path / "scores"
+    _table(out, nights=COMPACT_AFTER + 2)
+    with table_run(str(out), "errors", "incremental") as run:  # an error file: error rows stay in files apart
+        rows = [{"path": "/bad.png", "category": "c", "model_id": "m", "run_id": "errors", "status": "error"}]
+        files = write_data_files(pa.Table.from_pylist(rows, SCHEMA), run.table.location, "errors-00000")
+        run.publish(files, pa.chunked_array([["/bad.png"]]), {}, {})
+    before = read_scores(out).sort_values("path").reset_index(drop=True)
+    version = DeltaTable(str(out)).version()
+    assert compact_when_needed(str(out)) == (COMPACT_AFTER + 2, 1)
+    live = sorted(os.path.basename(uri) for uri in DeltaTable(str(out)).file_uris())
+    assert len(live) == 2 and "errors-00000-errors.parquet" in live
+    assert DeltaTable(str(out)).version() == version + 1
+    after = read_scores(out).sort_values("path").reset_index(drop=True)
+    assert after.equals(before)  # same rows, run ids and all
+    assert len(DeltaTable(str(out), version=version).to_pandas()) == len(before)  # earlier versions still read
+    assert compact_when_needed(str(out)) is None and not (out / "_stfpm" / "runs").exists()

@@ -36,7 +36,7 @@ SUMMARIES = {
     "calibrate": "set a category's threshold anew from known-good images of new conditions, no retraining",
     "evaluate": "per-category metrics and an HTML report from a scores table",
     "benchmark": "train, score and evaluate every category of a dataset root",
-    "table": "check, repair or vacuum a scores table (a deleted data file, a damaged log, years of nights)",
+    "table": "check, repair, compact or vacuum a scores table (a deleted file, a damaged log, years of nights)",
 }
 EXAMPLES = {
     "synth": ("stfpm-ray synth --out data/synth --num-categories 3",),

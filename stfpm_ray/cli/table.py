@@ -1,4 +1,4 @@
-"""``stfpm-ray table check|repair|vacuum`` (and ``jobs/table.py``): look after a scores table (see
+"""``stfpm-ray table check|repair|compact|vacuum`` (and ``jobs/table.py``): look after a scores table (see
 :mod:`stfpm_ray.workflows.table`)."""
 
 from __future__ import annotations
@@ -7,17 +7,17 @@ import argparse
 
 from stfpm_ray.errors import TableError, UserError
 from stfpm_ray.store.health import DEFAULT_RETENTION_HOURS
-from stfpm_ray.workflows.table import check_table, repair_table, vacuum_table
+from stfpm_ray.workflows.table import check_table, compact_table, repair_table, vacuum_table
 
-ACTIONS = ("check", "repair", "vacuum")
+ACTIONS = ("check", "repair", "compact", "vacuum")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "action",
         choices=ACTIONS,
-        help="check: report damage, change nothing; repair: make the table load and read again; "
-        "vacuum: delete files no recent version needs and checkpoint the log",
+        help="check: report damage, change nothing; repair: make the table load and read again; compact: merge "
+        "small data files; vacuum: delete files no recent version needs and checkpoint the log",
     )
     parser.add_argument("--scores", required=True, help="scores table written by `stfpm-ray score` (Delta Lake folder)")
     parser.add_argument(
@@ -35,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--retention-hours must be >= 0, got {args.retention_hours}")
     if args.action == "vacuum":
         vacuum_table(args.scores, args.retention_hours)
+        return 0
+    if args.action == "compact":
+        compact_table(args.scores)
         return 0
     found = (check_table if args.action == "check" else repair_table)(args.scores)
     return 0 if found.healthy else TableError.exit_code

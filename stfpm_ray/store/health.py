@@ -1,4 +1,4 @@
-"""Checking and mending a scores table: what ``stfpm-ray table check|repair|vacuum`` does to the store.
+"""Checking, mending and tidying a scores table: what ``stfpm-ray table check|repair|compact|vacuum`` does.
 
 Why it exists: a table lives for years on storage that people and lifecycle rules also touch. A deleted data
 file or a truncated log entry must not leave every later night failing; it is found (:func:`check`), and
@@ -7,6 +7,10 @@ from the table in one commit, so its images have no row and are scored again; a 
 read is moved aside with every entry after it, so the table is the last version that loads, and the images
 of the commits set aside are scored again. Nothing is deleted: log entries go to ``_stfpm/damaged/``, and
 files no version needs any more are left to :func:`vacuum`.
+
+And a table that sees a run every night collects a small file and a log entry per night, which every reader
+opens: :func:`compact` merges the small files, :func:`vacuum` deletes what no recent version needs and
+checkpoints the log.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from deltalake.transaction import CommitProperties, RemoveAction
 from stfpm_ray.errors import TableError
 from stfpm_ray.store.fs import list_dir
 from stfpm_ray.store.lease import STATE
-from stfpm_ray.store.scores import LOG, SCHEMA, ScoresTable
+from stfpm_ray.store.scores import ERRORS_SUFFIX, LOG, ROWS_PER_FILE, SCHEMA, ScoresTable, write_data_files
 
-# The commit metadata key of a repair (a foreign commit for readers of run manifests).
+# The commit metadata keys of a repair and a compaction (foreign commits for readers of run manifests).
 REPAIR_KEY = "stfpm_ray.repair"
+COMPACT_KEY = "stfpm_ray.compaction"
 DAMAGED = f"{STATE}/damaged"
 # `table vacuum` keeps the files of the last week's versions, so `evaluate --version N` works for that long.
 DEFAULT_RETENTION_HOURS = 168
@@ -140,6 +145,60 @@ def _hint_version(table: ScoresTable, path: str) -> int:
             return int(json.loads(handle.read())["version"])
     except (OSError, ValueError, KeyError):  # an unreadable hint is no use to anyone: set it aside
         return 1 << 62
+
+
+def small_files(table: ScoresTable) -> list[tuple[str, int]]:
+    """The current version's ok-row files below half of :data:`ROWS_PER_FILE` rows, with their row counts:
+    what a night of few new images adds, and what compaction merges. Error files have a merge of their own
+    (:meth:`ScoresTable.retried_errors`) and stay apart, so a retry never rewrites a file of maps."""
+    actions = pa.table(table.intact().get_add_actions(flatten=True)).select(["path", "num_records"]).to_pylist()
+    return sorted(
+        (row["path"], row["num_records"])
+        for row in actions
+        if not row["path"].endswith(ERRORS_SUFFIX) and row["num_records"] < ROWS_PER_FILE // 2
+    )
+
+
+def compact(table: ScoresTable, run_id: str) -> tuple[int, int]:
+    """Merge the small ok-row files into files of up to :data:`ROWS_PER_FILE` rows, in one commit that changes
+    no row (``data_change`` false; earlier versions keep their files until :func:`vacuum`). The caller holds
+    the lease; the new files are named and recorded as run ``run_id``'s, so a compaction killed halfway is
+    cleaned up like any run. Returns (files before, files after) of the merged set."""
+    small = small_files(table)
+    bins: list[list[str]] = [[]]
+    rows = 0
+    for name, count in small:
+        if rows + count > ROWS_PER_FILE and bins[-1]:
+            bins.append([])
+            rows = 0
+        bins[-1].append(name)
+        rows += count
+    bins = [names for names in bins if len(names) > 1]
+    if not bins:
+        return len(small), len(small)
+    table.begin_run({"run_id": run_id, "mode": "compact"})
+    written = []
+    for i, names in enumerate(bins):
+        merged = pa.concat_tables(
+            pq.read_table(table.location.join(name).path, filesystem=table.location.filesystem).cast(SCHEMA)
+            for name in names
+        )
+        written += write_data_files(merged, table.location, f"{run_id}-{i:05d}")
+    now = int(time.time() * 1000)
+    merged_names = [name for names in bins for name in names]
+    table.delta().create_write_transaction(
+        [
+            *(file.add_action(data_change=False) for file in written),
+            *(RemoveAction(path=name, data_change=False, deletion_timestamp=now) for name in merged_names),
+        ],
+        mode="append",
+        schema=SCHEMA,
+        commit_properties=CommitProperties(
+            custom_metadata={COMPACT_KEY: json.dumps({"run_id": run_id, "merged": merged_names})}
+        ),
+    )
+    table.end_run(run_id)
+    return len(small), len(small) - len(merged_names) + len(written)
 
 
 def vacuum(table: ScoresTable, retention_hours: int) -> list[str]:

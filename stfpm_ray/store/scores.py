@@ -98,6 +98,8 @@ RUNS = f"{STATE}/runs"
 LOG = "_delta_log"
 FILES_PER_SCAN = 256
 ERRORS_SUFFIX = "-errors.parquet"
+# Rows per Parquet file a write task aims at (and compaction): files of a few MB to tens of MB.
+ROWS_PER_FILE = 2048
 # Live error files an incremental run reads and rewrites in place; beyond this it merges them into one.
 MAX_ERROR_FILES = 64
 
@@ -144,13 +146,15 @@ class DataFile:
     rows: int
     stats: str
 
-    def add_action(self) -> AddAction:
+    def add_action(self, data_change: bool = True) -> AddAction:
+        """The log entry that adds this file; ``data_change=False`` for a rewrite of rows already in the table
+        (compaction), so that readers of the change feed skip it."""
         return AddAction(
             path=self.name,
             size=self.size,
             partition_values={},
             modification_time=int(time.time() * 1000),
-            data_change=True,
+            data_change=data_change,
             stats=self.stats,
         )
 
