@@ -161,3 +161,21 @@ def test_a_refused_run_leaves_no_trace(tmp_path):
         with table_run(str(out), "r2", "plain"):
             pass
     assert _files(out) == before and not (out / "_stfpm").exists()
+
+
+def test_a_commit_that_failed_without_landing_is_cleaned_up_by_the_next_run(tmp_path, monkeypatch):
+    """The failing run cannot know whether its commit landed, so it keeps its files and its record; the next
+    run sees they are not live and deletes them."""
+    out = tmp_path / "scores"
+
+    def lost_commit(self, *args, **kwargs):
+        raise OSError("connection reset before the log entry was written")
+
+    monkeypatch.setattr(ScoresTable, "commit", lost_commit)
+    with pytest.raises(OSError, match="connection reset"):
+        with table_run(str(out), "r1", "plain") as run:
+            run.publish(_write(run, ["/a.png"]), pa.chunked_array([["/a.png"]]), {}, {})
+    assert (out / "r1-00000.parquet").exists() and (out / "_stfpm" / "runs" / "r1.json").exists()
+    monkeypatch.undo()
+    with table_run(str(out), "r2", "plain") as run:
+        assert run.recovered == {"r1": 1} and not (out / "r1-00000.parquet").exists()

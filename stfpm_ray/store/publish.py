@@ -115,14 +115,18 @@ def table_run(uri: str, run_id: str, mode: str) -> Iterator[TableRun]:
             recovered = table.recover()
             run = TableRun(table, lease, run_id, mode, table.check_mode(mode), recovered)
             table.begin_run({"run_id": run_id, "mode": mode, **lease.describe_holder()})
+            # The record goes once nothing of the run can be left half-done: after it returned, or after its
+            # failure removed its files. A commit that failed may have landed: the next run's recover decides.
+            settled = False
             try:
                 yield run
+                settled = True
             except BaseException:
-                if not run.committing:
-                    table.discard(run_id)
+                settled = not run.committing and table.discard(run_id)
                 raise
             finally:
-                table.end_run(run_id)
+                if settled:
+                    table.end_run(run_id)
     finally:
         if run is None or not run.committing:
             remove_empty(reversed(created))

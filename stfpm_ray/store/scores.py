@@ -417,15 +417,16 @@ class ScoresTable:
             removed[run_id] = len(orphans)
         return removed
 
-    def discard(self, run_id: str) -> None:
-        """After a failed run: delete its own uncommitted data files (best effort; the next run's
-        :meth:`recover` deletes what is left)."""
+    def discard(self, run_id: str) -> bool:
+        """After a failed run: delete its own uncommitted data files. False when some could not be deleted
+        (the run's record then stays, and the next run's :meth:`recover` deletes them)."""
         try:
             for entry in list_dir(self.location):
                 if _written_by(entry.base_name, run_id):
                     self.location.filesystem.delete_file(entry.path)
         except OSError:
-            pass
+            return False
+        return True
 
     # ------------------------------------------------------------------------------------ commit
 
