@@ -94,10 +94,10 @@ def killed_night(out: Path, archive: list[str], rng: np.random.Generator) -> Non
         pass
     finally:
         ScoresTable.discard, ScoresTable.end_run, Lease.release = saved  # type: ignore[method-assign]
-    lease = out / "_stfpm" / "lease.json"
-    process = subprocess.Popen(["true"])
-    process.wait()
-    lease.write_text(json.dumps({**json.loads(lease.read_text()), "pid": process.pid}))
+        lease = out / "_stfpm" / "lease.json"
+        process = subprocess.Popen(["true"])
+        process.wait()
+        lease.write_text(json.dumps({**json.loads(lease.read_text()), "pid": process.pid}))
 
 
 def read_seconds(out: Path, repeat: int = 3) -> float:
@@ -147,10 +147,10 @@ def main() -> None:
 
 def run_night(out: Path, archive: list[str], rng, kill: bool, maintained: bool, n: int, counts: dict) -> None:
     """A night as an operator's cron job runs it: the nightly; after an exit status 5, `table repair`."""
-    if kill:
-        killed_night(out, archive, rng)
-        return
     try:
+        if kill:
+            killed_night(out, archive, rng)
+            return
         night(out, archive, rng)
     except TableError:
         repair_table(str(out), quiet)
