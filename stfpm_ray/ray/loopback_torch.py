@@ -6,7 +6,8 @@ every interface whatever that address (``*:PORT`` in ``ss -ltnp``, even with one
 interface its host name resolves to. A local ``train`` promised loopback only. So on a node whose IP is
 loopback this backend makes the process group itself: rank 0 binds the store's socket to 127.0.0.1 and
 hands it to ``TCPStore`` (``master_listen_fd``), and gloo is pointed at the loopback interface
-(``GLOO_SOCKET_IFNAME=lo``, PyTorch's documented switch). On a cluster node it is Ray's backend, unchanged.
+(``GLOO_SOCKET_IFNAME=lo``, PyTorch's documented switch; ``NCCL_SOCKET_IFNAME=lo`` for NCCL on GPUs, not
+measured here). On a cluster node it is Ray's backend, unchanged.
 
 It builds on Ray Train's Torch backend internals (Ray 2.52 to 2.60); a Ray that moved them gets its own
 backend and a warning that local training may listen beyond loopback.
@@ -38,6 +39,7 @@ LOOPBACK_INTERFACE = "lo"
 def _loopback_process_group(backend: str, rank: int, world_size: int, port: int, timeout_s: int) -> None:
     """In each worker: the process group over a store that rank 0 serves on 127.0.0.1 only."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK_INTERFACE)
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", LOOPBACK_INTERFACE)  # NCCL's bootstrap sockets, on GPUs
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     timeout = timedelta(seconds=timeout_s)
     listen_fd = None
