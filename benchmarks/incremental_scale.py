@@ -29,8 +29,7 @@ from stfpm_ray.core.checkpoint import CheckpointMeta
 from stfpm_ray.data.listing import list_images
 from stfpm_ray.data.plan import plan
 from stfpm_ray.progress import fixed_width_table
-from stfpm_ray.ray.pipeline import ROWS_PER_FILE
-from stfpm_ray.store.scores import SCHEMA, DataFile, ScoresTable, write_data_files
+from stfpm_ray.store.scores import ROWS_PER_FILE, SCHEMA, DataFile, ScoresTable, write_data_files
 
 MODEL_ID = "0123456789abcdef"
 CATEGORY = "bench"

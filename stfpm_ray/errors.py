@@ -1,4 +1,5 @@
-"""User errors: wrong input, settings or output folders. The CLI prints them as one line.
+"""User errors: wrong input, settings or output folders, or a damaged output. The CLI prints them as one line
+and exits with the error's :attr:`~StfpmError.exit_code`.
 
 Anything that is not a :class:`StfpmError` is a bug (or an environment failure) and keeps its traceback.
 The subclasses also derive from the built-in exception they replace, so callers that catch ``ValueError``
@@ -11,6 +12,8 @@ from __future__ import annotations
 class StfpmError(Exception):
     """Base of every error that means "the user's input is wrong"; the message says what to do."""
 
+    exit_code = 2
+
 
 class UserError(StfpmError, ValueError):
     """A setting or input value that cannot work."""
@@ -22,3 +25,11 @@ class InputNotFoundError(StfpmError, FileNotFoundError):
 
 class OutputExistsError(StfpmError, FileExistsError):
     """An output folder this run may not write into."""
+
+
+class TableError(StfpmError, OSError):
+    """A scores table that is damaged or out of reach (a data file gone, an unreadable log entry, no
+    permission): not a bug, and not fixed by changing the command line, so it has an exit status of its own;
+    the message names the table, what is wrong and the ``stfpm-ray table`` command that mends it."""
+
+    exit_code = 5

@@ -47,8 +47,9 @@ def test_every_help_shows_defaults_and_an_example(verb, capsys):
     text = capsys.readouterr().out
     assert "(default: " in text and "(default %" not in text
     assert f"examples:\n  stfpm-ray {verb} " in text
-    # every verb that writes a new output names it --out; calibrate adds to the checkpoint it is given
-    assert ("--out" in text) != (verb == "calibrate")
+    # every verb that writes a new output names it --out; calibrate adds to the checkpoint it is given, table
+    # mends the table it is given
+    assert ("--out" in text) != (verb in ("calibrate", "table"))
 
 
 def test_one_vocabulary_for_batches_and_outputs(capsys):

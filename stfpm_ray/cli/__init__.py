@@ -1,4 +1,4 @@
-"""The ``stfpm-ray`` command line: synth, train, score, nightly, calibrate, evaluate, benchmark.
+"""The ``stfpm-ray`` command line: synth, train, score, nightly, calibrate, evaluate, benchmark, table.
 
 Each verb is a module of this package exposing ``add_arguments(parser)`` and ``run(args) -> int`` (its
 summary and examples live here, so that help answers without importing it); the ``jobs/*.py`` entry points
@@ -12,7 +12,8 @@ appends). ``train``, ``score``, ``nightly`` and ``benchmark`` read ``--config FI
 (:mod:`stfpm_ray.cli.flags`).
 
 A :class:`~stfpm_ray.errors.StfpmError` (wrong input, settings, config file or output folder) is printed as
-one line with exit code 2; anything else is a bug and shows its traceback.
+one line with exit code 2, a damaged or unreachable scores table (:class:`~stfpm_ray.errors.TableError`)
+with 5; anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from stfpm_ray.cli.console import setup_logging
 from stfpm_ray.cli.flags import HelpFormatter, with_config
 from stfpm_ray.errors import StfpmError
 
-VERBS = ("synth", "train", "score", "nightly", "calibrate", "evaluate", "benchmark")
+VERBS = ("synth", "train", "score", "nightly", "calibrate", "evaluate", "benchmark", "table")
 SUMMARIES = {
     "synth": "write a synthetic MVTec-layout dataset (for demos and tests)",
     "train": "train one student per category with Ray Train, categories in parallel",
@@ -35,6 +36,7 @@ SUMMARIES = {
     "calibrate": "set a category's threshold anew from known-good images of new conditions, no retraining",
     "evaluate": "per-category metrics and an HTML report from a scores table",
     "benchmark": "train, score and evaluate every category of a dataset root",
+    "table": "check, repair, compact or vacuum a scores table (a deleted file, a damaged log, years of nights)",
 }
 EXAMPLES = {
     "synth": ("stfpm-ray synth --out data/synth --num-categories 3",),
@@ -57,6 +59,10 @@ EXAMPLES = {
     "benchmark": (
         "stfpm-ray benchmark --out runs/demo    # synthetic demo dataset",
         "stfpm-ray benchmark --data data/mvtec --categories bottle --out runs/bottle --resume",
+    ),
+    "table": (
+        "stfpm-ray table check --scores runs/scores",
+        "stfpm-ray table repair --scores runs/scores && stfpm-ray nightly --config nightly.yaml",
     ),
 }
 
@@ -120,7 +126,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def _error(command: str | None, exc: StfpmError) -> int:
     print(f"stfpm-ray {command}: error: {exc}", file=sys.stderr)
-    return 2
+    return exc.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

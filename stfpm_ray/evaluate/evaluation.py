@@ -187,7 +187,7 @@ def open_scores(scores_dir: str | Path, version: int | None = None) -> tuple[ds.
     if not is_dir(resolve(location)):
         raise InputNotFoundError(f"scores table {location} does not exist (write one with `stfpm-ray score`)")
     table = ScoresTable(location)
-    delta = table.delta(version)
+    delta = table.intact(version)
     dataset = delta.to_pyarrow_dataset()
     if not dataset.files:
         raise UserError(f"the scores table {location} holds no data files: expected the output of `stfpm-ray score`")

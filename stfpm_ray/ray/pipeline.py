@@ -48,11 +48,9 @@ from stfpm_ray.errors import UserError
 from stfpm_ray.progress import Meter, Progress
 from stfpm_ray.ray.resources import DECODE_CPUS, actor_pool_size
 from stfpm_ray.ray.session import cluster_capacity, init_ray
-from stfpm_ray.store.scores import SCHEMA, DataFile, ScoresTable, write_data_files
+from stfpm_ray.store.scores import ROWS_PER_FILE, SCHEMA, DataFile, ScoresTable, write_data_files
 
 DEFAULT_BATCH_SIZE = 32
-# Rows per Parquet file: keeps files in the range of a few MB to tens of MB.
-ROWS_PER_FILE = 2048
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ The local default binds loopback only, so a demo on a laptop or CI machine never
 network. Ray decides that from ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``, which it reads once, when ``ray`` is
 first imported: setting the variable at ``init`` time (after the import) is too late for this process, so
 the local branch also sets the constant Ray read from it, and the variable for the processes Ray spawns.
-Those are this project's only touches of Ray's private modules, imported here in one guarded place.
+Those and Ray Train's Torch backend (:mod:`stfpm_ray.ray.loopback_torch`, which keeps local training on
+loopback too) are this project's only touches of Ray's private modules, each imported in one guarded place.
 
 The terminal belongs to stfpm-ray's own progress lines: unless ``STFPM_RAY_VERBOSE=1`` (the CLI's ``-v``
 sets it), worker logs stay in Ray's log files (``log_to_driver=False``), Ray's own driver

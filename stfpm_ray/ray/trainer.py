@@ -36,6 +36,7 @@ from stfpm_ray.core.checkpoint import CheckpointError, read_meta
 from stfpm_ray.core.fit import TrainConfig
 from stfpm_ray.core.fit_report import CategoryResult, format_epoch
 from stfpm_ray.progress import Progress
+from stfpm_ray.ray.loopback_torch import loopback_torch_config
 from stfpm_ray.ray.resources import TrainResources, category_concurrency
 from stfpm_ray.ray.session import cluster_capacity, init_ray
 from stfpm_ray.ray.train_worker import worker_loop
@@ -78,6 +79,7 @@ def _drive_category(tune_config: dict[str, Any], job: TrainJob) -> dict[str, Any
             "config": job.config,
             "threads": max(1, int(job.resources.cpus_per_worker)),
         },
+        torch_config=loopback_torch_config(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.resources.workers_per_category,
             use_gpu=job.resources.gpus_per_worker > 0,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import PurePath
 
@@ -105,6 +106,13 @@ def list_dir(location: str | os.PathLike[str] | Location, recursive: bool = Fals
         return []
     entries = loc.filesystem.get_file_info(pafs.FileSelector(loc.path, recursive=recursive))
     return sorted(entries, key=lambda entry: entry.path)
+
+
+def remove_empty(locations: Iterable[Location]) -> None:
+    """Delete each of these folders that exists and is empty, in order (children before their parents)."""
+    for loc in locations:
+        if is_dir(loc) and not list_dir(loc):
+            loc.filesystem.delete_dir(loc.path)
 
 
 def read_bytes(location: str | os.PathLike[str] | Location) -> bytes:

@@ -37,7 +37,9 @@ import pyarrow.fs as pafs
 from stfpm_ray.errors import OutputExistsError, StfpmError
 from stfpm_ray.store.fs import Location, list_dir, read_text, write_text_atomic
 
-LEASE_FILE = "_stfpm/lease.json"
+# The folder of stfpm-ray's own state beside a table's data: the lease, records of running runs.
+STATE = "_stfpm"
+LEASE_FILE = f"{STATE}/lease.json"
 HEARTBEAT_S = 30.0
 # Ten missed heartbeats: long enough for a stalled NFS server, short enough for the next night's run.
 STALE_AFTER_S = 600.0
@@ -110,6 +112,12 @@ class Lease:
         if heartbeat is not None:
             fields["heartbeat"] = heartbeat
         return json.dumps(fields, indent=2)
+
+    def describe_holder(self) -> dict[str, Any]:
+        """This run as the lease names it (user, host, pid, start), without the heartbeat."""
+        fields = asdict(self.holder)
+        del fields["heartbeat"], fields["run_id"]
+        return fields
 
     def read(self) -> Holder | None:
         """The current holder, or None when there is no lease file (or it was just removed)."""

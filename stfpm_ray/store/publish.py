@@ -1,8 +1,8 @@
 """A scoring run's hold on its table, from the lease to the one commit that publishes it.
 
 :func:`table_run` is the context a run works in: it takes the table's lease (one writer per table,
-:mod:`stfpm_ray.store.lease`), clears what dead runs left in ``_stfpm/runs``, checks that the output may be
-written in the run's mode, and on any failure deletes the run's own uncommitted files. Inside it,
+:mod:`stfpm_ray.store.lease`), deletes what runs killed before their commit left, checks that the output may
+be written in the run's mode, records the run, and on any failure deletes the run's own uncommitted files. Inside it,
 :meth:`TableRun.publish` is the only way rows enter the table: it checks the run's files (exactly one row
 per planned image), retires the error rows this run retried, records the manifest and makes one Delta
 commit, so readers see the previous version or the whole run, never a part of it or a doubled row.
@@ -20,8 +20,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stfpm_ray.errors import UserError
-from stfpm_ray.store.lease import Holder, Lease
+from stfpm_ray.errors import TableError, UserError
+from stfpm_ray.store.fs import is_dir, remove_empty
+from stfpm_ray.store.lease import STATE, Holder, Lease
 from stfpm_ray.store.scores import DataFile, ScoresTable, counts_by_category, duplicated_paths
 
 MODES = ("plain", "incremental", "overwrite")
@@ -45,9 +46,13 @@ class Published:
 class TableRun:
     """One run's exclusive hold on a scores table (made by :func:`table_run`)."""
 
-    def __init__(self, table: ScoresTable, lease: Lease, run_id: str, mode: str, exists: bool) -> None:
+    def __init__(
+        self, table: ScoresTable, lease: Lease, run_id: str, mode: str, exists: bool, recovered: dict[str, int]
+    ) -> None:
         self.table, self.lease, self.run_id, self.mode = table, lease, run_id, mode
         self.exists = exists
+        # {run_id: data files deleted} of the runs killed before their commit that this run cleaned up after
+        self.recovered = recovered
         self.committing = False
 
     @property
@@ -95,24 +100,54 @@ class TableRun:
 def table_run(uri: str, run_id: str, mode: str) -> Iterator[TableRun]:
     """Hold the table at ``uri`` for one run in ``mode`` (``plain``, ``incremental`` or ``overwrite``).
 
-    Refuses, before anything is read, a table held by a live run and an output the mode may not write
-    (:meth:`ScoresTable.check_mode`). A failure inside deletes the run's uncommitted files, unless its
-    commit had begun.
+    Under the lease, first deletes what runs killed before their commit left (:meth:`ScoresTable.recover`),
+    then refuses an output the mode may not write (:meth:`ScoresTable.check_mode`), then records this run
+    before it writes anything. A failure inside deletes the run's uncommitted files, unless its commit had
+    begun. A run that commits nothing leaves no folder it created behind: a refused run leaves no trace.
     """
     if mode not in MODES:
         raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     table = ScoresTable(uri)
-    with Lease(table.location, run_id) as lease:
-        table.clear_runs()
-        run = TableRun(table, lease, run_id, mode, table.check_mode(mode))
-        try:
-            yield run
-        except BaseException:
-            if not run.committing:
-                table.discard(run_id)
-            raise
-        finally:
-            table.clear_runs()
+    created = [place for place in (table.location, table.location.join(STATE)) if not is_dir(place)]
+    run: TableRun | None = None
+    try:
+        with hold(table, run_id) as lease:
+            recovered = table.recover()
+            run = TableRun(table, lease, run_id, mode, table.check_mode(mode), recovered)
+            table.begin_run({"run_id": run_id, "mode": mode, **lease.describe_holder()})
+            # The record goes once nothing of the run can be left half-done: after it returned, or after its
+            # failure removed its files. A commit that failed may have landed: the next run's recover decides.
+            settled = False
+            try:
+                yield run
+                settled = True
+            except BaseException:
+                settled = not run.committing and table.discard(run_id)
+                raise
+            finally:
+                if settled:
+                    table.end_run(run_id)
+    finally:
+        if run is None or not run.committing:
+            remove_empty(reversed(created))
+
+
+@contextmanager
+def hold(table: ScoresTable, run_id: str) -> Iterator[Lease]:
+    """The table's lease for ``run_id`` (a scoring run, or table maintenance); a folder this user may not
+    write is a :class:`TableError`, not a traceback."""
+    lease = Lease(table.location, run_id)
+    try:
+        lease.acquire()
+    except PermissionError as exc:
+        raise TableError(
+            f"scores table {table.uri}: no permission to write ({exc.strerror or exc}); a read-only mount or "
+            "expired credentials? Make it writable for this user, or score into another --out"
+        ) from None
+    try:
+        yield lease
+    finally:
+        lease.release()
 
 
 def check_staged(index: pa.Table, expected: pa.ChunkedArray) -> None:

@@ -17,11 +17,14 @@ Layout of the files (the Delta log, not the folder, says which files are live):
 * ``<run_id>-<task>.parquet``: a write task's ``ok`` rows, ``<run_id>-<task>-errors.parquet`` its error
   rows. Error rows live in files of their own, so retrying them rewrites only tiny error files, never the
   files that hold maps.
-* ``_stfpm/lease.json``: the writer's lease (:mod:`stfpm_ray.store.lease`); ``_stfpm/runs/<run_id>/``: the
-  per-process records of a running run, folded into its manifest at commit.
+* ``_stfpm/lease.json``: the writer's lease (:mod:`stfpm_ray.store.lease`); ``_stfpm/runs/<run_id>.json``:
+  the record of a run that has begun and not finished, written before its first data file;
+  ``_stfpm/runs/<run_id>/``: the per-process records of a running run, folded into its manifest at commit.
 
-A run that dies before its commit leaves data files that no commit references: readers never see them,
-the run deletes its own on failure, and ``DeltaTable(OUT_DIR).vacuum()`` removes any others.
+A run that dies before its commit leaves data files that no commit references: readers never see them, the
+run deletes its own on failure, and a run killed before it could (``kill -9``, a lost node) left its record,
+so the next run into the folder deletes them under the lease (:meth:`ScoresTable.recover`), a table or not
+yet. Files without a record are never deleted: a folder holding them is refused as not ours.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ from deltalake import DeltaTable, Schema
 from deltalake.exceptions import TableNotFoundError
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
 
-from stfpm_ray.errors import InputNotFoundError, OutputExistsError, UserError
+from stfpm_ray.errors import InputNotFoundError, OutputExistsError, TableError, UserError
 from stfpm_ray.store.fs import Location, is_dir, list_dir, read_text, resolve, write_text_atomic
+from stfpm_ray.store.lease import STATE
 
 
 def _fields(**types: pa.DataType) -> list[pa.Field]:
@@ -90,9 +94,12 @@ SCHEMA = pa.schema(sorted(SAMPLE_FIELDS + RESULT_FIELDS + RUN_FIELDS, key=lambda
 INDEX_COLUMNS = ["path", "category", "status", "model_id"]
 # The commit metadata key that holds a run's manifest (see ScoresTable.history).
 MANIFEST_KEY = "stfpm_ray.manifest"
-RUNS = "_stfpm/runs"
+RUNS = f"{STATE}/runs"
+LOG = "_delta_log"
 FILES_PER_SCAN = 256
 ERRORS_SUFFIX = "-errors.parquet"
+# Rows per Parquet file a write task aims at (and compaction): files of a few MB to tens of MB.
+ROWS_PER_FILE = 2048
 # Live error files an incremental run reads and rewrites in place; beyond this it merges them into one.
 MAX_ERROR_FILES = 64
 
@@ -139,13 +146,15 @@ class DataFile:
     rows: int
     stats: str
 
-    def add_action(self) -> AddAction:
+    def add_action(self, data_change: bool = True) -> AddAction:
+        """The log entry that adds this file; ``data_change=False`` for a rewrite of rows already in the table
+        (compaction), so that readers of the change feed skip it."""
         return AddAction(
             path=self.name,
             size=self.size,
             partition_values={},
             modification_time=int(time.time() * 1000),
-            data_change=True,
+            data_change=data_change,
             stats=self.stats,
         )
 
@@ -192,17 +201,41 @@ class ScoresTable:
         return DeltaTable.is_deltatable(self.table_uri)
 
     def delta(self, version: int | None = None) -> DeltaTable:
-        """The table at ``version`` (default: the current one), or a clear error."""
+        """The table at ``version`` (default: the current one), or one line that says what is wrong."""
         try:
             return DeltaTable(self.table_uri, version=version)
         except TableNotFoundError:
             raise InputNotFoundError(
                 f"{self.uri} is not a scores table (no _delta_log): write one with `stfpm-ray score`"
             ) from None
-        except Exception as exc:  # deltalake reports a missing version as a generic error
-            if version is not None:
-                raise UserError(f"{self.uri} has no version {version}: {str(exc).splitlines()[0]}") from None
-            raise
+        except Exception as exc:  # deltalake reports a missing version and a damaged log as one generic error
+            reason = str(exc).splitlines()[0]
+            if version is not None and (version < 0 or version > max(self.log_versions(), default=-1)):
+                raise UserError(f"{self.uri} has no version {version}: {reason}") from None
+            raise TableError(
+                f"scores table {self.uri}: its transaction log cannot be read ({reason}); run `stfpm-ray table "
+                f"check --scores {self.uri}` to see the damage and `stfpm-ray table repair --scores {self.uri}` "
+                "to fall back to the last readable version"
+            ) from None
+
+    def log_versions(self) -> list[int]:
+        """The versions whose commit files are in ``_delta_log/``, oldest first (readable or not)."""
+        names = (entry.base_name for entry in list_dir(self.location.join(LOG)))
+        return sorted(int(name[:-5]) for name in names if name.endswith(".json") and name[:-5].isdigit())
+
+    def intact(self, version: int | None = None) -> DeltaTable:
+        """:meth:`delta`, refusing a table whose data files are not all there (deleted by hand or by a
+        lifecycle rule): every reader would otherwise fail halfway with a traceback."""
+        delta = self.delta(version)
+        present = {entry.base_name for entry in list_dir(self.location)}
+        missing = [name for name in (posixpath.basename(uri) for uri in delta.file_uris()) if name not in present]
+        if missing:
+            raise TableError(
+                f"scores table {self.uri}: {len(missing)} data file(s) of version {delta.version()} are missing "
+                f"(e.g. {missing[0]}); run `stfpm-ray table repair --scores {self.uri}` to drop them from the "
+                "table in one commit (the next nightly then scores their images again)"
+            )
+        return delta
 
     def dataset(self, version: int | None = None) -> pads.Dataset:
         """The live rows as a pyarrow dataset: only files of the chosen version, never staged or removed ones."""
@@ -242,11 +275,15 @@ class ScoresTable:
                     "--incremental to score only images without an ok row for their model, or --overwrite "
                     "to replace it"
                 )
+            if mode == "incremental":
+                self.intact()  # the plan reads every live file
+            else:
+                self.delta()  # the commit reads the log
             return True
         info = self.location.filesystem.get_file_info(self.location.path)
         if info.type == pafs.FileType.File:
             raise OutputExistsError(f"{self.uri} exists and is not a folder")
-        foreign = [e.base_name for e in list_dir(self.location) if e.base_name != "_stfpm"]
+        foreign = [e.base_name for e in list_dir(self.location) if e.base_name != STATE]
         if "_manifests" in foreign:
             raise OutputExistsError(
                 f"{self.uri} holds plain Parquet output of an earlier stfpm-ray (before scores tables); "
@@ -342,20 +379,54 @@ class ScoresTable:
         folder = self._run_state(run_id)
         return [json.loads(read_text(folder.at(e.path))) for e in list_dir(folder) if e.base_name.endswith(".json")]
 
-    def clear_runs(self) -> None:
-        """Delete the run records of earlier runs: called by the lease holder, so none of them is live."""
+    def begin_run(self, record: dict[str, Any]) -> None:
+        """Record a run before it writes anything (``_stfpm/runs/<run_id>.json``: who, where, when): every data
+        file named ``<run_id>-*.parquet`` is then recognisably this run's, and if the run dies before its
+        commit, the next lease holder knows whose files it may delete (:meth:`recover`)."""
+        write_text_atomic(self.location.join(RUNS, f"{record['run_id']}.json"), json.dumps(record))
+
+    def end_run(self, run_id: str) -> None:
+        """Delete a finished run's record and progress records (the ``runs`` folder too, once empty)."""
         folder = self.location.join(RUNS)
-        if is_dir(folder):
+        for entry in list_dir(folder):
+            if entry.base_name in (run_id, f"{run_id}.json"):
+                _delete(folder.at(entry.path), entry.type)
+        if is_dir(folder) and not list_dir(folder):
             folder.filesystem.delete_dir(folder.path)
 
-    def discard(self, run_id: str) -> None:
-        """After a failed run: delete its own uncommitted data files (best effort; vacuum finds the rest)."""
+    def recover(self) -> dict[str, int]:
+        """Delete what runs that died before their commit left: their uncommitted data files and records.
+
+        Called by the lease holder before it reads anything, so none of the recorded runs is alive (a run
+        only paused past its lease commits nothing). A recorded run's files that the current version holds
+        were committed (the run died after its log entry) and stay. Returns ``{run_id: files deleted}``.
+        """
+        folder = self.location.join(RUNS)
+        records = list_dir(folder)
+        if not records:
+            return {}
+        dead = sorted({entry.base_name.removesuffix(".json") for entry in records})
+        live = {posixpath.basename(path) for path in self._live_paths()} if self.exists() else set()
+        entries = list_dir(self.location)
+        removed = {}
+        for run_id in dead:
+            orphans = [e for e in entries if _written_by(e.base_name, run_id) and e.base_name not in live]
+            for entry in orphans:
+                self.location.filesystem.delete_file(entry.path)
+            self.end_run(run_id)
+            removed[run_id] = len(orphans)
+        return removed
+
+    def discard(self, run_id: str) -> bool:
+        """After a failed run: delete its own uncommitted data files. False when some could not be deleted
+        (the run's record then stays, and the next run's :meth:`recover` deletes them)."""
         try:
             for entry in list_dir(self.location):
-                if entry.base_name.startswith(f"{run_id}-") and entry.base_name.endswith(".parquet"):
+                if _written_by(entry.base_name, run_id):
                     self.location.filesystem.delete_file(entry.path)
         except OSError:
-            pass
+            return False
+        return True
 
     # ------------------------------------------------------------------------------------ commit
 
@@ -378,6 +449,18 @@ class ScoresTable:
             [*adds, *removes], mode="overwrite" if overwrite else "append", schema=SCHEMA, commit_properties=properties
         )
         return self.delta().version()
+
+
+def _written_by(name: str, run_id: str) -> bool:
+    """Whether a file name in the table folder is one of ``run_id``'s data files (:func:`write_data_files`)."""
+    return name.startswith(f"{run_id}-") and name.endswith(".parquet")
+
+
+def _delete(location: Location, kind: pafs.FileType) -> None:
+    if kind == pafs.FileType.Directory:
+        location.filesystem.delete_dir(location.path)
+    else:
+        location.filesystem.delete_file(location.path)
 
 
 def counts_by_category(index: pa.Table) -> dict[str, dict[str, int]]:

@@ -6,6 +6,8 @@ a run that failed is simply run again. The report lists, per category, this run'
 that decided the run (an adaptive operating point's is the run's own); it reads only the rows of this run
 (``run_id``, pushed down to the Parquet reader) of the version it committed, and is written to
 ``OUT/_reports/nightly-<run_id>.json`` beside the table.
+Every night adds a small file; past :data:`~stfpm_ray.workflows.table.COMPACT_AFTER` of them the run
+compacts the table (a commit of its own that changes no row).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from stfpm_ray.ray.pipeline import ScoringOptions
 from stfpm_ray.store.fs import resolve, write_text_atomic
 from stfpm_ray.store.scores import ScoresTable
 from stfpm_ray.workflows.score import ScoreSummary, score_images
+from stfpm_ray.workflows.table import compact_when_needed
 
 REPORTS = "_reports"
 DEFAULT_TOP = 20
@@ -129,6 +132,7 @@ def nightly(
     )
     report = new_anomalies(str(out_dir), summary, top)
     path = write_report(str(out_dir), report)
+    compact_when_needed(str(out_dir), progress)
     progress(format_report(report))
     progress(
         f"nightly run {summary.run_id}: {report['new_anomalies']} new anomalies among {report['scored']} "

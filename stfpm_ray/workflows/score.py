@@ -105,6 +105,8 @@ def score_images(
     with table_run(str(out_dir), run_id, mode) as run:
         if run.took_over is not None:
             progress(f"took over the lease of {run.took_over.describe()}: that run is gone")
+        for dead, count in run.recovered.items():
+            progress(f"run {dead} died before its commit: deleted the {count} data files it left")
         models, problems = _usable_checkpoints(checkpoints, category, progress)
         listing = _listing(inputs, progress)
         metas = {name: meta for name, (_, meta) in models.items()}
