@@ -97,6 +97,10 @@ def test_a_drifted_day_is_detected_and_ten_good_images_of_it_restore_the_operati
     printed = capsys.readouterr().out
     assert f"{CATEGORY}: the operating point (training) no longer holds: labelled good images: " in printed
     assert f"stfpm-ray calibrate --checkpoints {ckpt} --category {CATEGORY} --good FOLDER" in printed
+    summary_row = next(line.split() for line in printed.splitlines() if line.startswith(f"{CATEGORY} "))
+    assert (
+        summary_row[1:4] == ["90", "0", "0"] and int(summary_row[4]) > 45
+    )  # flagged: half the good images, most defective
     assert ScoresTable(str(scores)).history()[0]["manifest"]["operating_points"] == {CATEGORY: "training"}
 
     # ten good images of the day set a new operating point; the table's rows are decided again when read

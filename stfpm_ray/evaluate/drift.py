@@ -111,7 +111,8 @@ def _ks(scores: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 def run_drift(rows: pa.Table, points: dict[str, OperatingPoint]) -> dict[str, dict[str, Any]]:
     """:func:`assess` per category of a run's rows (``category``, ``score``, ``label``, ``status``), against each
     category's operating point; categories without a point (no checkpoint) or without ok rows are left out.
-    ``threshold`` is what decides the run's rows (an adaptive point's is the run's own)."""
+    ``threshold`` is what decides the run's rows (an adaptive point's is the run's own), ``run_flagged`` how
+    many of its ok rows it flags, labelled or not."""
     ok = rows.filter(pc.equal(rows["status"], "ok"))
     found = {}
     for category in sorted(set(ok["category"].to_pylist()) & points.keys()):
@@ -119,7 +120,11 @@ def run_drift(rows: pa.Table, points: dict[str, OperatingPoint]) -> dict[str, di
         labels = mine["label"].to_numpy(zero_copy_only=False).astype(np.float64)
         scores = mine["score"].to_numpy(zero_copy_only=False).astype(np.float64)
         threshold = points[category].threshold_for(scores)
-        found[category] = {**assess(scores, labels, points[category], threshold), "threshold": threshold}
+        found[category] = {
+            **assess(scores, labels, points[category], threshold),
+            "threshold": threshold,
+            "run_flagged": int((scores > threshold).sum()),
+        }
     return found
 
 

@@ -77,10 +77,13 @@ class ScoreSummary:
         return sorted(name for name, drift in self.drift.items() if drift["detected"])
 
     def table(self) -> str:
-        """The per-category ok/error/skipped counts as aligned text."""
-        rows = [(name, c.ok, c.error, c.skipped) for name, c in sorted(self.counts.items())]
-        total = ("total", *(sum(row[i] for row in rows) for i in (1, 2, 3)))
-        return fixed_width_table(("category", "ok", "error", "skipped"), [*rows, total])
+        """The per-category ok/error/skipped counts and this run's flagged images, as aligned text."""
+        rows = [
+            (name, c.ok, c.error, c.skipped, self.drift.get(name, {}).get("run_flagged", 0))
+            for name, c in sorted(self.counts.items())
+        ]
+        total = ("total", *(sum(row[i] for row in rows) for i in (1, 2, 3, 4)))
+        return fixed_width_table(("category", "ok", "error", "skipped", "flagged"), [*rows, total])
 
 
 def score_images(
