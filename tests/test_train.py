@@ -201,11 +201,15 @@ def test_a_reverse_student_trains_and_scores_through_the_cli(ray_session, synth_
 
 
 def test_two_workers_per_category_train_one_student_data_parallel(ray_session, synth_root, tmp_path):
-    """DDP over two workers: every reverse-student parameter gets a gradient, so DDP runs without searching for
-    unused ones (the registry's entry says so); both ranks take the same number of steps here (13 images)."""
+    """DDP over two gloo workers on a category whose 13 training images split unevenly (7 and 6): with 2 images
+    per rank and step, striding alone would give rank 0 four steps and rank 1 three, and the run would hang in
+    the gradient all-reduce; the padded order gives both four. Every reverse-student parameter gets a
+    gradient, so DDP runs without searching for unused ones (the registry's entry says so)."""
     out = tmp_path / "ckpt"
     argv = ["train", "--data", str(synth_root), "--categories", "grain", "--out", str(out), *TINY]
-    assert cli.main([*argv, "--workers-per-category", "2", "--cpus-per-worker", "1", "--epochs", "2"]) == 0
+    parallel = ["--workers-per-category", "2", "--cpus-per-worker", "1", "--max-failures", "0"]
+    assert cli.main([*argv, *parallel, "--epochs", "2", "--batch-size", "4"]) == 0
     meta = read_meta(out / "grain")
     assert meta.training["workers"] == 2 and meta.student == "reverse" and meta.training["train_images"] == 13
+    assert meta.training["epochs"] == 2 and meta.training["best_epoch"] >= 1
     assert validate_checkpoint(out / "grain").model_id == meta.model_id
