@@ -24,6 +24,9 @@ from stfpm_ray.ray.pipeline import DEFAULT_BATCH_SIZE, ScoringOptions
 from stfpm_ray.ray.resources import TrainResources, parse_actors
 from stfpm_ray.ray.session import init_ray
 
+# The value of the GPU flags that lets the cluster decide (argparse runs it through gpus_argument: None).
+AUTO = "auto"
+
 # Flags that set TrainConfig fields: (flag, field, type, help).
 _CONFIG_FLAGS = (
     ("--epochs", "epochs", int, "epochs per category"),
@@ -107,7 +110,13 @@ def add_training_options(parser: argparse.ArgumentParser, demo_defaults: dict[st
         help="CPUs (and torch threads) per worker (default: the cluster's CPUs shared among the "
         "workers that train at once)",
     )
-    parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker, fractions allowed")
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=gpus_argument,
+        default=AUTO,
+        help="GPUs per worker, fractions allowed with one worker per category; auto: 1 where the Ray cluster "
+        "has GPUs, else 0",
+    )
     parser.add_argument(
         "--storage-path",
         default=None,
@@ -155,6 +164,16 @@ def train_resources(args: argparse.Namespace) -> TrainResources:
     )
 
 
+def gpus_argument(text: str) -> float | None:
+    """``auto`` (None: decided from the cluster, :func:`~stfpm_ray.ray.resources.gpus_each`) or a number."""
+    if text == AUTO:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number of GPUs, got {text!r}") from None
+
+
 def _actors_argument(text: str) -> tuple[int, int]:
     try:
         return parse_actors(text)
@@ -171,7 +190,12 @@ def add_scoring_options(parser: argparse.ArgumentParser) -> None:
         metavar="N|MIN,MAX",
         help="scoring actors (default: 1 up to the GPUs, or CPUs - 1 without GPUs)",
     )
-    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per scoring actor (0: CPU)")
+    parser.add_argument(
+        "--gpus-per-actor",
+        type=gpus_argument,
+        default=AUTO,
+        help="GPUs per scoring actor (0: CPU); auto: 1 where the Ray cluster has GPUs, else 0",
+    )
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor")
     parser.add_argument("--map-size", type=int, default=DEFAULT_MAP_SIZE, help="stored anomaly map side in pixels")
     parser.add_argument(

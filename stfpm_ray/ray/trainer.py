@@ -68,8 +68,8 @@ def _drive_category(tune_config: dict[str, Any], job: TrainJob) -> dict[str, Any
     """Run one category's TorchTrainer; returns where its final checkpoint lies, or why it failed."""
     category = tune_config["category"]
     resources = {"CPU": job.resources.cpus_per_worker}
-    if job.resources.gpus_per_worker > 0:
-        resources["GPU"] = job.resources.gpus_per_worker
+    if job.resources.gpus > 0:
+        resources["GPU"] = job.resources.gpus
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
@@ -80,7 +80,7 @@ def _drive_category(tune_config: dict[str, Any], job: TrainJob) -> dict[str, Any
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.resources.workers_per_category,
-            use_gpu=job.resources.gpus_per_worker > 0,
+            use_gpu=job.resources.gpus > 0,
             resources_per_worker=resources,
         ),
         run_config=ray.train.RunConfig(
@@ -216,7 +216,8 @@ def train_on_ray(
     progress(
         f"training {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}, "
         f"{min(concurrency, len(categories))} at a time, {res.workers_per_category} worker(s) each with "
-        f"{res.cpus_per_worker:g} CPUs; run {job.run_id}, Ray Train state in {job.storage_path}"
+        f"{res.cpus_per_worker:g} CPUs and {res.gpus:g} GPUs ({'GPU' if res.gpus else 'CPU'} training, fp32); "
+        f"run {job.run_id}, Ray Train state in {job.storage_path}"
     )
     tracker = Tracker(job, out_dir, progress, len(categories))
     trainable = tune.with_resources(tune.with_parameters(_drive_category, job=job), {"memory": TRIAL_MEMORY_BYTES})
