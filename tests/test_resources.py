@@ -69,3 +69,17 @@ def test_gpus_are_used_by_default_wherever_the_cluster_has_them():
     on_cpus = TrainResources().sized_for({"CPU": 16.0}, categories=8)
     assert on_cpus.gpus == 0.0 and on_cpus.cpus_per_worker == 2.0
     assert TrainResources(gpus_per_worker=0.0).sized_for({"CPU": 16.0, "GPU": 2.0}, 1).gpus == 0.0
+
+
+def test_fractional_gpus_are_refused_when_a_category_trains_data_parallel():
+    """Two NCCL ranks of one category on one GPU fail after the workers start; refused before anything runs."""
+    for gpus in (0.5, 0.25, 1.5):
+        with pytest.raises(ValueError, match="two data-parallel ranks on one GPU"):
+            TrainResources(workers_per_category=2, gpus_per_worker=gpus)
+    assert TrainResources(workers_per_category=1, gpus_per_worker=0.25).gpus == 0.25  # categories may share one
+    assert TrainResources(workers_per_category=2, gpus_per_worker=1.0).gpus == 1.0
+    assert TrainResources(workers_per_category=4).gpus_per_worker is None  # auto: whole GPUs
+    parser = argparse.ArgumentParser()
+    add_training_options(parser)
+    with pytest.raises(ValueError, match="NCCL"):
+        train_resources(parser.parse_args(["--workers-per-category", "2", "--gpus-per-worker", "0.5"]))

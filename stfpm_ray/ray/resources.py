@@ -93,6 +93,14 @@ class TrainResources:
             raise UserError(
                 "need workers per category >= 1, CPUs per worker > 0, GPUs per worker >= 0, max failures >= -1"
             )
+        if self.workers_per_category > 1 and gpus % 1:
+            # Ray would place two ranks of one category on one GPU, and NCCL refuses a group whose ranks
+            # share a device ("Duplicate GPU detected") after the workers have started.
+            raise UserError(
+                f"--gpus-per-worker {gpus:g} with {self.workers_per_category} workers per category would put "
+                "two data-parallel ranks on one GPU, which NCCL refuses: use whole GPUs per worker "
+                "(fractions work with --workers-per-category 1)"
+            )
 
     @property
     def gpus(self) -> float:
