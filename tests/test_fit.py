@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,11 @@ from PIL import Image
 from scipy import stats
 
 from stfpm_ray.cli.options import add_training_options, train_config
-from stfpm_ray.core.calibration import CALIBRATION_METHOD, calibration
+from stfpm_ray.core import model as stfpm_model
+from stfpm_ray.core.calibration import CALIBRATION_METHOD, calibration, training_point
 from stfpm_ray.core.checkpoint import META_FILE, load_checkpoint, read_meta, save_checkpoint, validate_checkpoint
 from stfpm_ray.core.fit import TrainConfig, fit_category, load_images, rank_batches, split_train_val
-from stfpm_ray.core.score import score_batch
+from stfpm_ray.core.score import ScoreSettings, score_batch
 from stfpm_ray.data import mvtec
 from stfpm_ray.data.images import load_image
 from stfpm_ray.data.mvtec import discover_categories, train_images
@@ -152,6 +154,32 @@ def test_a_checkpoint_without_the_record_scores_with_its_stored_threshold(fitted
         scored = score_batch(model, loaded, images)
     assert [s.is_anomalous for s in scored] == [s.score > meta.threshold for s in scored]
     assert [s.score_norm for s in scored] == pytest.approx([s.score / meta.threshold for s in scored])
+
+
+def test_auto_precision_scores_in_the_precision_the_threshold_was_calibrated_in(fitted, monkeypatch):
+    """Training records the precision of its validation scores; a record without one (older checkpoints)
+    means fp32; ``auto`` scores in the recorded precision where the device runs it natively."""
+    _, _, folder, meta = fitted
+    assert meta.calibration["precision"] == "fp32" and meta.operating_point.precision == "fp32"
+    legacy = {key: value for key, value in meta.calibration.items() if key != "precision"}
+    assert training_point(meta.threshold, legacy).precision == "fp32"
+    model, _ = load_checkpoint(folder)
+    asked: list[str] = []
+    predict = model.predict
+
+    def spy(images: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+        asked.append(precision)
+        return predict(images, precision)
+
+    monkeypatch.setattr(model, "predict", spy)
+    monkeypatch.setattr(stfpm_model, "native_bf16", lambda device: True)  # as on an Ampere or later GPU
+    images = torch.zeros(2, 3, meta.image_size, meta.image_size, dtype=torch.uint8)
+    bf16_point = replace(meta, calibration={**meta.calibration, "precision": "bf16"})
+    with torch.inference_mode():
+        score_batch(model, meta, images, ScoreSettings(precision="auto"))
+        score_batch(model, bf16_point, images, ScoreSettings(precision="auto"))
+        score_batch(model, meta, images, ScoreSettings(precision="bf16"))
+    assert asked == ["fp32", "bf16", "bf16"]
 
 
 def test_split_is_seeded_and_disjoint():

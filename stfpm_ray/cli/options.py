@@ -202,7 +202,9 @@ def add_scoring_options(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="network precision: auto (bf16 on GPUs, fp32 on CPUs), fp32, or bf16 (also fast on AVX512-BF16/AMX CPUs)",
+        help="network precision: auto (the one each threshold was calibrated in, fp32 unless calibrated in bf16; "
+        "bf16 only on GPUs that run it natively), fp32, or bf16 (faster on Ampere or later GPUs and AVX512-BF16/AMX "
+        "CPUs; scores then differ slightly from those the thresholds were set on)",
     )
 
 

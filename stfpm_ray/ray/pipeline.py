@@ -41,7 +41,7 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from stfpm_ray.core.checkpoint import CheckpointMeta
-from stfpm_ray.core.model import resolve_precision
+from stfpm_ray.core.model import describe_precision, resolve_precision
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE, ScoreSettings, ScoringModels, cpu_chunk, score_block
 from stfpm_ray.data.plan import Plan, decode_block
 from stfpm_ray.errors import UserError
@@ -62,7 +62,8 @@ class ScoringOptions:
     ``actors`` is a fixed count or ``(min, max)``; None: 1 up to what the cluster holds next to decoding.
     ``gpus_per_actor`` None is ``auto``: one GPU per actor where the cluster has GPUs, resolved when the run
     starts (:func:`~stfpm_ray.ray.resources.gpus_each`).
-    ``precision`` is ``auto`` (bf16 on GPUs, fp32 on CPUs), ``fp32`` or ``bf16``.
+    ``precision`` is ``auto`` (each category's calibration precision, bf16 only on GPUs that run it natively),
+    ``fp32`` or ``bf16``.
     """
 
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -104,16 +105,18 @@ class Scorer:
             torch.backends.cudnn.benchmark = True  # one input size per category: pick the fastest kernels once
         self.models = ScoringModels(checkpoints, options.device)
         self.settings = ScoreSettings(
-            map_size=options.map_size,
-            precision=resolve_precision(options.precision, options.device),
-            chunk=cpu_chunk(options.device, options.threads),
+            map_size=options.map_size, precision=options.precision, chunk=cpu_chunk(options.device, options.threads)
         )
+        precisions = {
+            resolve_precision(options.precision, options.device, meta.operating_point.precision)
+            for _, meta in checkpoints.values()
+        }
         self.table, self.run_id = table, run_id
         self.record = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "device": options.device,
-            "precision": self.settings.precision,
+            "precision": ",".join(sorted(precisions)),
             "started_at": datetime.now(timezone.utc).isoformat(),
             "batches": 0,
             "rows": 0,
@@ -208,9 +211,11 @@ def score_plan(
     options = replace(options, gpus_per_actor=gpus_each(options.gpus_per_actor, capacity))
     pool = actor_pool_size(options.actors, options.gpus_per_actor, options.cpus_per_actor, capacity)
     each = f"{options.gpus_per_actor:g} GPUs" if options.device == "cuda" else f"{options.cpus_per_actor:g} CPUs"
+    calibrated = (meta.operating_point.precision for _, meta in checkpoints.values())
     progress(
-        f"run {run_id}: {pool[0]}-{pool[1]} scoring actors on {options.device.upper()} ({each} each), precision "
-        f"{options.precision}, batch size {options.batch_size}, maps {options.map_size} px"
+        f"run {run_id}: {pool[0]}-{pool[1]} scoring actors on {options.device.upper()} ({each} each), "
+        f"{describe_precision(options.precision, calibrated)}, batch size {options.batch_size}, "
+        f"maps {options.map_size} px"
     )
     sink = ScoresSink(table, run_id)
     with _watch(table, run_id, planned.images, progress):
