@@ -8,7 +8,9 @@ import os
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from stfpm_ray.core.fit import TrainConfig, fit_category
 from stfpm_ray.data import mvtec
 from stfpm_ray.data.images import load_image
 from stfpm_ray.evaluate.metrics import image_auroc
+from stfpm_ray.ray import train_worker
 from stfpm_ray.ray.resources import TrainResources
 from stfpm_ray.store.checkpoint_folder import RUN_FILE
 from stfpm_ray.workflows.train import train_categories
@@ -163,6 +166,32 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, synth_root,
     finally:
         torch.set_num_threads(threads)
     assert result.best_val_loss == pytest.approx(plain.training["best_val_loss"], abs=1e-4)
+
+
+def test_resumable_checkpoints_are_reported_at_most_every_interval(monkeypatch):
+    """Reports every 2 s carry a resumable checkpoint (tens of MB) only every CHECKPOINT_INTERVAL_S, the first
+    report always, so that a crash early in training still resumes (the test above) without uploading one
+    every report."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(train_worker, "time", SimpleNamespace(monotonic=lambda: clock["now"], time=time.time))
+    monkeypatch.setattr(train_worker.ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0))
+    reports: list[tuple[float, int, list[str]]] = []
+
+    def report(metrics: dict, checkpoint: object = None) -> None:
+        files = sorted(p.name for p in Path(checkpoint.path).iterdir()) if checkpoint is not None else []
+        reports.append((clock["now"], metrics["epoch"], files))
+
+    monkeypatch.setattr(train_worker.ray.train, "report", report)
+    fitter = SimpleNamespace(epoch=0, config=SimpleNamespace(epochs=200), started_at=0.0)
+    fitter.state_dict = lambda: {"epoch": fitter.epoch}
+    reporter = train_worker._Reporter(torch.device("cpu"), None)
+    for epoch in range(1, 200):  # one epoch a second
+        clock["now"], fitter.epoch = float(epoch), epoch
+        reporter(fitter, {"category": "grain", "epoch": epoch})
+    saved = [at for at, _, files in reports if files]
+    assert len(reports) >= 90 and reports[0][2] == [train_worker.STATE_FILE]
+    assert all(b - a >= train_worker.CHECKPOINT_INTERVAL_S for a, b in zip(saved, saved[1:]))
+    assert len(saved) == 1 + int((199 - saved[0]) // train_worker.CHECKPOINT_INTERVAL_S) >= 6
 
 
 def test_refuses_a_non_empty_output_folder_without_resume_or_overwrite(synth_root, tmp_path, capsys):
