@@ -24,6 +24,7 @@ from stfpm_ray.data.images import load_image
 from stfpm_ray.evaluate.metrics import image_auroc
 from stfpm_ray.ray import train_worker
 from stfpm_ray.ray.resources import TrainResources
+from stfpm_ray.ray.trainer import Tracker
 from stfpm_ray.store.checkpoint_folder import RUN_FILE
 from stfpm_ray.workflows.train import train_categories
 
@@ -192,6 +193,24 @@ def test_resumable_checkpoints_are_reported_at_most_every_interval(monkeypatch):
     assert len(reports) >= 90 and reports[0][2] == [train_worker.STATE_FILE]
     assert all(b - a >= train_worker.CHECKPOINT_INTERVAL_S for a, b in zip(saved, saved[1:]))
     assert len(saved) == 1 + int((199 - saved[0]) // train_worker.CHECKPOINT_INTERVAL_S) >= 6
+
+
+def test_epochs_repeated_after_a_restart_are_printed_once():
+    """After a crash the workers repeat the epochs since their last resumable checkpoint (identically): the
+    driver says where training resumed and prints each epoch once."""
+    lines: list[str] = []
+    tracker = Tracker(None, Path("unused"), lines.append, 1)
+    trial = SimpleNamespace(config={"category": "grain"})
+
+    def epochs(*numbers: int) -> tuple:
+        return tuple({"epoch": n, "epochs": 9, "train_loss": 1.0, "val_loss": 1.0, "best_val_loss": 1.0,
+                      "best_epoch": n, "images_per_s": 10.0} for n in numbers)  # fmt: skip
+
+    for result in ({"history": epochs(1, 2)}, {"history": epochs(3, 4)}, {"history": epochs(3), "resumed_from": 2}):
+        tracker.on_trial_result(0, [], trial, result)
+    tracker.on_trial_result(0, [], trial, {"history": epochs(4, 5)})
+    printed = [int(m.group(1)) for line in lines if (m := re.match(r"\[grain\] epoch (\d+)/9", line))]
+    assert printed == [1, 2, 3, 4, 5] and any("resumed from its checkpoint after epoch 2" in line for line in lines)
 
 
 def test_refuses_a_non_empty_output_folder_without_resume_or_overwrite(synth_root, tmp_path, capsys):

@@ -121,13 +121,19 @@ def _install_checkpoint(storage_path: str, checkpoint_path: str, target: Path) -
 
 
 class Tracker(tune.Callback):
-    """Prints each category's epochs as they are reported and installs finished checkpoints."""
+    """Prints each category's epochs as they are reported and installs finished checkpoints.
+
+    Each epoch is printed once: after a restart the workers repeat the epochs since their last resumable
+    checkpoint (:data:`~stfpm_ray.ray.train_worker.CHECKPOINT_INTERVAL_S`), with the same results, and the
+    "resumed" line already says where they went on from.
+    """
 
     def __init__(self, job: TrainJob, out_dir: Path, progress: Progress, total: int) -> None:
         self.job, self.out_dir, self.progress, self.total = job, out_dir, progress, total
         self.results: dict[str, CategoryResult] = {}
         self.rates: dict[str, list[float]] = {}
         self.last_epoch: dict[str, dict[str, Any]] = {}
+        self.printed: dict[str, int] = {}  # the last epoch printed per category
         self.started: dict[str, tuple[float, int]] = {}  # wall time and epochs done when a trial (re)started
 
     def __getstate__(self) -> dict[str, Any]:
@@ -141,6 +147,7 @@ class Tracker(tune.Callback):
             "results": {},
             "rates": {},
             "last_epoch": {},
+            "printed": {},
             "started": {},
         }
 
@@ -164,6 +171,9 @@ class Tracker(tune.Callback):
         if "history" in result:
             self.last_epoch[category] = {**result, **result["history"][-1]} if result["history"] else result
         for epoch in result.get("history", []):
+            if epoch["epoch"] <= self.printed.get(category, 0):
+                continue
+            self.printed[category] = epoch["epoch"]
             self.rates.setdefault(category, []).append(epoch["images_per_s"])
             self.progress(format_epoch(category, epoch, self._eta(category, epoch)))
 
