@@ -23,9 +23,11 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from timm.layers import convert_sync_batchnorm
 
 from stfpm_ray.core.checkpoint import META_FILE, save_checkpoint
 from stfpm_ray.core.fit import StudentFitter, TrainConfig, fit_category, resume_state
+from stfpm_ray.core.model import STFPM
 from stfpm_ray.core.students import student_kind
 from stfpm_ray.core.teacher import WeightsError
 from stfpm_ray.data.mvtec import DatasetError
@@ -108,11 +110,27 @@ def _previous_state() -> tuple[bool, dict[str, Any] | None]:
         return False, torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def _data_parallel(config: TrainConfig) -> Callable[[torch.nn.Module], torch.nn.Module]:
-    """Ray Train's DDP wrapper, told whether this student kind has parameters without gradients."""
+def sync_student_batchnorm(model: STFPM, device: torch.device) -> STFPM:
+    """On GPUs, the student's BatchNorm layers normalise with the statistics of the whole group's batch.
+
+    Data-parallel workers each see ``batch_size / workers`` images (2 for the reverse recipe's 16 on eight
+    GPUs), too few for a BatchNorm's batch statistics; synchronised BatchNorm computes them over every
+    worker's images, as one process would. timm's conversion keeps its norm-and-activation layers whole
+    (PyTorch's would drop their activation); the state dict keeps its keys, so checkpoints are unchanged.
+    The teacher is frozen in eval mode and keeps its own. PyTorch's synchronised BatchNorm runs on GPUs only,
+    so CPU (gloo) workers keep per-worker statistics.
+    """
+    if device.type == "cuda":
+        model.student = convert_sync_batchnorm(model.student)
+    return model
+
+
+def _data_parallel(config: TrainConfig, device: torch.device) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """Ray Train's DDP wrapper around a student with synchronised BatchNorm, told whether this student kind
+    has parameters without gradients (DDP looks for them every step only then)."""
     unused = student_kind(config.student).unused_parameters
     return lambda model: ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": unused}
+        sync_student_batchnorm(model, device), parallel_strategy_kwargs={"find_unused_parameters": unused}
     )
 
 
@@ -140,7 +158,7 @@ def worker_loop(loop_config: dict[str, Any]) -> str | None:
             on_epoch=reporter,
             rank=rank,
             world_size=world_size,
-            wrap_model=_data_parallel(config) if world_size > 1 else None,
+            wrap_model=_data_parallel(config, device) if world_size > 1 else None,
             resume=state,
             extra_meta={"workers": world_size},
         )
