@@ -46,7 +46,7 @@ def test_training_workers_share_the_cluster_and_a_category_that_never_fits_is_re
         category_concurrency({"CPU": 2.0}, TrainResources(workers_per_category=3, cpus_per_worker=1.0))
 
 
-def test_gpus_are_used_by_default_wherever_the_cluster_has_them():
+def test_gpus_are_used_by_default_wherever_the_cluster_has_them(capsys):
     gpu_node, cpu_node = {"CPU": 16.0, "GPU": 1.0, "memory": 1e11}, {"CPU": 16.0, "memory": 1e11}
     assert gpus_each(None, gpu_node) == 1.0 and gpus_each(None, cpu_node) == 0.0
     assert gpus_each(None, {"CPU": 4.0, "GPU": 0.0}) == 0.0
@@ -59,9 +59,11 @@ def test_gpus_are_used_by_default_wherever_the_cluster_has_them():
     assert train_resources(default).gpus_per_worker is None and scoring_options(default).gpus_per_actor is None
     typed = parser.parse_args(["--gpus-per-worker", "0.5", "--gpus-per-actor", "0"])
     assert train_resources(typed).gpus_per_worker == 0.5 and scoring_options(typed).gpus_per_actor == 0.0
-    assert parser.parse_args(["--gpus-per-actor", "auto"]).gpus_per_actor is None
+    assert scoring_options(parser.parse_args(["--gpus-per-actor", "auto"])).gpus_per_actor is None
     with pytest.raises(SystemExit):
         parser.parse_args(["--gpus-per-worker", "many"])
+    assert cli.main(["train", "--data", "d", "--out", "o", "--print-config"]) == 0
+    assert "gpus-per-worker: auto" in capsys.readouterr().out  # a config file can say auto too
     # training: auto becomes a GPU per worker on a GPU cluster, and the GPUs bound the categories at once
     on_gpus = TrainResources().sized_for({"CPU": 16.0, "GPU": 2.0}, categories=8)
     assert on_gpus.gpus == 1.0 and on_gpus.cpus_per_worker == 8.0

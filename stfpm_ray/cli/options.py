@@ -24,7 +24,7 @@ from stfpm_ray.ray.pipeline import DEFAULT_BATCH_SIZE, ScoringOptions
 from stfpm_ray.ray.resources import TrainResources, parse_actors
 from stfpm_ray.ray.session import init_ray
 
-# The value of the GPU flags that lets the cluster decide (argparse runs it through gpus_argument: None).
+# The value of the GPU flags that lets the cluster decide (None in TrainResources and ScoringOptions).
 AUTO = "auto"
 
 # Flags that set TrainConfig fields: (flag, field, type, help).
@@ -158,20 +158,26 @@ def train_resources(args: argparse.Namespace) -> TrainResources:
     return TrainResources(
         workers_per_category=args.workers_per_category,
         cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker,
+        gpus_per_worker=_gpus(args.gpus_per_worker),
         storage_path=args.storage_path,
         max_failures=args.max_failures,
     )
 
 
-def gpus_argument(text: str) -> float | None:
-    """``auto`` (None: decided from the cluster, :func:`~stfpm_ray.ray.resources.gpus_each`) or a number."""
+def gpus_argument(text: str) -> float | str:
+    """``auto`` (kept as written, so that ``--print-config`` shows it) or a number of GPUs."""
     if text == AUTO:
-        return None
+        return AUTO
     try:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected auto or a number of GPUs, got {text!r}") from None
+
+
+def _gpus(value: float | str) -> float | None:
+    """A GPU flag's value as the resources take it: None for ``auto`` (decided from the cluster,
+    :func:`~stfpm_ray.ray.resources.gpus_each`)."""
+    return None if value == AUTO else float(value)
 
 
 def _actors_argument(text: str) -> tuple[int, int]:
@@ -212,7 +218,7 @@ def scoring_options(args: argparse.Namespace) -> ScoringOptions:
     return ScoringOptions(
         batch_size=args.score_batch_size,
         actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor,
+        gpus_per_actor=_gpus(args.gpus_per_actor),
         cpus_per_actor=args.cpus_per_actor,
         map_size=args.map_size,
         precision=args.precision,
