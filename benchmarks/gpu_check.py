@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import tempfile
 import time
 import traceback
@@ -296,8 +297,27 @@ def arguments() -> argparse.Namespace:
     return args
 
 
+def stop_at_time_limit(signum: int, frame: object) -> None:
+    """gpu_check.sh's ``timeout`` sends SIGTERM: stop the step, and print the table of the steps done."""
+    raise SystemExit(f"stopped by signal {signum} (the time limit)")
+
+
+def run_steps(args: argparse.Namespace, work: Path, root: Path, category: str, table: Table) -> None:
+    torch.backends.cudnn.benchmark = args.device == "cuda"
+    model, meta = train(args, root, category, work / "ckpt" / category, table)
+    quality(model, root, category, args, table)
+    sources = [Path(s.path).resolve() for s in test_samples(root, category)]
+    paths = [sources[i % len(sources)] for i in range(args.images)]
+    decoded, decode_rate = decode(paths, work, category, meta, args, table)
+    forward_only(model, decoded, args, table)
+    actor_path(work / "ckpt" / category, meta, decoded, args, table)
+    best = max(core_end_to_end(model, meta, paths, args, table), with_ray(work, root, category, args, table))
+    table.add("end to end / decode-only ceiling", f"{best / decode_rate:.2f}", "target >= 0.8")
+
+
 def main() -> None:
     args = arguments()
+    signal.signal(signal.SIGTERM, stop_at_time_limit)
     work, table = Path(tempfile.mkdtemp(prefix="gpu-check-")), Table()
     try:
         root, category = (Path(args.data), args.category) if args.data else (work / "data", None)
@@ -311,17 +331,10 @@ def main() -> None:
             f"{args.images} files scored in batches of {args.batch_size}"
         )
         print(title, flush=True)
-        torch.backends.cudnn.benchmark = args.device == "cuda"
-        model, meta = train(args, root, category, work / "ckpt" / category, table)
-        quality(model, root, category, args, table)
-        sources = [Path(s.path).resolve() for s in test_samples(root, category)]
-        paths = [sources[i % len(sources)] for i in range(args.images)]
-        decoded, decode_rate = decode(paths, work, category, meta, args, table)
-        forward_only(model, decoded, args, table)
-        actor_path(work / "ckpt" / category, meta, decoded, args, table)
-        best = max(core_end_to_end(model, meta, paths, args, table), with_ray(work, root, category, args, table))
-        table.add("end to end / decode-only ceiling", f"{best / decode_rate:.2f}", "target >= 0.8")
-        table.print(title)
+        try:
+            run_steps(args, work, root, category, table)
+        finally:  # the steps done so far, also when one failed or the time ran out
+            table.print(title)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
