@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from stfpm_ray.core.anomaly_map import COMBINATIONS
 from stfpm_ray.core.augment import AUGMENTATIONS, photometric_jitter
-from stfpm_ray.core.calibration import calibration
+from stfpm_ray.core.calibration import CALIBRATED_PRECISION, calibration
 from stfpm_ray.core.checkpoint import CheckpointMeta
 from stfpm_ray.core.model import STFPM, stfpm_loss
 from stfpm_ray.core.students import DEFAULT_STUDENT, RECIPE_FIELDS, OptimizerSettings, student_kind
@@ -261,16 +261,20 @@ class StudentFitter:
 
 
 def validation_scores(model: STFPM, images: Tensor, batch_size: int, device: torch.device | str = "cpu") -> np.ndarray:
-    """Image scores of held-out good images, the basis of threshold and normalisation."""
+    """Image scores of held-out good images, the basis of threshold and normalisation, in the precision the
+    checkpoint records for them (``CALIBRATED_PRECISION``, which ``--precision auto`` scores in)."""
     model.eval()
-    scores = [model.predict(images[i : i + batch_size].to(device))[1].cpu() for i in range(0, len(images), batch_size)]
+    scores = [
+        model.predict(images[i : i + batch_size].to(device), CALIBRATED_PRECISION)[1].cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(scores).numpy().astype(np.float64)
 
 
 def build_meta(
     category: str, config: TrainConfig, teacher: Teacher, fitter: StudentFitter, val_scores: np.ndarray, extra: dict
 ) -> CheckpointMeta:
-    threshold, stats, record = calibration(val_scores, config.target_far)
+    threshold, stats, record = calibration(val_scores, config.target_far, CALIBRATED_PRECISION)
     training = {
         **{k: v for k, v in asdict(config).items() if k not in ("backbone", "layers", "weights", "image_size")},
         "best_epoch": fitter.best_epoch,

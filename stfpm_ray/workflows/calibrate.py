@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from stfpm_ray.core.calibration import new_point
+from stfpm_ray.core.calibration import CALIBRATED_PRECISION, new_point
 from stfpm_ray.core.checkpoint import CheckpointMeta, add_operating_point, discover_checkpoints
 from stfpm_ray.core.score import ScoreSettings, ScoringModels, cpu_chunk, score_block
 from stfpm_ray.data.listing import list_images
@@ -61,7 +61,8 @@ def calibrate(
     scores = _good_scores(inputs, name, folder, meta, progress)
     before = meta.operating_point
     target = target_far or (before.target_far if 0 < before.target_far < 1 else DEFAULT_TARGET_FAR)
-    record = new_point(scores, target, f"{len(scores)} good images under {', '.join(inputs)}", meta.operating_points)
+    source = f"{len(scores)} good images under {', '.join(inputs)}"
+    record = new_point(scores, target, source, meta.operating_points, CALIBRATED_PRECISION)
     updated = add_operating_point(folder, meta, record)
     point = updated.operating_point
     flagged = {"before": int((scores > before.threshold).sum()), "after": int((scores > point.threshold).sum())}
@@ -98,7 +99,7 @@ def _good_scores(inputs: list[str], category: str, folder: str, meta: Checkpoint
     if not planned.blocks:
         raise InputNotFoundError(f"no image files under {', '.join(inputs)}")
     models = ScoringModels({category: (folder, meta)})
-    settings = ScoreSettings(chunk=cpu_chunk("cpu", torch.get_num_threads()))
+    settings = ScoreSettings(precision=CALIBRATED_PRECISION, chunk=cpu_chunk("cpu", torch.get_num_threads()))
     rows = pa.concat_tables(
         score_block(decode_block(block, listing.sources), models, settings, "calibrate") for block in planned.blocks
     )
