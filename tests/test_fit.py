@@ -107,6 +107,7 @@ def test_too_few_or_non_positive_scores_keep_the_maximum(scores):
         "n_val": len(scores),
         "val_max": 0.3,
         "scores": list(scores),
+        "precision": "fp32",
     }
 
 
