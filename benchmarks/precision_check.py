@@ -47,8 +47,11 @@ def run(
     return torch.cat(maps).numpy(), torch.cat(scores).numpy(), len(images) / best
 
 
-def compare(model: STFPM, root: str | Path, category: str, size: int, batch_size: int, device: str) -> None:
-    """Print the table of the three paths on the category's test images; leaves ``model`` rewritten."""
+def compare(
+    model: STFPM, root: str | Path, category: str, size: int, batch_size: int, device: str
+) -> dict[str, dict[str, float]]:
+    """Print the table of the three paths on the category's test images and return its rows (path ->
+    image_auroc, pixel_auroc, max_dev, mean_dev, images_per_s); leaves ``model`` rewritten."""
     samples = test_samples(root, category)
     images = torch.from_numpy(np.stack([load_image(s.path, size) for s in samples])).permute(0, 3, 1, 2)
     labels = np.array([s.label for s in samples])
@@ -67,12 +70,22 @@ def compare(model: STFPM, root: str | Path, category: str, size: int, batch_size
     }
     reference = as_trained[1]
     print(f"{'path':<18} {'image AUROC':>11} {'pixel AUROC':>11} {'max dev':>9} {'mean dev':>9} {'images/s':>9}")
+    rows = {}
     for name, (maps, scores, rate) in paths.items():
         deviation = np.abs(scores - reference) / np.abs(reference)
+        rows[name] = {
+            "image_auroc": roc_auc_score(labels, scores),
+            "pixel_auroc": roc_auc_score(masks, maps.ravel()),
+            "max_dev": float(deviation.max()),
+            "mean_dev": float(deviation.mean()),
+            "images_per_s": rate,
+        }
+        row = rows[name]
         print(
-            f"{name:<18} {roc_auc_score(labels, scores):>11.4f} {roc_auc_score(masks, maps.ravel()):>11.4f} "
-            f"{deviation.max():>9.1e} {deviation.mean():>9.1e} {rate:>9.1f}"
+            f"{name:<18} {row['image_auroc']:>11.4f} {row['pixel_auroc']:>11.4f} "
+            f"{row['max_dev']:>9.1e} {row['mean_dev']:>9.1e} {rate:>9.1f}"
         )
+    return rows
 
 
 def main() -> None:

@@ -45,6 +45,7 @@ def test_a_new_operating_point_is_recorded_and_decides_from_then_on(checkpoints,
     point = after.operating_point
     assert point.target_far == 0.1 and len(point.scores) == 8 and point.threshold >= max(point.scores)
     assert point.source == f"8 good images under {tmp_path / 'good'}" and point.created_at
+    assert point.precision == after.operating_points[-1]["precision"] == "fp32"  # scored as calibrate scores
     assert result["point"]["id"] == "calibrate-1" and result["after"] == 0  # none of its own images flagged
     assert f"[{category}] operating point calibrate-1 from 8 good images" in lines[0]
 

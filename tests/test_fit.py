@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,11 @@ from PIL import Image
 from scipy import stats
 
 from stfpm_ray.cli.options import add_training_options, train_config
-from stfpm_ray.core.calibration import CALIBRATION_METHOD, calibration
+from stfpm_ray.core import model as stfpm_model
+from stfpm_ray.core.calibration import CALIBRATION_METHOD, calibration, training_point
 from stfpm_ray.core.checkpoint import META_FILE, load_checkpoint, read_meta, save_checkpoint, validate_checkpoint
-from stfpm_ray.core.fit import TrainConfig, fit_category, load_images, split_train_val
-from stfpm_ray.core.score import score_batch
+from stfpm_ray.core.fit import TrainConfig, fit_category, load_images, rank_batches, split_train_val
+from stfpm_ray.core.score import ScoreSettings, score_batch
 from stfpm_ray.data import mvtec
 from stfpm_ray.data.images import load_image
 from stfpm_ray.data.mvtec import discover_categories, train_images
@@ -105,6 +107,7 @@ def test_too_few_or_non_positive_scores_keep_the_maximum(scores):
         "n_val": len(scores),
         "val_max": 0.3,
         "scores": list(scores),
+        "precision": "fp32",
     }
 
 
@@ -152,6 +155,32 @@ def test_a_checkpoint_without_the_record_scores_with_its_stored_threshold(fitted
         scored = score_batch(model, loaded, images)
     assert [s.is_anomalous for s in scored] == [s.score > meta.threshold for s in scored]
     assert [s.score_norm for s in scored] == pytest.approx([s.score / meta.threshold for s in scored])
+
+
+def test_auto_precision_scores_in_the_precision_the_threshold_was_calibrated_in(fitted, monkeypatch):
+    """Training records the precision of its validation scores; a record without one (older checkpoints)
+    means fp32; ``auto`` scores in the recorded precision where the device runs it natively."""
+    _, _, folder, meta = fitted
+    assert meta.calibration["precision"] == "fp32" and meta.operating_point.precision == "fp32"
+    legacy = {key: value for key, value in meta.calibration.items() if key != "precision"}
+    assert training_point(meta.threshold, legacy).precision == "fp32"
+    model, _ = load_checkpoint(folder)
+    asked: list[str] = []
+    predict = model.predict
+
+    def spy(images: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+        asked.append(precision)
+        return predict(images, precision)
+
+    monkeypatch.setattr(model, "predict", spy)
+    monkeypatch.setattr(stfpm_model, "native_bf16", lambda device: True)  # as on an Ampere or later GPU
+    images = torch.zeros(2, 3, meta.image_size, meta.image_size, dtype=torch.uint8)
+    bf16_point = replace(meta, calibration={**meta.calibration, "precision": "bf16"})
+    with torch.inference_mode():
+        score_batch(model, meta, images, ScoreSettings(precision="auto"))
+        score_batch(model, bf16_point, images, ScoreSettings(precision="auto"))
+        score_batch(model, meta, images, ScoreSettings(precision="bf16"))
+    assert asked == ["fp32", "bf16", "bf16"]
 
 
 def test_split_is_seeded_and_disjoint():
@@ -203,3 +232,19 @@ def test_sum_combination_is_calibrated_on_held_out_good_images(synth_root):
     # the threshold is calibrated on these scores: never below their maximum (core.fit.calibration)
     assert meta.calibration["val_max"] == pytest.approx(float(scores.max()))
     assert meta.threshold >= float(scores.max()) - 1e-9
+
+
+def test_every_rank_takes_the_same_number_of_steps_and_the_ranks_cover_the_epoch():
+    """Data-parallel steps are collective: a rank with one step more hangs the group. Over many sizes, worker
+    counts and batch sizes (41 images on 2 workers at batch 4 and bottle's 167 on 3 at 16 hung), every rank
+    gets the same steps, together they see every image, and a single worker's batches are the plain order."""
+    for n in range(1, 60):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+        for world_size in range(1, 9):
+            for batch_size in (1, 2, 3, 4, 7, 8, 16, 32):
+                ranks = [rank_batches(order, rank, world_size, batch_size) for rank in range(world_size)]
+                assert len({len(batches) for batches in ranks}) == 1, (n, world_size, batch_size)
+                seen = torch.cat([torch.cat(batches) for batches in ranks])
+                assert set(seen.tolist()) == set(range(n)) and len(seen) - n < world_size
+    order = torch.randperm(41)
+    assert [b.tolist() for b in rank_batches(order, 0, 1, 4)] == [b.tolist() for b in order.split(4)]

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from stfpm_ray.core import inference_graph
 from stfpm_ray.core.inference_graph import drop_unused_blocks, fold_batchnorm, optimize_for_inference
 from stfpm_ray.core.model import STFPM
 from stfpm_ray.core.teacher import DEFAULT_LAYERS, OFFLINE_BACKBONE, create_features, load_teacher
@@ -78,3 +79,39 @@ def test_a_fold_that_changes_features_is_refused_with_a_warning() -> None:
     with pytest.warns(RuntimeWarning, match="folding BatchNorm changed features"):
         assert optimize_for_inference(network) is network
     assert isinstance(network.norm, nn.BatchNorm2d)
+
+
+class _RecordsPrecision(nn.Module):
+    """A foldable conv + norm that records the TF32 switches each time it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.norm.running_var.fill_(3.0)
+        self.seen: list[list[object]] = []
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.seen.append([getattr(owner, name) for owner, name, _ in inference_graph._tf32_switches()])
+        return [self.norm(self.conv(x))]
+
+
+def test_the_fold_is_checked_in_exact_float32_and_the_tf32_settings_are_restored() -> None:
+    """On Ampere and later GPUs convolutions run in TF32 (about 1e-3 relative), ten times the tolerance: the
+    check runs without TF32, and leaves the settings as the process had them."""
+    switches = inference_graph._tf32_switches()
+    original = [getattr(owner, name) for owner, name, _ in switches]
+    try:
+        for owner, name, exact in switches:  # TF32 allowed, as on a GPU node
+            setattr(owner, name, "tf32" if isinstance(exact, str) else True)
+        before = [getattr(owner, name) for owner, name, _ in switches]
+        network = _RecordsPrecision()
+        folded = optimize_for_inference(network)
+        assert folded is not network and isinstance(folded.norm, nn.Identity)  # the sound fold is kept
+        assert network.seen == [[exact for _, _, exact in switches]]  # the original ran in exact float32
+        assert [getattr(owner, name) for owner, name, _ in switches] == before != network.seen[0]
+        with pytest.warns(RuntimeWarning, match="folding BatchNorm changed features"):  # a wrong fold is caught
+            optimize_for_inference(_NormBeforeConv())
+    finally:
+        for (owner, name, _), value in zip(switches, original):
+            setattr(owner, name, value)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stfpm_ray.core.anomaly_map import anomaly_map, feature_distance
-from stfpm_ray.core.model import STFPM, resolve_precision, stfpm_loss
+from stfpm_ray.core.model import STFPM, describe_precision, resolve_precision, stfpm_loss
 from stfpm_ray.core.teacher import load_teacher
 
 
@@ -111,6 +111,25 @@ def test_precision_auto_is_exact_on_cpu_and_unknown_names_are_refused():
     assert resolve_precision("bf16", "cpu") == "bf16"
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_precision("fp16", "cpu")
+
+
+def test_auto_precision_follows_the_calibration_and_never_picks_emulated_bf16(monkeypatch):
+    """``auto`` scores as the threshold was calibrated (fp32 for every checkpoint so far), and bf16 only where
+    the card runs it natively: compute capability 8.0 or later, whatever ``is_bf16_supported`` says (it counts
+    emulation on older cards)."""
+    capability = {"value": (8, 0)}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    assert resolve_precision("auto", "cuda") == "fp32"  # calibrated in fp32 (the default): scored in fp32
+    assert resolve_precision("auto", "cuda", calibrated="fp32") == "fp32"
+    assert resolve_precision("auto", "cuda:0", calibrated="bf16") == "bf16"
+    assert resolve_precision("auto", "cpu", calibrated="bf16") == "fp32"
+    capability["value"] = (7, 5)  # a T4: bf16 emulated
+    assert resolve_precision("auto", "cuda", calibrated="bf16") == "fp32"
+    assert resolve_precision("bf16", "cuda", calibrated="fp32") == "bf16"  # asked for: taken as asked
+    assert "as the thresholds were calibrated: fp32" in describe_precision("auto", ["fp32", "fp32"])
+    assert "calibrated in fp32" in describe_precision("bf16", ["fp32"])
+    assert describe_precision("fp32", ["fp32"]) == "precision fp32"
 
 
 def test_bf16_predict_stays_close_to_fp32(model):

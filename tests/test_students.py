@@ -138,3 +138,31 @@ def test_a_kind_registered_in_one_place_trains_validates_scores_and_is_offered_b
     assert "tiny: one 1x1 convolution per level" in " ".join(capsys.readouterr().out.split())
     with pytest.raises(SystemExit):  # argparse refuses a kind the registry does not hold
         cli.main(["train", "--data", str(synth_root), "--out", str(tmp_path / "o"), "--student", "sideways"])
+
+
+@pytest.mark.parametrize("student", ["reverse", "mirror"])
+def test_data_parallel_students_on_gpus_synchronise_their_batchnorm_and_keep_their_state(teacher, student):
+    """A few images per GPU make poor BatchNorm statistics: on GPUs the student's norms are synchronised
+    across workers (timm's norm-and-activation layers keep their activation), with the same state dict so
+    checkpoints do not change; the frozen teacher and CPU workers (SyncBatchNorm runs on GPUs only) keep
+    theirs. Converting needs no GPU."""
+    from timm.layers import BatchNormAct2d, SyncBatchNormAct
+
+    from stfpm_ray.ray.train_worker import sync_student_batchnorm
+
+    model = STFPM(teacher, "tf_efficientnet_lite0", (1, 2, 3), seed=0, student=student)
+    state = model.student.state_dict()
+    norms = [type(m) for m in model.student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    teacher_norms = [type(m) for m in model.teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    acts = [type(m.act) for m in model.student.modules() if isinstance(m, BatchNormAct2d)]
+    assert sync_student_batchnorm(model, torch.device("cpu")) is model
+    assert [type(m) for m in model.student.modules() if isinstance(m, torch.nn.BatchNorm2d)] == norms
+    synced = sync_student_batchnorm(model, torch.device("cuda"))
+    converted = [m for m in synced.student.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(converted) == len(norms) > 0
+    expected = [SyncBatchNormAct if kind is BatchNormAct2d else torch.nn.SyncBatchNorm for kind in norms]
+    assert [type(m) for m in converted] == expected
+    assert [type(m.act) for m in converted if isinstance(m, SyncBatchNormAct)] == acts
+    assert [type(m) for m in synced.teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)] == teacher_norms
+    after = synced.student.state_dict()
+    assert list(after) == list(state) and all(torch.equal(after[k], state[k]) for k in state)

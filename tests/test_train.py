@@ -8,7 +8,9 @@ import os
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +22,9 @@ from stfpm_ray.core.fit import TrainConfig, fit_category
 from stfpm_ray.data import mvtec
 from stfpm_ray.data.images import load_image
 from stfpm_ray.evaluate.metrics import image_auroc
+from stfpm_ray.ray import train_worker
 from stfpm_ray.ray.resources import TrainResources
+from stfpm_ray.ray.trainer import Tracker
 from stfpm_ray.store.checkpoint_folder import RUN_FILE
 from stfpm_ray.workflows.train import train_categories
 
@@ -165,6 +169,50 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_session, synth_root,
     assert result.best_val_loss == pytest.approx(plain.training["best_val_loss"], abs=1e-4)
 
 
+def test_resumable_checkpoints_are_reported_at_most_every_interval(monkeypatch):
+    """Reports every 2 s carry a resumable checkpoint (tens of MB) only every CHECKPOINT_INTERVAL_S, the first
+    report always, so that a crash early in training still resumes (the test above) without uploading one
+    every report."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(train_worker, "time", SimpleNamespace(monotonic=lambda: clock["now"], time=time.time))
+    monkeypatch.setattr(train_worker.ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0))
+    reports: list[tuple[float, int, list[str]]] = []
+
+    def report(metrics: dict, checkpoint: object = None) -> None:
+        files = sorted(p.name for p in Path(checkpoint.path).iterdir()) if checkpoint is not None else []
+        reports.append((clock["now"], metrics["epoch"], files))
+
+    monkeypatch.setattr(train_worker.ray.train, "report", report)
+    fitter = SimpleNamespace(epoch=0, config=SimpleNamespace(epochs=200), started_at=0.0)
+    fitter.state_dict = lambda: {"epoch": fitter.epoch}
+    reporter = train_worker._Reporter(torch.device("cpu"), None)
+    for epoch in range(1, 200):  # one epoch a second
+        clock["now"], fitter.epoch = float(epoch), epoch
+        reporter(fitter, {"category": "grain", "epoch": epoch})
+    saved = [at for at, _, files in reports if files]
+    assert len(reports) >= 90 and reports[0][2] == [train_worker.STATE_FILE]
+    assert all(b - a >= train_worker.CHECKPOINT_INTERVAL_S for a, b in zip(saved, saved[1:]))
+    assert len(saved) == 1 + int((199 - saved[0]) // train_worker.CHECKPOINT_INTERVAL_S) >= 6
+
+
+def test_epochs_repeated_after_a_restart_are_printed_once():
+    """After a crash the workers repeat the epochs since their last resumable checkpoint (identically): the
+    driver says where training resumed and prints each epoch once."""
+    lines: list[str] = []
+    tracker = Tracker(None, Path("unused"), lines.append, 1)
+    trial = SimpleNamespace(config={"category": "grain"})
+
+    def epochs(*numbers: int) -> tuple:
+        return tuple({"epoch": n, "epochs": 9, "train_loss": 1.0, "val_loss": 1.0, "best_val_loss": 1.0,
+                      "best_epoch": n, "images_per_s": 10.0} for n in numbers)  # fmt: skip
+
+    for result in ({"history": epochs(1, 2)}, {"history": epochs(3, 4)}, {"history": epochs(3), "resumed_from": 2}):
+        tracker.on_trial_result(0, [], trial, result)
+    tracker.on_trial_result(0, [], trial, {"history": epochs(4, 5)})
+    printed = [int(m.group(1)) for line in lines if (m := re.match(r"\[grain\] epoch (\d+)/9", line))]
+    assert printed == [1, 2, 3, 4, 5] and any("resumed from its checkpoint after epoch 2" in line for line in lines)
+
+
 def test_refuses_a_non_empty_output_folder_without_resume_or_overwrite(synth_root, tmp_path, capsys):
     out = tmp_path / "ckpt"
     (out / "grain").mkdir(parents=True)
@@ -201,11 +249,15 @@ def test_a_reverse_student_trains_and_scores_through_the_cli(ray_session, synth_
 
 
 def test_two_workers_per_category_train_one_student_data_parallel(ray_session, synth_root, tmp_path):
-    """DDP over two workers: every reverse-student parameter gets a gradient, so DDP runs without searching for
-    unused ones (the registry's entry says so); both ranks take the same number of steps here (13 images)."""
+    """DDP over two gloo workers on a category whose 13 training images split unevenly (7 and 6): with 2 images
+    per rank and step, striding alone would give rank 0 four steps and rank 1 three, and the run would hang in
+    the gradient all-reduce; the padded order gives both four. Every reverse-student parameter gets a
+    gradient, so DDP runs without searching for unused ones (the registry's entry says so)."""
     out = tmp_path / "ckpt"
     argv = ["train", "--data", str(synth_root), "--categories", "grain", "--out", str(out), *TINY]
-    assert cli.main([*argv, "--workers-per-category", "2", "--cpus-per-worker", "1", "--epochs", "2"]) == 0
+    parallel = ["--workers-per-category", "2", "--cpus-per-worker", "1", "--max-failures", "0"]
+    assert cli.main([*argv, *parallel, "--epochs", "2", "--batch-size", "4"]) == 0
     meta = read_meta(out / "grain")
     assert meta.training["workers"] == 2 and meta.student == "reverse" and meta.training["train_images"] == 13
+    assert meta.training["epochs"] == 2 and meta.training["best_epoch"] >= 1
     assert validate_checkpoint(out / "grain").model_id == meta.model_id

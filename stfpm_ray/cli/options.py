@@ -24,6 +24,9 @@ from stfpm_ray.ray.pipeline import DEFAULT_BATCH_SIZE, ScoringOptions
 from stfpm_ray.ray.resources import TrainResources, parse_actors
 from stfpm_ray.ray.session import init_ray
 
+# The value of the GPU flags that lets the cluster decide (None in TrainResources and ScoringOptions).
+AUTO = "auto"
+
 # Flags that set TrainConfig fields: (flag, field, type, help).
 _CONFIG_FLAGS = (
     ("--epochs", "epochs", int, "epochs per category"),
@@ -107,7 +110,13 @@ def add_training_options(parser: argparse.ArgumentParser, demo_defaults: dict[st
         help="CPUs (and torch threads) per worker (default: the cluster's CPUs shared among the "
         "workers that train at once)",
     )
-    parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker, fractions allowed")
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=gpus_argument,
+        default=AUTO,
+        help="GPUs per worker, fractions allowed with one worker per category; auto: 1 where the Ray cluster "
+        "has GPUs, else 0",
+    )
     parser.add_argument(
         "--storage-path",
         default=None,
@@ -149,10 +158,26 @@ def train_resources(args: argparse.Namespace) -> TrainResources:
     return TrainResources(
         workers_per_category=args.workers_per_category,
         cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker,
+        gpus_per_worker=_gpus(args.gpus_per_worker),
         storage_path=args.storage_path,
         max_failures=args.max_failures,
     )
+
+
+def gpus_argument(text: str) -> float | str:
+    """``auto`` (kept as written, so that ``--print-config`` shows it) or a number of GPUs."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number of GPUs, got {text!r}") from None
+
+
+def _gpus(value: float | str) -> float | None:
+    """A GPU flag's value as the resources take it: None for ``auto`` (decided from the cluster,
+    :func:`~stfpm_ray.ray.resources.gpus_each`)."""
+    return None if value == AUTO else float(value)
 
 
 def _actors_argument(text: str) -> tuple[int, int]:
@@ -171,14 +196,21 @@ def add_scoring_options(parser: argparse.ArgumentParser) -> None:
         metavar="N|MIN,MAX",
         help="scoring actors (default: 1 up to the GPUs, or CPUs - 1 without GPUs)",
     )
-    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per scoring actor (0: CPU)")
+    parser.add_argument(
+        "--gpus-per-actor",
+        type=gpus_argument,
+        default=AUTO,
+        help="GPUs per scoring actor (0: CPU); auto: 1 where the Ray cluster has GPUs, else 0",
+    )
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor")
     parser.add_argument("--map-size", type=int, default=DEFAULT_MAP_SIZE, help="stored anomaly map side in pixels")
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="network precision: auto (bf16 on GPUs, fp32 on CPUs), fp32, or bf16 (also fast on AVX512-BF16/AMX CPUs)",
+        help="network precision: auto (the one each threshold was calibrated in, fp32 unless calibrated in bf16; "
+        "bf16 only on GPUs that run it natively), fp32, or bf16 (faster on Ampere or later GPUs and AVX512-BF16/AMX "
+        "CPUs; scores then differ slightly from those the thresholds were set on)",
     )
 
 
@@ -186,7 +218,7 @@ def scoring_options(args: argparse.Namespace) -> ScoringOptions:
     return ScoringOptions(
         batch_size=args.score_batch_size,
         actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor,
+        gpus_per_actor=_gpus(args.gpus_per_actor),
         cpus_per_actor=args.cpus_per_actor,
         map_size=args.map_size,
         precision=args.precision,

@@ -54,14 +54,20 @@ ADAPTIVE = "adaptive"
 MIN_RUN_IMAGES = 20
 # The scaled MAD estimates a Gaussian's standard deviation.
 MAD_SCALE = 1.4826
+# The network precision good scores are computed in by training and ``calibrate``, and that of operating points
+# whose record does not say (all of them before the record did).
+CALIBRATED_PRECISION = "fp32"
 
 
-def calibration(scores: np.ndarray, target_far: float) -> tuple[float, dict[str, float], dict[str, Any]]:
+def calibration(
+    scores: np.ndarray, target_far: float, precision: str = CALIBRATED_PRECISION
+) -> tuple[float, dict[str, float], dict[str, Any]]:
     """Threshold at ``target_far`` false alarms on good images, from good scores alone (see the module doc).
 
     The larger of the log-normal fit and the order-statistic floor (``bound`` says which binds). Fewer than
     ``MIN_FIT_IMAGES`` scores, or a non-positive one, leave the maximum (method ``max``). Returns (threshold,
-    score statistics, the record a checkpoint stores, which keeps the scores themselves).
+    score statistics, the record a checkpoint stores, which keeps the scores themselves and the ``precision``
+    they were computed in, which scoring with ``--precision auto`` follows).
     """
     val_max = float(scores.max())
     stats = {
@@ -77,6 +83,7 @@ def calibration(scores: np.ndarray, target_far: float) -> tuple[float, dict[str,
         "n_val": len(scores),
         "val_max": val_max,
         "scores": [float(v) for v in scores],
+        "precision": precision,
     }
     if len(scores) < MIN_FIT_IMAGES or not (scores > 0).all():
         return val_max, stats, record
@@ -110,7 +117,8 @@ class OperatingPoint:
     """One operating point of a checkpoint: its threshold, its promise, and the good scores it came from.
 
     ``scores`` is empty for checkpoints written before operating points kept them; ``source`` says where
-    the good images came from (``training``: the held-out validation images).
+    the good images came from (``training``: the held-out validation images); ``precision`` is the network
+    precision of those scores (fp32 for points written before the record said).
     """
 
     id: str
@@ -120,6 +128,7 @@ class OperatingPoint:
     source: str
     created_at: str | None = None
     scores: tuple[float, ...] = ()
+    precision: str = CALIBRATED_PRECISION
     record: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -168,6 +177,7 @@ def training_point(threshold: float, record: dict[str, Any]) -> OperatingPoint:
         method=str(record.get("method", "max")),
         source="training: held-out good validation images",
         scores=tuple(float(v) for v in record.get("scores", ())),
+        precision=str(record.get("precision", CALIBRATED_PRECISION)),
         record=dict(record),
     )
 
@@ -182,16 +192,23 @@ def later_point(record: dict[str, Any]) -> OperatingPoint:
         source=str(record["source"]),
         created_at=record.get("created_at"),
         scores=tuple(float(v) for v in record.get("scores", ())),
+        precision=str(record.get("precision", CALIBRATED_PRECISION)),
         record=dict(record),
     )
 
 
 def new_point(
-    scores: np.ndarray, target_far: float, source: str, existing: Sequence[dict[str, Any]], adaptive: bool = False
+    scores: np.ndarray,
+    target_far: float,
+    source: str,
+    existing: Sequence[dict[str, Any]],
+    precision: str = CALIBRATED_PRECISION,
+    adaptive: bool = False,
 ) -> dict[str, Any]:
-    """The record of an operating point set from the good ``scores`` of ``source``, numbered after ``existing``;
-    ``adaptive``: one that decides each run of enough images at the run's own bound (see the module doc)."""
-    threshold, _, record = calibration(scores, target_far)
+    """The record of an operating point set from the good ``scores`` of ``source`` (computed in ``precision``),
+    numbered after ``existing``; ``adaptive``: one that decides each run of enough images at the run's own bound
+    (see the module doc)."""
+    threshold, _, record = calibration(scores, target_far, precision)
     if adaptive:
         record = {**record, "fixed_method": record["method"], "method": ADAPTIVE, "min_run_images": MIN_RUN_IMAGES}
     return {

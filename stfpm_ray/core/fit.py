@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from stfpm_ray.core.anomaly_map import COMBINATIONS
 from stfpm_ray.core.augment import AUGMENTATIONS, photometric_jitter
-from stfpm_ray.core.calibration import calibration
+from stfpm_ray.core.calibration import CALIBRATED_PRECISION, calibration
 from stfpm_ray.core.checkpoint import CheckpointMeta
 from stfpm_ray.core.model import STFPM, stfpm_loss
 from stfpm_ray.core.students import DEFAULT_STUDENT, RECIPE_FIELDS, OptimizerSettings, student_kind
@@ -125,11 +125,32 @@ def load_images(paths: Sequence[str | Path], size: int) -> tuple[Tensor, list[st
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), problems
 
 
+def rank_batches(order: Tensor, rank: int, world_size: int, batch_size: int) -> list[Tensor]:
+    """This rank's batches of an epoch's shuffled ``order``: the same number of steps on every rank.
+
+    Data-parallel steps are collective (DDP all-reduces the gradients of each step), so a rank with one step
+    more than the others waits in an all-reduce nobody else joins and the group hangs until its timeout.
+    The order is padded by wrapping to a multiple of ``world_size`` before it is strided by rank, as
+    torch's ``DistributedSampler`` does: every rank then holds the same number of images and, split into
+    ``batch_size // world_size`` chunks, the same number of steps. Padding repeats at most
+    ``world_size - 1`` images of the epoch where dropping the remainder would skip as many; padding was
+    chosen because it leaves a single worker's order exactly as it was (nothing to pad), so single-worker
+    fits, and the figures measured with them, are unchanged.
+    """
+    padded = -len(order) % world_size
+    if padded:
+        order = torch.cat([order, order.repeat(padded // len(order) + 1)[:padded]])
+    per_worker = max(1, batch_size // world_size)
+    return list(order[rank::world_size].split(per_worker))
+
+
 class StudentFitter:
     """Epoch loop over in-memory uint8 images, optionally data-parallel.
 
     ``model`` may be a DistributedDataParallel wrapper of :class:`STFPM`; ``rank``/``world_size`` select
-    this worker's share of each epoch's shuffled order, so all workers together see every image once.
+    this worker's share of each epoch's shuffled order (:func:`rank_batches`: the same number of steps on
+    every rank), so all workers together see every image once. Validation runs the unwrapped model on every
+    rank, with no collective, so the ranks' epochs stay in step whatever the validation set's size.
     Without augmentation the teacher's features of an image never change, so with ``cache_teacher`` they
     are computed once and reused every epoch, which removes the teacher forward from the training loop.
     Augmentation draws from a generator seeded by seed, epoch and rank, so a fit is repeatable.
@@ -177,9 +198,8 @@ class StudentFitter:
 
     def _batches(self) -> list[Tensor]:
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch)
-        order = torch.randperm(len(self.train_images), generator=generator)[self.rank :: self.world_size]
-        per_worker = max(1, self.config.batch_size // self.world_size)
-        return list(order.split(per_worker))
+        order = torch.randperm(len(self.train_images), generator=generator)
+        return rank_batches(order, self.rank, self.world_size, self.config.batch_size)
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over this worker's share; returns mean loss and images per second."""
@@ -241,16 +261,20 @@ class StudentFitter:
 
 
 def validation_scores(model: STFPM, images: Tensor, batch_size: int, device: torch.device | str = "cpu") -> np.ndarray:
-    """Image scores of held-out good images, the basis of threshold and normalisation."""
+    """Image scores of held-out good images, the basis of threshold and normalisation, in the precision the
+    checkpoint records for them (``CALIBRATED_PRECISION``, which ``--precision auto`` scores in)."""
     model.eval()
-    scores = [model.predict(images[i : i + batch_size].to(device))[1].cpu() for i in range(0, len(images), batch_size)]
+    scores = [
+        model.predict(images[i : i + batch_size].to(device), CALIBRATED_PRECISION)[1].cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(scores).numpy().astype(np.float64)
 
 
 def build_meta(
     category: str, config: TrainConfig, teacher: Teacher, fitter: StudentFitter, val_scores: np.ndarray, extra: dict
 ) -> CheckpointMeta:
-    threshold, stats, record = calibration(val_scores, config.target_far)
+    threshold, stats, record = calibration(val_scores, config.target_far, CALIBRATED_PRECISION)
     training = {
         **{k: v for k, v in asdict(config).items() if k not in ("backbone", "layers", "weights", "image_size")},
         "best_epoch": fitter.best_epoch,

@@ -10,13 +10,17 @@ Scoring never trains, so two kinds of work in a timm ``features_only`` network a
 
 Both rewrites are checked on a probe input against the original network; a network whose layout defeats
 them (a normalisation that does not directly follow its convolution) is kept as it is, with a warning,
-so the rewrite can only ever change speed, never scores beyond float rounding.
+so the rewrite can only ever change speed, never scores beyond float rounding. The check runs in exact
+float32 (:func:`exact_float32`): on Ampere and later GPUs convolutions default to TF32, whose rounding
+(about 1e-3 relative) would exceed the tolerance and refuse every sound fold.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -89,6 +93,32 @@ def image_probe(device: torch.device | str) -> torch.Tensor:
     return probe.to(device, memory_format=torch.channels_last)
 
 
+def _tf32_switches() -> list[tuple[object, str, object]]:
+    """(object, attribute, exact value) of the switches that let CUDA convolutions and matmuls use TF32.
+
+    PyTorch 2.9 and later have per-backend ``fp32_precision`` settings and refuse to read the legacy
+    ``allow_tf32`` flags once they are in use, so the new ones are used wherever they exist.
+    """
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return [(conv, "fp32_precision", "ieee"), (torch.backends.cuda.matmul, "fp32_precision", "ieee")]
+    return [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32", False)]
+
+
+@contextmanager
+def exact_float32() -> Iterator[None]:
+    """float32 convolutions and matmuls without TF32 inside the block; the settings are restored after."""
+    switches = _tf32_switches()
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in switches]
+    try:
+        for owner, name, exact in switches:
+            setattr(owner, name, exact)
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
 def optimize_for_inference(network: nn.Module, probe: object = None) -> nn.Module:
     """A faster eval-mode copy of a frozen network, or the network itself if a rewrite misbehaves.
 
@@ -101,7 +131,7 @@ def optimize_for_inference(network: nn.Module, probe: object = None) -> nn.Modul
         return network
     if probe is None:
         probe = image_probe(next(network.parameters()).device)
-    with torch.inference_mode():
+    with torch.inference_mode(), exact_float32():
         expected, got = network(probe), rewritten(probe)
     deviation = max(
         float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) for a, b in zip(expected, got, strict=True)

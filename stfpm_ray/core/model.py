@@ -9,12 +9,13 @@ its kind (:mod:`stfpm_ray.core.students`); the anomaly map and image score live 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from stfpm_ray.core.anomaly_map import anomaly_map, feature_distance, image_scores, level_distances
+from stfpm_ray.core.calibration import CALIBRATED_PRECISION
 from stfpm_ray.core.inference_graph import image_probe, optimize_for_inference
 from stfpm_ray.core.students import DEFAULT_STUDENT, create_student, student_kind
 from stfpm_ray.core.teacher import Teacher
@@ -23,19 +24,41 @@ from stfpm_ray.errors import UserError
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def resolve_precision(precision: str, device: str | torch.device) -> str:
-    """``auto`` is bf16 on GPUs that support it and fp32 elsewhere.
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether ``device`` runs bf16 convolutions natively: CUDA compute capability 8.0 (Ampere) or later.
 
-    bf16 runs the networks' convolutions in bfloat16 (autocast) while distances and maps stay float32;
-    scores move slightly (README: speed, the model-only row) for a large speed-up on tensor-core GPUs. CPU
-    scoring stays exact fp32 unless asked.
+    ``torch.cuda.is_bf16_supported()`` also says yes to older cards, which emulate bf16 and run it slower
+    than fp32.
+    """
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def resolve_precision(precision: str, device: str | torch.device, calibrated: str = CALIBRATED_PRECISION) -> str:
+    """``auto`` is the precision the operating point was ``calibrated`` in where ``device`` runs it natively,
+    else fp32; ``fp32`` and ``bf16`` are taken as asked.
+
+    bf16 runs the networks' convolutions in bfloat16 (autocast) while distances and maps stay float32; it
+    moves scores by up to several percent (README: speed, the model-only row), so a threshold set on fp32
+    scores decides bf16 scores differently near it: ``auto`` scores as the threshold was calibrated, and a
+    run that asks for bf16 anyway trades that for speed (the run's start line says so).
     """
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
-    on_gpu = torch.device(device).type == "cuda"
-    return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if calibrated == "bf16" and native_bf16(device) else "fp32"
+
+
+def describe_precision(precision: str, calibrated: Iterable[str]) -> str:
+    """A run's precision in words for its start line: what ``auto`` follows, or what an explicit choice
+    departs from."""
+    kinds = ", ".join(sorted(set(calibrated))) or CALIBRATED_PRECISION
+    if precision == "auto":
+        return f"precision auto (as the thresholds were calibrated: {kinds})"
+    if kinds != precision:
+        return f"precision {precision} (note: thresholds calibrated in {kinds}, decisions near them may differ)"
+    return f"precision {precision}"
 
 
 def stfpm_loss(teacher_features: Sequence[Tensor], student_features: Sequence[Tensor]) -> Tensor:

@@ -20,7 +20,7 @@ import torch
 from stfpm_ray.core.anomaly_map import shrink_maps
 from stfpm_ray.core.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, read_meta
 from stfpm_ray.core.inference_graph import optimize_for_inference
-from stfpm_ray.core.model import STFPM
+from stfpm_ray.core.model import STFPM, resolve_precision
 from stfpm_ray.core.teacher import Teacher, load_teacher
 from stfpm_ray.store.mapcodec import encode_map
 from stfpm_ray.store.scores import RESULT_FIELDS, SCHEMA
@@ -33,7 +33,8 @@ CPU_CHUNK = 4
 
 @dataclass(frozen=True)
 class ScoreSettings:
-    """How a batch is scored: stored map side, network precision (``fp32``/``bf16``), forward chunk size."""
+    """How a batch is scored: stored map side, network precision (``auto``/``fp32``/``bf16``, ``auto`` resolved
+    per category by :func:`~stfpm_ray.core.model.resolve_precision`), forward chunk size."""
 
     map_size: int = DEFAULT_MAP_SIZE
     precision: str = "fp32"
@@ -102,12 +103,13 @@ def score_batch(
     model: STFPM, meta: CheckpointMeta, images: torch.Tensor, settings: ScoreSettings = ScoreSettings()
 ) -> list[ScoredImage]:
     """Score uint8 NCHW ``images`` (already on the model's device) with one category's model, deciding
-    ``is_anomalous`` with its operating point in force."""
+    ``is_anomalous`` with its operating point in force (``auto`` precision: the one it was calibrated in)."""
     chunk = settings.chunk or len(images)
-    threshold = meta.operating_point.threshold
+    point = meta.operating_point
+    threshold, precision = point.threshold, resolve_precision(settings.precision, images.device, point.precision)
     results = []
     for start in range(0, len(images), chunk):
-        maps, scores = model.predict(images[start : start + chunk], settings.precision)
+        maps, scores = model.predict(images[start : start + chunk], precision)
         small = shrink_maps(maps, settings.map_size)
         for score, anomaly_map in zip(scores.float().cpu().tolist(), small.float().cpu().numpy()):
             png, scale = encode_map(anomaly_map)

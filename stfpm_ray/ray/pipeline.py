@@ -28,7 +28,7 @@ import socket
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -41,12 +41,12 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from stfpm_ray.core.checkpoint import CheckpointMeta
-from stfpm_ray.core.model import resolve_precision
+from stfpm_ray.core.model import describe_precision, resolve_precision
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE, ScoreSettings, ScoringModels, cpu_chunk, score_block
 from stfpm_ray.data.plan import Plan, decode_block
 from stfpm_ray.errors import UserError
 from stfpm_ray.progress import Meter, Progress
-from stfpm_ray.ray.resources import DECODE_CPUS, actor_pool_size
+from stfpm_ray.ray.resources import DECODE_CPUS, actor_pool_size, gpus_each
 from stfpm_ray.ray.session import cluster_capacity, init_ray
 from stfpm_ray.store.scores import ROWS_PER_FILE, SCHEMA, DataFile, ScoresTable, write_data_files
 
@@ -58,24 +58,29 @@ class ScoringOptions:
     """How a scoring run uses the cluster and stores maps (``stfpm-ray score`` and ``benchmark`` flags).
 
     ``actors`` is a fixed count or ``(min, max)``; None: 1 up to what the cluster holds next to decoding.
-    ``precision`` is ``auto`` (bf16 on GPUs, fp32 on CPUs), ``fp32`` or ``bf16``.
+    ``gpus_per_actor`` None is ``auto``: one GPU per actor where the cluster has GPUs, resolved when the run
+    starts (:func:`~stfpm_ray.ray.resources.gpus_each`).
+    ``precision`` is ``auto`` (each category's calibration precision, bf16 only on GPUs that run it natively),
+    ``fp32`` or ``bf16``.
     """
 
     batch_size: int = DEFAULT_BATCH_SIZE
     actors: int | tuple[int, int] | None = None
-    gpus_per_actor: float = 0.0
+    gpus_per_actor: float | None = None
     cpus_per_actor: float = 1.0
     map_size: int = DEFAULT_MAP_SIZE
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.map_size < 8 or self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+        gpus = self.gpus_per_actor or 0.0
+        if self.batch_size < 1 or self.map_size < 8 or gpus < 0 or self.cpus_per_actor <= 0:
             raise UserError("batch size must be >= 1, map size >= 8, GPUs per actor >= 0 and CPUs per actor > 0")
         resolve_precision(self.precision, "cpu")  # refuses an unknown precision before any work starts
 
     @property
     def device(self) -> str:
-        return "cuda" if self.gpus_per_actor > 0 else "cpu"
+        """The actors' device, once ``auto`` GPUs are resolved."""
+        return "cuda" if (self.gpus_per_actor or 0.0) > 0 else "cpu"
 
     @property
     def threads(self) -> int:
@@ -98,16 +103,18 @@ class Scorer:
             torch.backends.cudnn.benchmark = True  # one input size per category: pick the fastest kernels once
         self.models = ScoringModels(checkpoints, options.device)
         self.settings = ScoreSettings(
-            map_size=options.map_size,
-            precision=resolve_precision(options.precision, options.device),
-            chunk=cpu_chunk(options.device, options.threads),
+            map_size=options.map_size, precision=options.precision, chunk=cpu_chunk(options.device, options.threads)
         )
+        precisions = {
+            resolve_precision(options.precision, options.device, meta.operating_point.precision)
+            for _, meta in checkpoints.values()
+        }
         self.table, self.run_id = table, run_id
         self.record = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "device": options.device,
-            "precision": self.settings.precision,
+            "precision": ",".join(sorted(precisions)),
             "started_at": datetime.now(timezone.utc).isoformat(),
             "batches": 0,
             "rows": 0,
@@ -198,9 +205,15 @@ def score_plan(
     :func:`~stfpm_ray.ray.session.init_ray` if it is not initialised yet.
     """
     init_ray()
-    pool = actor_pool_size(options.actors, options.gpus_per_actor, options.cpus_per_actor, cluster_capacity())
+    capacity = cluster_capacity()
+    options = replace(options, gpus_per_actor=gpus_each(options.gpus_per_actor, capacity))
+    pool = actor_pool_size(options.actors, options.gpus_per_actor, options.cpus_per_actor, capacity)
+    each = f"{options.gpus_per_actor:g} GPUs" if options.device == "cuda" else f"{options.cpus_per_actor:g} CPUs"
+    calibrated = (meta.operating_point.precision for _, meta in checkpoints.values())
     progress(
-        f"run {run_id}: {pool[0]}-{pool[1]} scoring actors, batch size {options.batch_size}, maps {options.map_size} px"
+        f"run {run_id}: {pool[0]}-{pool[1]} scoring actors on {options.device.upper()} ({each} each), "
+        f"{describe_precision(options.precision, calibrated)}, batch size {options.batch_size}, "
+        f"maps {options.map_size} px"
     )
     sink = ScoresSink(table, run_id)
     with _watch(table, run_id, planned.images, progress):

@@ -9,6 +9,7 @@ category that needs more than the cluster has waits for ever. Both are refused h
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from stfpm_ray.errors import UserError
@@ -19,6 +20,18 @@ from stfpm_ray.errors import UserError
 # into the actors (it fuses consecutive map stages whose resource requests are equal), which would
 # serialise the two.
 DECODE_CPUS = 0.5
+
+
+def gpus_each(requested: float | None, capacity: Mapping[str, float]) -> float:
+    """GPUs per training worker or scoring actor: a number as given; ``auto`` (None) one GPU each when the
+    cluster reports a GPU, else 0.
+
+    GPUs are what the users' nodes have and a forward pass there is tens of times a CPU's, so a run on a GPU
+    node uses them without a flag; the same command still runs on a CPU-only cluster (and in tests).
+    """
+    if requested is not None:
+        return requested
+    return 1.0 if capacity.get("GPU", 0.0) >= 1 else 0.0
 
 
 def parse_actors(text: str) -> tuple[int, int]:
@@ -33,7 +46,10 @@ def parse_actors(text: str) -> tuple[int, int]:
 
 
 def actor_pool_size(
-    actors: int | tuple[int, int] | None, gpus_per_actor: float, cpus_per_actor: float, resources: dict[str, float]
+    actors: int | tuple[int, int] | None,
+    gpus_per_actor: float,
+    cpus_per_actor: float,
+    resources: Mapping[str, float],
 ) -> tuple[int, int]:
     """``(min, max)`` actors: the given pool, or 1 up to all that fit while a decoding task still has CPU.
 
@@ -60,42 +76,59 @@ class TrainResources:
 
     ``storage_path`` holds Ray Train's run state (default ``CKPT_DIR/_ray``); multi-node clusters need
     storage every node reaches. ``max_failures`` restarts a category's workers from its last checkpoint.
-    ``cpus_per_worker`` None sizes workers from the cluster (:meth:`sized_for`).
+    ``cpus_per_worker`` None sizes workers from the cluster, ``gpus_per_worker`` None (``auto``) takes a GPU
+    per worker where the cluster has GPUs (:meth:`sized_for`).
     """
 
     workers_per_category: int = 1
     cpus_per_worker: float | None = None
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float | None = None
     storage_path: str | None = None
     max_failures: int = 2
 
     def __post_init__(self) -> None:
         cpus = 1.0 if self.cpus_per_worker is None else self.cpus_per_worker
-        if self.workers_per_category < 1 or cpus <= 0 or self.gpus_per_worker < 0 or self.max_failures < -1:
+        gpus = 0.0 if self.gpus_per_worker is None else self.gpus_per_worker
+        if self.workers_per_category < 1 or cpus <= 0 or gpus < 0 or self.max_failures < -1:
             raise UserError(
                 "need workers per category >= 1, CPUs per worker > 0, GPUs per worker >= 0, max failures >= -1"
             )
+        if self.workers_per_category > 1 and gpus % 1:
+            # Ray would place two ranks of one category on one GPU, and NCCL refuses a group whose ranks
+            # share a device ("Duplicate GPU detected") after the workers have started.
+            raise UserError(
+                f"--gpus-per-worker {gpus:g} with {self.workers_per_category} workers per category would put "
+                "two data-parallel ranks on one GPU, which NCCL refuses: use whole GPUs per worker "
+                "(fractions work with --workers-per-category 1)"
+            )
 
-    def sized_for(self, capacity: dict[str, float], categories: int) -> TrainResources:
-        """Unset CPUs per worker: the cluster's CPUs shared among the workers that train at once.
+    @property
+    def gpus(self) -> float:
+        """GPUs per worker once sized (:meth:`sized_for`); 0 before."""
+        return self.gpus_per_worker or 0.0
+
+    def sized_for(self, capacity: Mapping[str, float], categories: int) -> TrainResources:
+        """``auto`` GPUs resolved (:func:`gpus_each`); unset CPUs per worker: the cluster's CPUs shared among
+        the workers that train at once.
 
         One category on an N-core node then trains with N threads instead of leaving N-1 cores idle; many
         categories get a core each, as many at once as the CPUs (or, with GPUs, the GPUs) allow.
         """
-        if self.cpus_per_worker is not None:
-            return self
+        sized = replace(self, gpus_per_worker=gpus_each(self.gpus_per_worker, capacity))
+        if sized.cpus_per_worker is not None:
+            return sized
         workers, cpus = self.workers_per_category, capacity.get("CPU", 1.0)
         at_once = cpus // workers
-        if self.gpus_per_worker > 0:
-            at_once = min(at_once, capacity.get("GPU", 0.0) // (workers * self.gpus_per_worker))
+        if sized.gpus > 0:
+            at_once = min(at_once, capacity.get("GPU", 0.0) // (workers * sized.gpus))
         at_once = max(1, min(categories, int(at_once)))
-        return replace(self, cpus_per_worker=float(max(1, int(cpus // (at_once * workers)))))
+        return replace(sized, cpus_per_worker=float(max(1, int(cpus // (at_once * workers)))))
 
 
 def category_concurrency(capacity: dict[str, float], resources: TrainResources) -> int:
     """How many categories the cluster holds at once; a category that never fits is an error."""
     workers = resources.workers_per_category
-    need = {"CPU": workers * resources.cpus_per_worker, "GPU": workers * resources.gpus_per_worker}
+    need = {"CPU": workers * resources.cpus_per_worker, "GPU": workers * resources.gpus}
     fits = [math.floor(capacity.get(key, 0.0) / amount + 1e-9) for key, amount in need.items() if amount > 0]
     count = min(fits) if fits else 1
     if count < 1:

@@ -69,8 +69,8 @@ def _drive_category(tune_config: dict[str, Any], job: TrainJob) -> dict[str, Any
     """Run one category's TorchTrainer; returns where its final checkpoint lies, or why it failed."""
     category = tune_config["category"]
     resources = {"CPU": job.resources.cpus_per_worker}
-    if job.resources.gpus_per_worker > 0:
-        resources["GPU"] = job.resources.gpus_per_worker
+    if job.resources.gpus > 0:
+        resources["GPU"] = job.resources.gpus
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
@@ -82,7 +82,7 @@ def _drive_category(tune_config: dict[str, Any], job: TrainJob) -> dict[str, Any
         torch_config=loopback_torch_config(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.resources.workers_per_category,
-            use_gpu=job.resources.gpus_per_worker > 0,
+            use_gpu=job.resources.gpus > 0,
             resources_per_worker=resources,
         ),
         run_config=ray.train.RunConfig(
@@ -123,13 +123,19 @@ def _install_checkpoint(storage_path: str, checkpoint_path: str, target: Path) -
 
 
 class Tracker(tune.Callback):
-    """Prints each category's epochs as they are reported and installs finished checkpoints."""
+    """Prints each category's epochs as they are reported and installs finished checkpoints.
+
+    Each epoch is printed once: after a restart the workers repeat the epochs since their last resumable
+    checkpoint (:data:`~stfpm_ray.ray.train_worker.CHECKPOINT_INTERVAL_S`), with the same results, and the
+    "resumed" line already says where they went on from.
+    """
 
     def __init__(self, job: TrainJob, out_dir: Path, progress: Progress, total: int) -> None:
         self.job, self.out_dir, self.progress, self.total = job, out_dir, progress, total
         self.results: dict[str, CategoryResult] = {}
         self.rates: dict[str, list[float]] = {}
         self.last_epoch: dict[str, dict[str, Any]] = {}
+        self.printed: dict[str, int] = {}  # the last epoch printed per category
         self.started: dict[str, tuple[float, int]] = {}  # wall time and epochs done when a trial (re)started
 
     def __getstate__(self) -> dict[str, Any]:
@@ -143,6 +149,7 @@ class Tracker(tune.Callback):
             "results": {},
             "rates": {},
             "last_epoch": {},
+            "printed": {},
             "started": {},
         }
 
@@ -166,6 +173,9 @@ class Tracker(tune.Callback):
         if "history" in result:
             self.last_epoch[category] = {**result, **result["history"][-1]} if result["history"] else result
         for epoch in result.get("history", []):
+            if epoch["epoch"] <= self.printed.get(category, 0):
+                continue
+            self.printed[category] = epoch["epoch"]
             self.rates.setdefault(category, []).append(epoch["images_per_s"])
             self.progress(format_epoch(category, epoch, self._eta(category, epoch)))
 
@@ -218,7 +228,8 @@ def train_on_ray(
     progress(
         f"training {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}, "
         f"{min(concurrency, len(categories))} at a time, {res.workers_per_category} worker(s) each with "
-        f"{res.cpus_per_worker:g} CPUs; run {job.run_id}, Ray Train state in {job.storage_path}"
+        f"{res.cpus_per_worker:g} CPUs and {res.gpus:g} GPUs ({'GPU' if res.gpus else 'CPU'} training, fp32); "
+        f"run {job.run_id}, Ray Train state in {job.storage_path}"
     )
     tracker = Tracker(job, out_dir, progress, len(categories))
     trainable = tune.with_resources(tune.with_parameters(_drive_category, job=job), {"memory": TRIAL_MEMORY_BYTES})

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from stfpm_ray.core.calibration import MIN_RUN_IMAGES, new_point
+from stfpm_ray.core.calibration import CALIBRATED_PRECISION, MIN_RUN_IMAGES, new_point
 from stfpm_ray.core.checkpoint import CheckpointMeta, add_operating_point, discover_checkpoints
 from stfpm_ray.core.score import ScoreSettings, ScoringModels, cpu_chunk, score_block
 from stfpm_ray.data.listing import list_images
@@ -67,12 +67,13 @@ def calibrate(
     before = meta.operating_point
     if good is None:
         scores, source = np.asarray(before.scores, dtype=np.float64), f"the good scores of {before.id}"
+        precision = before.precision
     else:
         inputs = [good] if isinstance(good, str) else [str(item) for item in good]
         scores = _good_scores(inputs, name, folder, meta, progress)
-        source = f"{len(scores)} good images under {', '.join(inputs)}"
+        source, precision = f"{len(scores)} good images under {', '.join(inputs)}", CALIBRATED_PRECISION
     target = target_far or (before.target_far if 0 < before.target_far < 1 else DEFAULT_TARGET_FAR)
-    record = new_point(scores, target, source, meta.operating_points, adaptive=adaptive)
+    record = new_point(scores, target, source, meta.operating_points, precision, adaptive=adaptive)
     point = add_operating_point(folder, meta, record).operating_point
     flagged = {"before": int((scores > before.threshold).sum()), "after": int((scores > point.threshold).sum())}
     kind = "adaptive operating point" if point.adaptive else "operating point"
@@ -114,7 +115,7 @@ def _good_scores(inputs: list[str], category: str, folder: str, meta: Checkpoint
     if not planned.blocks:
         raise InputNotFoundError(f"no image files under {', '.join(inputs)}")
     models = ScoringModels({category: (folder, meta)})
-    settings = ScoreSettings(chunk=cpu_chunk("cpu", torch.get_num_threads()))
+    settings = ScoreSettings(precision=CALIBRATED_PRECISION, chunk=cpu_chunk("cpu", torch.get_num_threads()))
     rows = pa.concat_tables(
         score_block(decode_block(block, listing.sources), models, settings, "calibrate") for block in planned.blocks
     )
