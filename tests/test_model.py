@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stfpm_ray.core.anomaly_map import anomaly_map, feature_distance
+from stfpm_ray.core.anomaly_map import anomaly_map, default_map_sigma, feature_distance, smooth_maps
 from stfpm_ray.core.model import STFPM, describe_precision, resolve_precision, stfpm_loss
 from stfpm_ray.core.teacher import load_teacher
 
@@ -87,6 +87,17 @@ def test_teacher_frozen_and_in_eval_after_train(model):
     # BatchNorm running statistics of the teacher did not move in a training-mode forward
     after = model.teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_smoothing_spreads_a_hot_pixel_more_than_a_defect_sized_blob_and_keeps_mass():
+    maps = torch.zeros(2, 64, 64)
+    maps[0, 32, 32] = 1.0  # one feature position that happens to disagree
+    maps[1, 28:37, 28:37] = 1.0  # a defect covering several positions
+    smoothed = smooth_maps(maps, default_map_sigma(256))
+    assert default_map_sigma(256) == 4.0 and smooth_maps(maps, 0.0) is maps
+    assert smoothed[0].max() < 0.02 and smoothed[1].max() > 0.5  # the blob now outscores the hot pixel
+    assert torch.allclose(smoothed.sum(dim=(1, 2)), maps.sum(dim=(1, 2)), rtol=1e-4)  # nothing lost inside
+    assert torch.allclose(smooth_maps(torch.full((1, 16, 16), 0.3), 2.0), torch.full((1, 16, 16), 0.3))
 
 
 def test_predict_shapes_and_score_is_map_max(model):

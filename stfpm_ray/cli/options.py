@@ -46,6 +46,12 @@ _CONFIG_FLAGS = (
         "anomaly map of the levels: product (official) or sum (each level divided by its mean on held-out good images)",
     ),
     (
+        "--map-sigma",
+        "map_sigma",
+        float,
+        "Gaussian smoothing of the anomaly map in pixels before its maximum (default image size / 64; 0: none)",
+    ),
+    (
         "--target-far",
         "target_far",
         float,

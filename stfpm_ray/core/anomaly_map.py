@@ -2,8 +2,15 @@
 
 Per feature level, teacher and student features are L2-normalised along channels and compared with
 ``0.5 * ||t^ - s^||^2`` (:func:`feature_distance`); the levels' distance maps are bilinearly upsampled to
-the input size and combined (:func:`anomaly_map`), and the image score is the map's maximum
-(:func:`image_scores`). Training (:func:`stfpm_ray.core.model.stfpm_loss`) uses the same distance.
+the input size and combined (:func:`anomaly_map`), smoothed with a Gaussian (:func:`smooth_maps`), and the
+image score is the map's maximum (:func:`image_scores`). Training (:func:`stfpm_ray.core.model.stfpm_loss`)
+uses the same distance.
+
+The smoothing is reverse distillation's (Deng & Li 2022: sigma 4 at 256 px, here ``image_size / 64`` at any
+size): an isolated hot pixel of a good image, where one feature position happens to disagree, is spread out
+and loses to a defect, which covers several positions. Measured on the shared real categories with today's
+checkpoints (256 px), image AUROC rose from 0.912 to 0.929 on screw, 0.942 to 0.948 on elpv_mono and 0.998 to
+1.000 on bottle (README: Results). Checkpoints written before record no ``map_sigma`` and score unsmoothed.
 
 Two combinations: ``product`` (the official code and anomalib) and ``sum``, the mean of the levels each
 divided by its mean distance on the held-out good images (``level_scales``, measured after training). A
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -57,6 +65,26 @@ def anomaly_map(
     if len(level_scales) != len(levels):
         raise ValueError(f"{len(level_scales)} level scales for {len(levels)} levels")
     return sum(level / scale for level, scale in zip(levels, level_scales)) / len(levels)
+
+
+def default_map_sigma(image_size: int) -> float:
+    """The smoothing of a model trained at ``image_size``: reverse distillation's sigma 4 at 256 px, to scale."""
+    return image_size / 64
+
+
+def smooth_maps(maps: Tensor, sigma: float) -> Tensor:
+    """Maps (N, H, W) convolved with a Gaussian of ``sigma`` pixels (truncated at 4 sigma, edges reflected), as
+    two 1-D passes; ``sigma`` 0 returns them unchanged."""
+    if sigma <= 0:
+        return maps
+    radius = min(int(4 * sigma + 0.5), min(maps.shape[-2:]) - 1)
+    offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    x = F.pad(maps.unsqueeze(1), (radius, radius, 0, 0), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    x = F.pad(x, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(x, kernel.view(1, 1, -1, 1)).squeeze(1)
 
 
 def shrink_maps(maps: Tensor, size: int) -> Tensor:

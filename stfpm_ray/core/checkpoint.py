@@ -63,6 +63,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "combine": (str,),
     "student": (str,),
     "level_scales": (list, type(None)),
+    "map_sigma": (int, float),
     "calibration": (dict,),
     "operating_points": (list,),
     "model_id": (str,),
@@ -114,6 +115,9 @@ class CheckpointMeta:
     # Checkpoints written before the option existed lack both fields and score with the product.
     combine: str = "product"
     level_scales: list[float] | None = None
+    # Gaussian smoothing of the map in pixels (core.anomaly_map.smooth_maps); checkpoints written before the
+    # field existed lack it and score unsmoothed.
+    map_sigma: float = 0.0
     # Which student kind (stfpm_ray.core.students); read_meta takes a checkpoint written before the field
     # existed for the kind there was then, LEGACY_STUDENT.
     student: str = DEFAULT_STUDENT
@@ -143,6 +147,8 @@ def _model_id(weights: bytes, meta: CheckpointMeta) -> str:
     digest.update(f"{meta.teacher_sha256}:{meta.image_size}:{meta.threshold!r}".encode())
     if meta.level_scales is not None:  # the map itself depends on them
         digest.update(repr([float(v) for v in meta.level_scales]).encode())
+    if meta.map_sigma:  # and on this
+        digest.update(f"sigma:{float(meta.map_sigma)!r}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -440,6 +446,7 @@ def load_checkpoint(
         )
     model = STFPM(teacher, meta.backbone, meta.layers, student=meta.student)
     model.level_scales = tuple(meta.level_scales) if meta.level_scales is not None else None
+    model.map_sigma = float(meta.map_sigma)
     state = load(read_bytes(resolve(folder).join(WEIGHTS_FILE)))
     try:
         model.student.load_state_dict(state)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stfpm_ray.core.anomaly_map import COMBINATIONS
+from stfpm_ray.core.anomaly_map import COMBINATIONS, default_map_sigma
 from stfpm_ray.core.augment import AUGMENTATIONS, photometric_jitter
 from stfpm_ray.core.calibration import CALIBRATED_PRECISION, calibration
 from stfpm_ray.core.checkpoint import CheckpointMeta
@@ -69,6 +69,8 @@ class TrainConfig:
     augment: str = "none"
     augment_strength: float = 0.3
     combine: str = "product"
+    # Gaussian smoothing of the anomaly map in pixels; None: image_size / 64 (core.anomaly_map), 0: none
+    map_sigma: float | None = None
     cache_teacher: bool = True
     target_far: float = 0.05
     student: str = DEFAULT_STUDENT
@@ -87,6 +89,10 @@ class TrainConfig:
             raise UserError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
         if self.augment not in AUGMENTATIONS:
             raise UserError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
+        if self.map_sigma is None:
+            self.map_sigma = default_map_sigma(self.image_size)
+        if not 0.0 <= self.map_sigma <= self.image_size / 8:
+            raise UserError(f"map sigma must be in [0, image size / 8], got {self.map_sigma}")
         if self.combine not in COMBINATIONS:
             raise UserError(f"combine must be one of {', '.join(COMBINATIONS)}, got {self.combine!r}")
         if not 0.0 <= self.augment_strength < 1.0:
@@ -295,6 +301,7 @@ def build_meta(
         training=training,
         calibration=record,
         combine=config.combine,
+        map_sigma=float(config.map_sigma),
         student=config.student,
         level_scales=list(fitter.core.level_scales) if fitter.core.level_scales is not None else None,
     )
@@ -362,6 +369,7 @@ def fit_category(
         if on_epoch:
             on_epoch(fitter, metrics)
     fitter.restore_best()
+    fitter.core.map_sigma = float(config.map_sigma)
     if config.combine == "sum":
         fitter.core.level_scales = fitter.core.mean_level_distances(val, config.batch_size)
     scores = validation_scores(fitter.core, val, config.batch_size, device)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from stfpm_ray.core.anomaly_map import anomaly_map, feature_distance, image_scores, level_distances
+from stfpm_ray.core.anomaly_map import anomaly_map, feature_distance, image_scores, level_distances, smooth_maps
 from stfpm_ray.core.calibration import CALIBRATED_PRECISION
 from stfpm_ray.core.inference_graph import image_probe, optimize_for_inference
 from stfpm_ray.core.students import DEFAULT_STUDENT, create_student, student_kind
@@ -92,6 +92,8 @@ class STFPM(nn.Module):
         self.register_buffer("pixel_scale", scale, persistent=False)
         # None: the product of levels; else the calibrated sum (see stfpm_ray.core.anomaly_map)
         self.level_scales: tuple[float, ...] | None = None
+        # Gaussian smoothing of the map in pixels, 0 for none (checkpoints written before it existed)
+        self.map_sigma = 0.0
 
     def train(self, mode: bool = True) -> STFPM:
         """Switch the student only: the teacher's BatchNorm statistics must never move."""
@@ -149,6 +151,7 @@ class STFPM(nn.Module):
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             teacher_features, student_features = self(images)
         maps = anomaly_map(teacher_features, student_features, tuple(images.shape[-2:]), self.level_scales)
+        maps = smooth_maps(maps, self.map_sigma)
         return maps, image_scores(maps)
 
     @torch.inference_mode()
