@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from conftest import need, quiet
 
 from stfpm_ray import cli
 from stfpm_ray.core.checkpoint import validate_checkpoint
+from stfpm_ray.core.export import export_record
 from stfpm_ray.core.exported import PARITY_TOLERANCE, onnx_session, parity, predict_onnx
 from stfpm_ray.core.score import load_scoring_model
 from stfpm_ray.data.images import load_image
@@ -56,6 +58,13 @@ def test_the_json_records_the_operating_point_and_the_checkpoint(exported, train
     assert record["checkpoint_sha256"] == digest.hexdigest()
     assert record["model_file"] == f"{category}.onnx" and (out / record["model_file"]).stat().st_size > 1e6
     assert sorted(p.name for p in out.iterdir()) == [f"{category}.json", f"{category}.onnx"]
+
+
+def test_a_checkpoint_without_a_recorded_target_exports_null(trained):
+    """Checkpoints older than the calibration record have no target false-alarm rate: valid JSON says null."""
+    folder = trained[0] / trained[1][0]
+    record = export_record(folder, replace(validate_checkpoint(folder), calibration={}), "x.onnx")
+    assert record["target_far"] is None and json.loads(json.dumps(record, allow_nan=False)) == record
 
 
 def test_exported_scores_and_maps_match_pytorch_on_the_test_images(exported, trained, synth_root):

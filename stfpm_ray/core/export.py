@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,8 @@ def export_record(folder: str | Path, meta: CheckpointMeta, model_file: str) -> 
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW", "channels": "RGB"},
         "outputs": list(OUTPUT_NAMES),
         "threshold": point.threshold,
-        "target_far": point.target_far,
+        # null for checkpoints older than the record of their target (their threshold is the validation maximum)
+        "target_far": None if math.isnan(point.target_far) else point.target_far,
         "operating_point": point.id,
         "model_id": meta.model_id,
         "checkpoint_sha256": checkpoint_sha256(folder),

@@ -61,7 +61,7 @@ def export_models(
         _check_parity(model, meta, graph)
         write_bytes_atomic(target.join(f"{name}.onnx"), graph)
         records[name] = export_record(selected[name][0], meta, f"{name}.onnx")
-        write_text_atomic(target.join(f"{name}.json"), json.dumps(records[name], indent=2) + "\n")
+        write_text_atomic(target.join(f"{name}.json"), json.dumps(records[name], indent=2, allow_nan=False) + "\n")
         progress(
             f"[{name}] {target.join(f'{name}.onnx').path} ({len(graph) / 1e6:.1f} MB), threshold "
             f"{records[name]['threshold']:.4g} ({records[name]['operating_point']}), model {meta.model_id}"
