@@ -29,7 +29,8 @@ from stfpm_ray.store.fs import read_bytes, resolve
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("score", "anomaly_map")
-# 18: the newest opset every onnxruntime >= 1.18 runs; the dynamo exporter emits what the graph needs.
+# Well inside what every onnxruntime the extra allows runs (1.18 runs opsets up to 21), so an older runtime
+# beside a camera loads the file too.
 OPSET = 18
 # What the exporter and the check after it import: the `onnx` extra of the package.
 _EXTRA_MODULES = ("onnx", "onnxscript", "onnxruntime")
