@@ -1,4 +1,4 @@
-"""The ``stfpm-ray`` command line: synth, train, score, nightly, calibrate, evaluate, benchmark, table.
+"""The ``stfpm-ray`` command line: synth, train, score, nightly, calibrate, export, evaluate, benchmark, table.
 
 Each verb is a module of this package exposing ``add_arguments(parser)`` and ``run(args) -> int`` (its
 summary and examples live here, so that help answers without importing it); the ``jobs/*.py`` entry points
@@ -27,13 +27,14 @@ from stfpm_ray.cli.console import setup_logging
 from stfpm_ray.cli.flags import HelpFormatter, with_config
 from stfpm_ray.errors import StfpmError
 
-VERBS = ("synth", "train", "score", "nightly", "calibrate", "evaluate", "benchmark", "table")
+VERBS = ("synth", "train", "score", "nightly", "calibrate", "export", "evaluate", "benchmark", "table")
 SUMMARIES = {
     "synth": "write a synthetic MVTec-layout dataset (for demos and tests)",
     "train": "train one student per category with Ray Train, categories in parallel",
     "score": "score an image archive with Ray Data into a scores table (Delta Lake)",
     "nightly": "score what is new in an archive (incremental) and report the new anomalies",
     "calibrate": "set a category's threshold anew from known-good images of new conditions, no retraining",
+    "export": "write each category's scoring model as one ONNX file plus a JSON, to deploy without stfpm-ray",
     "evaluate": "per-category metrics and an HTML report from a scores table",
     "benchmark": "train, score and evaluate every category of a dataset root",
     "table": "check, repair, compact or vacuum a scores table (a deleted file, a damaged log, years of nights)",
@@ -55,6 +56,7 @@ EXAMPLES = {
     "calibrate": (
         "stfpm-ray calibrate --checkpoints runs/ckpt --category screw --good /archive/2026-12-07/known-good",
     ),
+    "export": ("stfpm-ray export --checkpoints runs/ckpt --out runs/export --categories bottle,screw",),
     "evaluate": ("stfpm-ray evaluate --scores runs/scores --out runs/report",),
     "benchmark": (
         "stfpm-ray benchmark --out runs/demo    # synthetic demo dataset",

@@ -1,0 +1,93 @@
+"""``stfpm-ray export``: each category's scoring model as one ONNX file plus a JSON, for runtimes without stfpm-ray.
+
+The steps:
+
+1. **Check the checkpoints** as ``score`` does (:func:`~stfpm_ray.core.checkpoint.discover_checkpoints`). A
+   selected category whose checkpoint is unusable stops the export before anything is written: an export is
+   something to deploy, and a folder missing one category silently is worse than a clear refusal.
+2. **Refuse existing files** in ``EXPORT_DIR`` unless ``--overwrite``.
+3. **Export** the scoring model the actors use (:class:`~stfpm_ray.core.score.ScoringModels`: rewritten for
+   inference, one teacher per backbone) through :func:`~stfpm_ray.core.export.export_onnx`.
+4. **Check parity** on probe images of another batch size than the traced one (the batch is dynamic) with
+   onnxruntime against PyTorch (:func:`~stfpm_ray.core.exported.parity`); a graph that disagrees is not written.
+5. **Write** ``<category>.onnx`` and ``<category>.json`` (:func:`~stfpm_ray.core.export.export_record`), each
+   atomically, the JSON last.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stfpm_ray.core.checkpoint import CheckpointMeta, discover_checkpoints
+from stfpm_ray.core.export import export_onnx, export_record, require_onnx
+from stfpm_ray.core.exported import onnx_session, parity, predict_onnx
+from stfpm_ray.core.model import STFPM
+from stfpm_ray.core.score import ScoringModels
+from stfpm_ray.errors import OutputExistsError, UserError
+from stfpm_ray.progress import Progress, log_progress
+from stfpm_ray.store.fs import is_file, resolve, write_bytes_atomic, write_text_atomic
+
+FORMATS = ("onnx",)
+_PROBE_BATCH = 3
+
+
+def export_models(
+    checkpoints: str | Path,
+    out: str | Path,
+    categories: Sequence[str] | None = None,
+    fmt: str = "onnx",
+    overwrite: bool = False,
+    progress: Progress = log_progress,
+) -> dict[str, dict[str, Any]]:
+    """Export the checkpoints under ``checkpoints`` (all, or ``categories``) into ``out``; the JSON records."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    require_onnx()
+    selected = _selected(checkpoints, categories)
+    target = resolve(out)
+    existing = [name for name in selected for ext in ("onnx", "json") if is_file(target.join(f"{name}.{ext}"))]
+    if existing and not overwrite:
+        raise OutputExistsError(f"{out} already holds exports of {', '.join(sorted(set(existing)))}; pass --overwrite")
+    models = ScoringModels(selected)
+    records = {}
+    for name in sorted(selected):
+        model, meta = models(name)
+        graph = export_onnx(model, meta.image_size)
+        _check_parity(model, meta, graph)
+        write_bytes_atomic(target.join(f"{name}.onnx"), graph)
+        records[name] = export_record(selected[name][0], meta, f"{name}.onnx")
+        write_text_atomic(target.join(f"{name}.json"), json.dumps(records[name], indent=2, allow_nan=False) + "\n")
+        progress(
+            f"[{name}] {target.join(f'{name}.onnx').path} ({len(graph) / 1e6:.1f} MB), threshold "
+            f"{records[name]['threshold']:.4g} ({records[name]['operating_point']}), model {meta.model_id}"
+        )
+    return records
+
+
+def _selected(checkpoints: str | Path, categories: Sequence[str] | None) -> dict[str, tuple[str, CheckpointMeta]]:
+    """The sound checkpoints of the chosen categories; any chosen one unusable or absent is refused."""
+    found, problems = discover_checkpoints(checkpoints)
+    names = list(categories) if categories else sorted({*found, *problems})
+    if broken := [name for name in names if name in problems]:
+        raise UserError("; ".join(f"the checkpoint of {name!r} is unusable: {problems[name]}" for name in broken))
+    if absent := [name for name in names if name not in found]:
+        have = ", ".join(sorted(found)) or "none"
+        raise UserError(f"no checkpoint for {', '.join(map(repr, absent))} under {checkpoints} (have: {have})")
+    return {name: found[name] for name in names}
+
+
+def _check_parity(model: STFPM, meta: CheckpointMeta, graph: bytes) -> None:
+    """Run the exported graph on probe images and refuse it unless it scores them as the PyTorch model does."""
+    size = meta.image_size
+    images = torch.randint(
+        0, 256, (_PROBE_BATCH, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    expected = tuple(t.numpy() for t in model.predict(images, "fp32"))
+    check = parity(expected, predict_onnx(onnx_session(graph), images.numpy()), meta.operating_point.threshold)
+    if not check.holds:
+        raise RuntimeError(f"the exported {meta.category} model does not score as PyTorch does: {check}")
