@@ -32,6 +32,12 @@ except ImportError:  # pragma: no cover - a later Ray moved them; see the two us
 
 log = logging.getLogger(__name__)
 LOOPBACK_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Worker processes a local instance starts at once. Ray's default is the CPU count, and its raylet prints a
+# WARNING on the driver's terminal (past log_to_driver, with colour codes) once four times that many workers
+# exist: on a 2-CPU machine that is the 8 processes of any train or benchmark run (Tune, Train workers, Ray Data
+# tasks, scoring actors), a warning with nothing to act on. A local node's workers are bounded by this
+# project's own pools, so the warning would mean nothing there below 4 x 16.
+LOCAL_STARTUP_CONCURRENCY = 16
 # Read by Tune when a run starts: the legacy reporter at verbose=0 prints nothing (the newer one prints a
 # configuration box and a TensorBoard hint into Ray's temporary folder), and no automatic file loggers.
 _QUIET_RAY = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
@@ -68,7 +74,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         _keep_on_loopback()
         log.info("starting a local Ray instance (use --address to join a cluster)")
         # The dashboard (on 127.0.0.1) also serves the state API that Ray Train polls for progress.
-        context = ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", **output)
+        context = ray.init(
+            num_cpus=num_cpus,
+            dashboard_host="127.0.0.1",
+            _system_config={"worker_maximum_startup_concurrency": LOCAL_STARTUP_CONCURRENCY},
+            **output,
+        )
     if quiet:
         _native_stderr_to(os.path.join(context.address_info["session_dir"], "logs", f"driver-{os.getpid()}.err"))
 
