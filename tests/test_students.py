@@ -166,3 +166,9 @@ def test_data_parallel_students_on_gpus_synchronise_their_batchnorm_and_keep_the
     assert [type(m) for m in synced.teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)] == teacher_norms
     after = synced.student.state_dict()
     assert list(after) == list(state) and all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_the_reverse_student_smooths_its_maps_by_default_and_the_mirror_one_keeps_the_raw_map():
+    assert TrainConfig(image_size=256).map_sigma == 4.0 and TrainConfig(image_size=128).map_sigma == 2.0
+    assert TrainConfig(image_size=256, student="mirror").map_sigma == 0.0
+    assert TrainConfig(image_size=256, map_sigma=0).map_sigma == 0.0

@@ -49,7 +49,8 @@ _CONFIG_FLAGS = (
         "--map-sigma",
         "map_sigma",
         float,
-        "Gaussian smoothing of the anomaly map in pixels before its maximum (default image size / 64; 0: none)",
+        "Gaussian smoothing of the anomaly map in pixels before its maximum (default: image size / 64 for the "
+        "reverse student, 0 (none) for the mirror one)",
     ),
     (
         "--target-far",

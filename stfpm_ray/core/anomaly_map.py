@@ -6,15 +6,16 @@ the input size and combined (:func:`anomaly_map`), smoothed with a Gaussian (:fu
 image score is the map's maximum (:func:`image_scores`). Training (:func:`stfpm_ray.core.model.stfpm_loss`)
 uses the same distance.
 
-The smoothing is reverse distillation's (Deng & Li 2022: sigma 4 at 256 px, here ``image_size / 64`` at any
-size): an isolated hot pixel of a good image, where one feature position happens to disagree, is spread out
-and loses to a defect, which covers several positions. Measured on the shared real categories with today's
-checkpoints (256 px), image AUROC rose from 0.912 to 0.929 on screw, 0.942 to 0.948 on elpv_mono and 0.998 to
-1.000 on bottle (README: Results). Checkpoints written before record no ``map_sigma`` and score unsmoothed.
+The reverse student's maps are smoothed as reverse distillation's are (Deng & Li 2022: sigma 4 at 256 px, here
+``image_size / 64`` at any size; the mirror student, STFPM as published, keeps the raw map): an isolated hot
+pixel of a good image, where one feature position happens to disagree, is spread out and loses to a defect,
+which covers several positions. Measured on the shared real categories with today's checkpoints (256 px),
+image AUROC rose from 0.912 to 0.929 on screw, 0.942 to 0.948 on elpv_mono and 0.998 to 1.000 on bottle
+(README: Results). Checkpoints written before record no ``map_sigma`` and score unsmoothed.
 
-Two combinations: ``product`` (the official code and anomalib) and ``sum``, the mean of the levels each
-divided by its mean distance on the held-out good images (``level_scales``, measured after training). A
-raw product lets the level with the widest spread on good images decide; calibrated levels weigh equally.
+Two combinations: ``product`` (the official code and anomalib) and ``sum``, the mean of the levels each divided
+by its mean distance on the held-out good images (``level_scales``, measured after training). A raw product lets
+the level with the widest spread on good images decide; calibrated levels weigh equally.
 """
 
 from __future__ import annotations

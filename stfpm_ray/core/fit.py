@@ -69,7 +69,8 @@ class TrainConfig:
     augment: str = "none"
     augment_strength: float = 0.3
     combine: str = "product"
-    # Gaussian smoothing of the anomaly map in pixels; None: image_size / 64 (core.anomaly_map), 0: none
+    # Gaussian smoothing of the anomaly map in pixels; None: the student kind's default (image_size / 64 where it
+    # smooths, see core.anomaly_map), 0: none
     map_sigma: float | None = None
     cache_teacher: bool = True
     target_far: float = 0.05
@@ -77,7 +78,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(v) for v in self.layers)
-        recipe = student_kind(self.student).recipe
+        kind = student_kind(self.student)
+        recipe = kind.recipe
         for name in RECIPE_FIELDS:
             if getattr(self, name) is None:
                 setattr(self, name, getattr(recipe, name))
@@ -90,7 +92,7 @@ class TrainConfig:
         if self.augment not in AUGMENTATIONS:
             raise UserError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         if self.map_sigma is None:
-            self.map_sigma = default_map_sigma(self.image_size)
+            self.map_sigma = default_map_sigma(self.image_size) if kind.smooths_maps else 0.0
         if not 0.0 <= self.map_sigma <= self.image_size / 8:
             raise UserError(f"map sigma must be in [0, image size / 8], got {self.map_sigma}")
         if self.combine not in COMBINATIONS:
