@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
-from deltalake.transaction import CommitProperties, RemoveAction
 
 from stfpm_ray.errors import TableError
 from stfpm_ray.store.fs import list_dir
@@ -86,10 +85,9 @@ def check(table: ScoresTable) -> Health:
     health = Health(table.uri, None if delta is None else delta.version(), versions[-1] if versions else None)
     if delta is None:
         return health
-    present = {entry.base_name for entry in list_dir(table.location)}
+    health.missing = table.missing_files(delta)
     for name in (posixpath.basename(uri) for uri in delta.file_uris()):
-        if name not in present:
-            health.missing.append(name)
+        if name in health.missing:
             continue
         try:
             metadata = pq.read_metadata(table.location.join(name).path, filesystem=table.location.filesystem)
@@ -115,14 +113,8 @@ def repair(table: ScoresTable) -> Health:
         _set_aside_log(table, health.version)
     dropped = health.missing + sorted(health.unreadable)
     if dropped:
-        now = int(time.time() * 1000)
         record = {"dropped_files": dropped, "missing": health.missing, "unreadable": health.unreadable}
-        table.delta().create_write_transaction(
-            [RemoveAction(path=name, data_change=True, deletion_timestamp=now) for name in dropped],
-            mode="append",
-            schema=SCHEMA,
-            commit_properties=CommitProperties(custom_metadata={REPAIR_KEY: json.dumps(record)}),
-        )
+        table.change([], dropped, {REPAIR_KEY: json.dumps(record)})
     return check(table)
 
 
@@ -184,18 +176,12 @@ def compact(table: ScoresTable, run_id: str) -> tuple[int, int]:
             for name in names
         )
         written += write_data_files(merged, table.location, f"{run_id}-{i:05d}")
-    now = int(time.time() * 1000)
     merged_names = [name for names in bins for name in names]
-    table.delta().create_write_transaction(
-        [
-            *(file.add_action(data_change=False) for file in written),
-            *(RemoveAction(path=name, data_change=False, deletion_timestamp=now) for name in merged_names),
-        ],
-        mode="append",
-        schema=SCHEMA,
-        commit_properties=CommitProperties(
-            custom_metadata={COMPACT_KEY: json.dumps({"run_id": run_id, "merged": merged_names})}
-        ),
+    table.change(
+        [file.add_action(data_change=False) for file in written],
+        merged_names,
+        {COMPACT_KEY: json.dumps({"run_id": run_id, "merged": merged_names})},
+        data_change=False,
     )
     table.end_run(run_id)
     return len(small), len(small) - len(merged_names) + len(written)

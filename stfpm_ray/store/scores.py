@@ -46,7 +46,7 @@ from deltalake.exceptions import TableNotFoundError
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
 
 from stfpm_ray.errors import InputNotFoundError, OutputExistsError, TableError, UserError
-from stfpm_ray.store.fs import Location, is_dir, list_dir, read_text, resolve, write_text_atomic
+from stfpm_ray.store.fs import Location, list_dir, read_text, remove_empty, resolve, write_text_atomic
 from stfpm_ray.store.lease import STATE
 
 
@@ -227,8 +227,7 @@ class ScoresTable:
         """:meth:`delta`, refusing a table whose data files are not all there (deleted by hand or by a
         lifecycle rule): every reader would otherwise fail halfway with a traceback."""
         delta = self.delta(version)
-        present = {entry.base_name for entry in list_dir(self.location)}
-        missing = [name for name in (posixpath.basename(uri) for uri in delta.file_uris()) if name not in present]
+        missing = self.missing_files(delta)
         if missing:
             raise TableError(
                 f"scores table {self.uri}: {len(missing)} data file(s) of version {delta.version()} are missing "
@@ -236,6 +235,11 @@ class ScoresTable:
                 "table in one commit (the next nightly then scores their images again)"
             )
         return delta
+
+    def missing_files(self, delta: DeltaTable) -> list[str]:
+        """The names of ``delta``'s live data files that are not in the folder."""
+        present = {entry.base_name for entry in list_dir(self.location)}
+        return [name for name in (posixpath.basename(uri) for uri in delta.file_uris()) if name not in present]
 
     def dataset(self, version: int | None = None) -> pads.Dataset:
         """The live rows as a pyarrow dataset: only files of the chosen version, never staged or removed ones."""
@@ -391,8 +395,7 @@ class ScoresTable:
         for entry in list_dir(folder):
             if entry.base_name in (run_id, f"{run_id}.json"):
                 _delete(folder.at(entry.path), entry.type)
-        if is_dir(folder) and not list_dir(folder):
-            folder.filesystem.delete_dir(folder.path)
+        remove_empty([folder])
 
     def recover(self) -> dict[str, int]:
         """Delete what runs that died before their commit left: their uncommitted data files and records.
@@ -434,19 +437,35 @@ class ScoresTable:
         """Publish a run as one Delta commit (add its files, remove retried error files, record the manifest);
         returns the new version. Until this returns, readers see the previous version unchanged."""
         adds = [f.add_action() for f in files]
-        properties = CommitProperties(custom_metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
+        metadata = {MANIFEST_KEY: json.dumps(manifest, sort_keys=True)}
         if not self.exists():
             create_table_with_add_actions(
-                self.table_uri, Schema.from_arrow(SCHEMA), adds, mode="error", commit_properties=properties
+                self.table_uri,
+                Schema.from_arrow(SCHEMA),
+                adds,
+                mode="error",
+                commit_properties=CommitProperties(custom_metadata=metadata),
             )
             return 0
-        table = self.delta()
+        if overwrite:
+            return self.change(adds, [], metadata, mode="overwrite")
+        return self.change(adds, removed, metadata)
+
+    def change(
+        self,
+        adds: list[AddAction],
+        removed: list[str],
+        metadata: dict[str, str],
+        data_change: bool = True,
+        mode: str = "append",
+    ) -> int:
+        """One commit to the existing table: ``adds``, the removal of the files named ``removed`` and the commit
+        ``metadata`` (a run's manifest, a repair's or a compaction's record); returns the new version.
+        ``data_change`` false marks removals that drop no row (a compaction)."""
         now = int(time.time() * 1000)
-        removes = (
-            [] if overwrite else [RemoveAction(path=name, data_change=True, deletion_timestamp=now) for name in removed]
-        )
-        table.create_write_transaction(
-            [*adds, *removes], mode="overwrite" if overwrite else "append", schema=SCHEMA, commit_properties=properties
+        removes = [RemoveAction(path=name, data_change=data_change, deletion_timestamp=now) for name in removed]
+        self.delta().create_write_transaction(
+            [*adds, *removes], mode=mode, schema=SCHEMA, commit_properties=CommitProperties(custom_metadata=metadata)
         )
         return self.delta().version()
 
