@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stfpm_ray.core.calibration import calibration, later_point, log_centre_spread, new_point, prediction_factor
+from stfpm_ray.core.calibration import calibration, later_point, new_point, robust_bound
 from stfpm_ray.core.checkpoint import discover_checkpoints
 from stfpm_ray.core.fit import split_train_val
 from stfpm_ray.core.score import load_scoring_model
@@ -77,12 +77,6 @@ DAYS: dict[str, Shift] = {
     "zoom +5%": _zoom(1.05),
     "sensor noise 5": _noise(5.0),
 }
-
-
-def robust_threshold(scores: np.ndarray, target_far: float) -> float:
-    """The log-normal prediction bound with median and scaled MAD, not floored at the maximum."""
-    centre, spread = log_centre_spread(scores)
-    return float(np.exp(centre + prediction_factor(scores.size, target_far) * spread))
 
 
 AUGMENTATIONS: tuple[Shift, ...] = (_exposure(0.92), _exposure(1.08), _zoom(1.025), _noise(3.0))
@@ -141,7 +135,7 @@ def category_rows(root: str, name: str, folder: str, args: argparse.Namespace) -
     fixed = {
         "lognormal-t": threshold,
         "max floor": max(record.get("fitted_threshold", 0.0), float(val.max())),
-        "robust": robust_threshold(val, target),
+        "robust": robust_bound(val, target),
         "val max": float(val.max()),
         "augmented": calibration(augmented, target)[0],
     }

@@ -142,9 +142,8 @@ class OperatingPoint:
         fewest = self.record.get("min_run_images", MIN_RUN_IMAGES)
         if not self.adaptive or run_scores.size < fewest or not (run_scores > 0).all():
             return self.threshold
-        centre, spread = log_centre_spread(run_scores)
-        factor = prediction_factor(run_scores.size, self.target_far)
-        return float(np.exp(centre + factor * spread)) if spread > 0 else self.threshold
+        bound = robust_bound(run_scores, self.target_far)
+        return self.threshold if bound is None else bound
 
     def summary(self) -> dict[str, Any]:
         """The point as reports show it (its scores left out)."""
@@ -159,12 +158,14 @@ class OperatingPoint:
         }
 
 
-def log_centre_spread(scores: np.ndarray) -> tuple[float, float]:
-    """Median and scaled median absolute deviation of the log scores: a place and spread that a few outlying
-    images (defects among a night's good ones) hardly move."""
+def robust_bound(scores: np.ndarray, target_far: float) -> float | None:
+    """The log-normal prediction bound at ``target_far`` with the median and scaled median absolute deviation of
+    the log scores in place of mean and standard deviation, a place and spread that a few outlying images
+    (defects among a night's good ones) hardly move; None where the scores have no spread."""
     logs = np.log(scores)
     centre = float(np.median(logs))
-    return centre, float(MAD_SCALE * np.median(np.abs(logs - centre)))
+    spread = float(MAD_SCALE * np.median(np.abs(logs - centre)))
+    return float(np.exp(centre + prediction_factor(len(scores), target_far) * spread)) if spread > 0 else None
 
 
 def training_point(threshold: float, record: dict[str, Any]) -> OperatingPoint:

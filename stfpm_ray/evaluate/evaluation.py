@@ -499,8 +499,8 @@ def deployed_metrics(group: CategoryRows) -> dict:
 
 def _run_thresholds(group: CategoryRows) -> dict[str, float]:
     """Per scoring run (by id), the threshold that decided its rows."""
-    thresholds = group.thresholds
-    return {str(run): float(thresholds[rows.index[0]]) for run, rows in group.ok.groupby("run_id", dropna=False)}
+    first = group.thresholds.groupby(group.ok["run_id"], dropna=False).first()
+    return {str(run): float(threshold) for run, threshold in first.items()}
 
 
 def _drift(group: CategoryRows, labels: np.ndarray) -> dict:
