@@ -96,10 +96,10 @@ def main() -> None:
     parser.add_argument("--variant", action="append", required=True, metavar="NAME:field=value,...")
     parser.add_argument("--epochs", type=int, help="epochs (default: TrainConfig's, or the demo's without --data)")
     parser.add_argument("--image-size", type=int, help="model input side (default as --epochs)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=TrainConfig().threads, help="training and scoring threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    base = {"weights": "auto"} if args.data else dict(DEMO_TRAINING)
+    base = {"weights": "auto", "threads": args.threads} if args.data else {**DEMO_TRAINING, "threads": args.threads}
     base.update({k: v for k, v in (("epochs", args.epochs), ("image_size", args.image_size)) if v is not None})
     with tempfile.TemporaryDirectory() as scratch:
         root = args.data or str(Path(scratch) / "data")

@@ -221,6 +221,30 @@ def test_plain_training_separates_defects(synth_root, student):
     assert auroc >= 0.9
 
 
+def test_the_same_seed_gives_the_same_model_whatever_threads_the_process_had(synth_root):
+    """The training arithmetic runs on the recipe's threads (TrainConfig.threads), so a process that had 1 or
+    3 threads (a worker that reserved 1 or 3 CPUs, a driver training in-process) writes the same student and
+    the same threshold, bit for bit, and gets its own thread count back."""
+    category = discover_categories(synth_root)[0]
+    config = TrainConfig(image_size=64, epochs=3, batch_size=8, weights="offline", seed=5)
+    before = torch.get_num_threads()
+    fits = []
+    try:
+        for process_threads in (1, 3):
+            torch.set_num_threads(process_threads)
+            model, meta, _ = fit_category(synth_root, category, config)
+            assert torch.get_num_threads() == process_threads
+            fits.append((model.student.state_dict(), meta.threshold))
+        # the recipe's own thread count does change the arithmetic (oneDNN and BatchNorm split their sums)
+        model, meta, _ = fit_category(synth_root, category, replace(config, threads=1))
+        fits.append((model.student.state_dict(), meta.threshold))
+    finally:
+        torch.set_num_threads(before)
+    (one, threshold_one), (three, threshold_three), (other, _) = fits
+    assert all(torch.equal(one[key], three[key]) for key in one) and threshold_one == threshold_three
+    assert not all(torch.equal(one[key], other[key]) for key in one)
+
+
 def test_sum_combination_is_calibrated_on_held_out_good_images(synth_root):
     category = discover_categories(synth_root)[0]
     config = TrainConfig(image_size=64, epochs=2, batch_size=8, weights="offline", combine="sum")

@@ -33,15 +33,19 @@ def test_a_pool_that_would_take_every_cpu_is_refused_instead_of_hanging_the_data
     assert actor_pool_size((2, 3), 0.0, 1.0, {"CPU": 8.0}) == (2, 3)
 
 
-def test_training_workers_share_the_cluster_and_a_category_that_never_fits_is_refused():
-    # one category gets every CPU of the node; four categories on 2 CPUs train two at a time, one CPU each
-    assert TrainResources().sized_for({"CPU": 16.0}, categories=1).cpus_per_worker == 16.0
-    four = TrainResources().sized_for({"CPU": 2.0}, categories=4)
-    assert four.cpus_per_worker == 1.0 and category_concurrency({"CPU": 2.0}, four) == 2
+def test_training_workers_reserve_their_threads_and_a_category_that_never_fits_is_refused():
+    # a CPU worker reserves the threads its recipe trains with: four categories with 2 threads on 16 CPUs
+    # train at once, on 2 CPUs one at a time; 4 threads on a 2-CPU node reserve what there is
+    four = TrainResources().sized_for({"CPU": 16.0}, categories=4, threads=2)
+    assert four.cpus_per_worker == 2.0 and category_concurrency({"CPU": 16.0}, four) == 8
+    small = TrainResources().sized_for({"CPU": 2.0}, categories=4, threads=2)
+    assert small.cpus_per_worker == 2.0 and category_concurrency({"CPU": 2.0}, small) == 1
+    assert TrainResources().sized_for({"CPU": 2.0}, categories=1, threads=4).cpus_per_worker == 2.0
+    assert TrainResources().sized_for({"CPU": 16.0}, categories=1, threads=16).cpus_per_worker == 16.0
     # GPUs bound how many train at once: 2 GPUs, one per worker, 2 workers per category
-    gpus = TrainResources(workers_per_category=2, gpus_per_worker=1.0).sized_for({"CPU": 16.0, "GPU": 2.0}, 8)
+    gpus = TrainResources(workers_per_category=2, gpus_per_worker=1.0).sized_for({"CPU": 16.0, "GPU": 2.0}, 8, 2)
     assert gpus.cpus_per_worker == 8.0 and category_concurrency({"CPU": 16.0, "GPU": 2.0}, gpus) == 1
-    assert TrainResources(cpus_per_worker=3.0).sized_for({"CPU": 16.0}, 1).cpus_per_worker == 3.0
+    assert TrainResources(cpus_per_worker=3.0).sized_for({"CPU": 16.0}, 1, 2).cpus_per_worker == 3.0
     with pytest.raises(ValueError, match="one category needs"):
         category_concurrency({"CPU": 2.0}, TrainResources(workers_per_category=3, cpus_per_worker=1.0))
 
@@ -65,12 +69,12 @@ def test_gpus_are_used_by_default_wherever_the_cluster_has_them(capsys):
     assert cli.main(["train", "--data", "d", "--out", "o", "--print-config"]) == 0
     assert "gpus-per-worker: auto" in capsys.readouterr().out  # a config file can say auto too
     # training: auto becomes a GPU per worker on a GPU cluster, and the GPUs bound the categories at once
-    on_gpus = TrainResources().sized_for({"CPU": 16.0, "GPU": 2.0}, categories=8)
+    on_gpus = TrainResources().sized_for({"CPU": 16.0, "GPU": 2.0}, categories=8, threads=2)
     assert on_gpus.gpus == 1.0 and on_gpus.cpus_per_worker == 8.0
     assert category_concurrency({"CPU": 16.0, "GPU": 2.0}, on_gpus) == 2
-    on_cpus = TrainResources().sized_for({"CPU": 16.0}, categories=8)
+    on_cpus = TrainResources().sized_for({"CPU": 16.0}, categories=8, threads=2)
     assert on_cpus.gpus == 0.0 and on_cpus.cpus_per_worker == 2.0
-    assert TrainResources(gpus_per_worker=0.0).sized_for({"CPU": 16.0, "GPU": 2.0}, 1).gpus == 0.0
+    assert TrainResources(gpus_per_worker=0.0).sized_for({"CPU": 16.0, "GPU": 2.0}, 1, 2).gpus == 0.0
 
 
 def test_fractional_gpus_are_refused_when_a_category_trains_data_parallel():

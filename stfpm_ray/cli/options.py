@@ -53,6 +53,13 @@ _CONFIG_FLAGS = (
         "reverse student, 0 (none) for the mirror one)",
     ),
     (
+        "--threads",
+        "threads",
+        int,
+        "intra-op threads of the training arithmetic, part of the recipe: the same seed and threads give the "
+        "same model whatever CPUs the workers reserve",
+    ),
+    (
         "--target-far",
         "target_far",
         float,
@@ -114,8 +121,8 @@ def add_training_options(parser: argparse.ArgumentParser, demo_defaults: dict[st
         "--cpus-per-worker",
         type=float,
         default=None,
-        help="CPUs (and torch threads) per worker (default: the cluster's CPUs shared among the "
-        "workers that train at once)",
+        help="CPUs each worker reserves (default: --threads for CPU training; with GPUs, the cluster's CPUs "
+        "shared among the workers that train at once)",
     )
     parser.add_argument(
         "--gpus-per-worker",

@@ -8,11 +8,12 @@ defect-free validation images, never test labels.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -52,6 +53,13 @@ class TrainConfig:
     the quick-start demo leaves a category with image AUROC 1.000 detecting none of its defects. Missed
     defects usually cost more than a second look at a good part, so 5% is the default and ``--target-far``
     the lever; from about 20 validation images on, the validation maximum binds at 5% anyway.
+    ``threads`` is the number of intra-op threads the training arithmetic runs on, whatever CPUs the worker
+    reserved: oneDNN's convolutions and BatchNorm's batch statistics split their sums by thread count, so the
+    same seed with 1 and 2 threads differs after one step (gradients up to 1.4% apart) and ends in another
+    model (the threshold 1.6% apart after 8 epochs). Fixed in the recipe, a checkpoint follows from seed and
+    recipe alone, not from how many categories shared the node. 2: on the 2-core machines measured one
+    category with 2 threads trains as fast as two categories with 1 each; more pays off only for a single
+    category on a large CPU node (``--threads``; GPU training does its arithmetic on the GPU either way).
     """
 
     backbone: str = OFFLINE_BACKBONE
@@ -75,6 +83,7 @@ class TrainConfig:
     cache_teacher: bool = True
     target_far: float = 0.05
     student: str = DEFAULT_STUDENT
+    threads: int = 2
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(v) for v in self.layers)
@@ -99,6 +108,8 @@ class TrainConfig:
             raise UserError(f"combine must be one of {', '.join(COMBINATIONS)}, got {self.combine!r}")
         if not 0.0 <= self.augment_strength < 1.0:
             raise UserError(f"augment strength must be in [0, 1), got {self.augment_strength}")
+        if self.threads < 1:
+            raise UserError(f"threads must be >= 1, got {self.threads}")
         if not 0.0 < self.target_far < 0.5:
             raise UserError(f"target false-alarm rate must be in (0, 0.5), got {self.target_far}")
 
@@ -317,6 +328,23 @@ def prepare_category(root: str | Path, category: str, config: TrainConfig) -> tu
     return train, val, bad_train + bad_val
 
 
+@contextlib.contextmanager
+def recipe_arithmetic(threads: int, device: torch.device) -> Iterator[None]:
+    """Run the training arithmetic as the recipe says, whatever the process was set to before: ``threads``
+    intra-op threads (TrainConfig) and, on a GPU, cuDNN's deterministic algorithms without autotuning (which
+    picks kernels by timing, so by load). Restored afterwards: a driver that trains in-process keeps its own."""
+    before = torch.get_num_threads()
+    cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+
+
 class FitResult(NamedTuple):
     """A trained category: the best-epoch model (eval mode), its checkpoint metadata, and the fitter."""
 
@@ -349,34 +377,35 @@ def fit_category(
     :func:`resume_state`, from which the epochs continue. Raises :class:`DatasetError` or ``WeightsError``
     before training starts when the data or the teacher cannot be had.
     """
-    seed_everything(config.seed)
-    train, val, problems = prepare_category(root, category, config)
-    teacher = teacher or load_teacher(config.backbone, config.layers, config.weights)
-    for problem in problems:
-        log.warning("skipped unreadable training image %s", problem)
-    model: nn.Module = STFPM(teacher, config.backbone, config.layers, seed=config.seed, student=config.student)
-    model = model.to(device)
-    if wrap_model is not None:
-        model = wrap_model(model)
-    fitter = StudentFitter(model, config, train, val, device=device, rank=rank, world_size=world_size)
-    started_at = time.time()
-    if resume is not None:
-        fitter.load_state_dict(resume["fitter"])
-        started_at = resume["started_at"]
-    fitter.started_at = started_at
-    while fitter.epoch < config.epochs:
-        metrics: dict = {"category": category, **fitter.train_epoch(), **fitter.validate()}
-        # Each worker saw 1/world_size of the epoch in the same time: the group's rate is world_size times.
-        metrics.update(epoch=fitter.epoch, epochs=config.epochs, images_per_s=metrics["images_per_s"] * world_size)
-        if on_epoch:
-            on_epoch(fitter, metrics)
-    fitter.restore_best()
-    fitter.core.map_sigma = float(config.map_sigma)
-    if config.combine == "sum":
-        fitter.core.level_scales = fitter.core.mean_level_distances(val, config.batch_size)
-    scores = validation_scores(fitter.core, val, config.batch_size, device)
-    extra = {"seconds": time.time() - started_at, "skipped_images": problems, **(extra_meta or {})}
-    return FitResult(fitter.core, build_meta(category, config, teacher, fitter, scores, extra), fitter)
+    with recipe_arithmetic(config.threads, torch.device(device)):
+        seed_everything(config.seed)
+        train, val, problems = prepare_category(root, category, config)
+        teacher = teacher or load_teacher(config.backbone, config.layers, config.weights)
+        for problem in problems:
+            log.warning("skipped unreadable training image %s", problem)
+        model: nn.Module = STFPM(teacher, config.backbone, config.layers, seed=config.seed, student=config.student)
+        model = model.to(device)
+        if wrap_model is not None:
+            model = wrap_model(model)
+        fitter = StudentFitter(model, config, train, val, device=device, rank=rank, world_size=world_size)
+        started_at = time.time()
+        if resume is not None:
+            fitter.load_state_dict(resume["fitter"])
+            started_at = resume["started_at"]
+        fitter.started_at = started_at
+        while fitter.epoch < config.epochs:
+            metrics: dict = {"category": category, **fitter.train_epoch(), **fitter.validate()}
+            # Each worker saw 1/world_size of the epoch in the same time: the group's rate is world_size times.
+            metrics.update(epoch=fitter.epoch, epochs=config.epochs, images_per_s=metrics["images_per_s"] * world_size)
+            if on_epoch:
+                on_epoch(fitter, metrics)
+        fitter.restore_best()
+        fitter.core.map_sigma = float(config.map_sigma)
+        if config.combine == "sum":
+            fitter.core.level_scales = fitter.core.mean_level_distances(val, config.batch_size)
+        scores = validation_scores(fitter.core, val, config.batch_size, device)
+        extra = {"seconds": time.time() - started_at, "skipped_images": problems, **(extra_meta or {})}
+        return FitResult(fitter.core, build_meta(category, config, teacher, fitter, scores, extra), fitter)
 
 
 def resume_state(fitter: StudentFitter) -> dict:

@@ -107,20 +107,23 @@ class TrainResources:
         """GPUs per worker once sized (:meth:`sized_for`); 0 before."""
         return self.gpus_per_worker or 0.0
 
-    def sized_for(self, capacity: Mapping[str, float], categories: int) -> TrainResources:
-        """``auto`` GPUs resolved (:func:`gpus_each`); unset CPUs per worker: the cluster's CPUs shared among
+    def sized_for(self, capacity: Mapping[str, float], categories: int, threads: int) -> TrainResources:
+        """``auto`` GPUs resolved (:func:`gpus_each`); unset CPUs per worker: on CPUs, the ``threads`` the
+        recipe trains with (TrainConfig), at most the cluster's CPUs; on GPUs, the cluster's CPUs shared among
         the workers that train at once.
 
-        One category on an N-core node then trains with N threads instead of leaving N-1 cores idle; many
-        categories get a core each, as many at once as the CPUs (or, with GPUs, the GPUs) allow.
+        A CPU worker's arithmetic runs on the recipe's threads whatever it reserves (so that the result does
+        not depend on the cluster), so it reserves as many: fewer would put more threads than cores on a busy
+        node (OpenMP's spinning threads then train 2.8x slower, measured with two categories on 2 cores),
+        more would leave cores idle that another category could use.
         """
         sized = replace(self, gpus_per_worker=gpus_each(self.gpus_per_worker, capacity))
         if sized.cpus_per_worker is not None:
             return sized
         workers, cpus = self.workers_per_category, capacity.get("CPU", 1.0)
-        at_once = cpus // workers
-        if sized.gpus > 0:
-            at_once = min(at_once, capacity.get("GPU", 0.0) // (workers * sized.gpus))
+        if sized.gpus == 0:
+            return replace(sized, cpus_per_worker=float(max(1, min(threads, int(cpus // workers)))))
+        at_once = min(cpus // workers, capacity.get("GPU", 0.0) // (workers * sized.gpus))
         at_once = max(1, min(categories, int(at_once)))
         return replace(sized, cpus_per_worker=float(max(1, int(cpus // (at_once * workers)))))
 

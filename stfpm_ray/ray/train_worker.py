@@ -137,11 +137,11 @@ def _data_parallel(config: TrainConfig, device: torch.device) -> Callable[[torch
 def worker_loop(loop_config: dict[str, Any]) -> str | None:
     """The core fit recipe plus a report hook, resuming from the last reported checkpoint after a restart.
 
-    ``loop_config``: ``root``, ``category``, ``config`` (a TrainConfig) and ``threads``. Returns why the
-    category cannot be trained (bad data or teacher weights), None after training.
+    ``loop_config``: ``root``, ``category`` and ``config`` (a TrainConfig, whose ``threads`` the fit runs on
+    whatever CPUs the worker reserved). Returns why the category cannot be trained (bad data or teacher
+    weights), None after training.
     """
     config: TrainConfig = loop_config["config"]
-    torch.set_num_threads(loop_config["threads"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()

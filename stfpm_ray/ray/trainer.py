@@ -77,7 +77,6 @@ def _drive_category(tune_config: dict[str, Any], job: TrainJob) -> dict[str, Any
             "root": job.root,
             "category": category,
             "config": job.config,
-            "threads": max(1, int(job.resources.cpus_per_worker)),
         },
         torch_config=loopback_torch_config(),
         scaling_config=ray.train.ScalingConfig(
@@ -222,13 +221,14 @@ def train_on_ray(
     """
     init_ray(address)
     capacity = cluster_capacity()
-    job = replace(job, resources=job.resources.sized_for(capacity, len(categories)))
+    job = replace(job, resources=job.resources.sized_for(capacity, len(categories), job.config.threads))
     res = job.resources
     concurrency = category_concurrency(capacity, res)
     progress(
         f"training {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}, "
         f"{min(concurrency, len(categories))} at a time, {res.workers_per_category} worker(s) each with "
-        f"{res.cpus_per_worker:g} CPUs and {res.gpus:g} GPUs ({'GPU' if res.gpus else 'CPU'} training, fp32); "
+        f"{res.cpus_per_worker:g} CPUs and {res.gpus:g} GPUs "
+        f"({'GPU training' if res.gpus else f'CPU training on {job.config.threads} threads'}, fp32); "
         f"run {job.run_id}, Ray Train state in {job.storage_path}"
     )
     tracker = Tracker(job, out_dir, progress, len(categories))
