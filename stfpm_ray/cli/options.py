@@ -15,6 +15,7 @@ from typing import Any
 from stfpm_ray.cli.flags import Deprecated, add_checkpoints, add_config_options
 from stfpm_ray.core.fit import TrainConfig
 from stfpm_ray.core.model import PRECISIONS
+from stfpm_ray.core.runtimes import RUNTIMES
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE
 from stfpm_ray.core.students import RECIPE_FIELDS, STUDENTS
 from stfpm_ray.data.plan import SPLITS
@@ -226,6 +227,14 @@ def add_scoring_options(parser: argparse.ArgumentParser) -> None:
         "bf16 only on GPUs that run it natively), fp32, or bf16 (faster on Ampere or later GPUs and AVX512-BF16/AMX "
         "CPUs; scores then differ slightly from those the thresholds were set on)",
     )
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="torch",
+        help="what runs the networks: torch; onnxruntime (each category's model exported when the run starts, "
+        "checked against PyTorch, fp32 on CPUs; needs pip install 'stfpm-ray[onnx]'); auto (the faster of the two "
+        "on this machine, measured when the run starts). The rows record which one scored them",
+    )
 
 
 def scoring_options(args: argparse.Namespace) -> ScoringOptions:
@@ -236,6 +245,7 @@ def scoring_options(args: argparse.Namespace) -> ScoringOptions:
         cpus_per_actor=args.cpus_per_actor,
         map_size=args.map_size,
         precision=args.precision,
+        runtime=args.runtime,
     )
 
 

@@ -12,12 +12,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
+from stfpm_ray.core.checkpoint import CheckpointMeta
 from stfpm_ray.core.export import INPUT_NAME, require_onnx
+from stfpm_ray.core.model import STFPM
 
 # Largest score or map difference allowed, relative to the threshold: the normalised score may move by 1e-4.
 # Both sides run the same fp32 graph; only operation order and kernels differ (measured: about 1e-6).
 PARITY_TOLERANCE = 1e-4
+# Probe images of a parity check: another batch size than the traced one, so the dynamic batch is exercised.
+_PROBE_BATCH = 3
 
 
 def onnx_session(model: bytes | str, threads: int | None = None) -> Any:
@@ -66,3 +72,31 @@ def parity(
         tolerance=PARITY_TOLERANCE * threshold,
         same_flagged=bool(np.array_equal(torch_scores > threshold, onnx_scores > threshold)),
     )
+
+
+def check_parity(model: STFPM, meta: CheckpointMeta, graph: bytes) -> None:
+    """Run the exported graph on probe images and refuse it unless it scores them as the PyTorch model does."""
+    size = meta.image_size
+    images = torch.randint(
+        0, 256, (_PROBE_BATCH, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    expected = tuple(t.numpy() for t in model.predict(images, "fp32"))
+    check = parity(expected, predict_onnx(onnx_session(graph), images.numpy()), meta.operating_point.threshold)
+    if not check.holds:
+        raise RuntimeError(f"the exported {meta.category} model does not score as PyTorch does: {check}")
+
+
+class OnnxScorer:
+    """A category's exported graph in onnxruntime behind the scoring model's ``predict``, so that
+    :func:`stfpm_ray.core.score.score_batch` runs either runtime unchanged (fp32 only: the graph is fp32)."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, graph: bytes, threads: int) -> None:
+        self.session = onnx_session(graph, threads)
+
+    def predict(self, images: Tensor, precision: str = "fp32") -> tuple[Tensor, Tensor]:
+        if precision != "fp32":
+            raise ValueError(f"an exported graph runs fp32, got {precision!r}")
+        maps, scores = predict_onnx(self.session, images.cpu().numpy())
+        return torch.from_numpy(maps), torch.from_numpy(scores)

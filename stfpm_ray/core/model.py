@@ -74,6 +74,8 @@ class STFPM(nn.Module):
     a kind of :data:`stfpm_ray.core.students.STUDENTS`; loss and map are the same for every kind.
     """
 
+    runtime = "torch"  # what a scores row records as having run the networks (stfpm_ray.core.runtimes)
+
     def __init__(
         self, teacher: Teacher, backbone: str, layers: Sequence[int], seed: int = 0, student: str = DEFAULT_STUDENT
     ) -> None:

@@ -9,7 +9,7 @@ rewritten for inference, one teacher shared between categories).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
@@ -19,6 +19,7 @@ import torch
 
 from stfpm_ray.core.anomaly_map import shrink_maps
 from stfpm_ray.core.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, read_meta
+from stfpm_ray.core.exported import OnnxScorer
 from stfpm_ray.core.inference_graph import optimize_for_inference
 from stfpm_ray.core.model import STFPM, resolve_precision
 from stfpm_ray.core.teacher import Teacher, load_teacher
@@ -50,6 +51,7 @@ class ScoredImage:
     is_anomalous: bool
     anomaly_map: bytes  # 16-bit PNG, see stfpm_ray.store.mapcodec
     map_scale: float
+    runtime: str  # what ran the networks: torch or onnxruntime (stfpm_ray.core.runtimes)
 
 
 def cpu_chunk(device: str, threads: int) -> int | None:
@@ -80,16 +82,26 @@ class ScoringModels:
     loading lazily keeps a process's memory to the categories it meets, sharing keeps one teacher for all.
     ``checkpoints`` maps each category to its folder and the metadata the run validated: a whole run decides
     with the operating points it started with, even if ``calibrate`` adds one while it runs.
+    ``graphs`` gives the categories that run as exported graphs in onnxruntime
+    (:mod:`stfpm_ray.core.runtimes`, checked against PyTorch when the run started): a call that returns the
+    graph's bytes, made on first use, so a process fetches only the graphs of the categories it meets.
     """
 
     def __init__(
-        self, checkpoints: Mapping[str, tuple[str, CheckpointMeta]], device: str | torch.device = "cpu"
+        self,
+        checkpoints: Mapping[str, tuple[str, CheckpointMeta]],
+        device: str | torch.device = "cpu",
+        graphs: Mapping[str, Callable[[], bytes]] | None = None,
+        threads: int = 1,
     ) -> None:
         self.checkpoints, self.device = dict(checkpoints), device
-        self.loaded: dict[str, tuple[STFPM, CheckpointMeta]] = {}
+        self.graphs, self.threads = dict(graphs or {}), threads
+        self.loaded: dict[str, tuple[STFPM | OnnxScorer, CheckpointMeta]] = {}
         self.teachers: dict[tuple, Teacher] = {}
 
-    def __call__(self, category: str) -> tuple[STFPM, CheckpointMeta]:
+    def __call__(self, category: str) -> tuple[STFPM | OnnxScorer, CheckpointMeta]:
+        if category not in self.loaded and category in self.graphs:
+            self.loaded[category] = OnnxScorer(self.graphs[category](), self.threads), self.checkpoints[category][1]
         if category not in self.loaded:
             folder, meta = self.checkpoints[category]
             model, found = load_scoring_model(folder, self.device, self.teachers)
@@ -100,7 +112,7 @@ class ScoringModels:
 
 
 def score_batch(
-    model: STFPM, meta: CheckpointMeta, images: torch.Tensor, settings: ScoreSettings = ScoreSettings()
+    model: STFPM | OnnxScorer, meta: CheckpointMeta, images: torch.Tensor, settings: ScoreSettings = ScoreSettings()
 ) -> list[ScoredImage]:
     """Score uint8 NCHW ``images`` (already on the model's device) with one category's model, deciding
     ``is_anomalous`` with its operating point in force (``auto`` precision: the one it was calibrated in)."""
@@ -114,7 +126,7 @@ def score_batch(
         for score, anomaly_map in zip(scores.float().cpu().tolist(), small.float().cpu().numpy()):
             png, scale = encode_map(anomaly_map)
             normalized = score / threshold if threshold > 0 else float("nan")
-            results.append(ScoredImage(score, normalized, score > threshold, png, scale))
+            results.append(ScoredImage(score, normalized, score > threshold, png, scale, model.runtime))
     return results
 
 

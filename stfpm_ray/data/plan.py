@@ -83,6 +83,11 @@ class Plan:
         return {name: counts.skipped for name, counts in self.counts.items()}
 
     @property
+    def categories(self) -> set[str]:
+        """The categories with images to read (rows already known to fail included)."""
+        return {name for block in self.blocks for name in block["category"].unique().to_pylist()}
+
+    @property
     def paths(self) -> pa.ChunkedArray:
         """Every planned path, once: what the run must write exactly one row for."""
         return pa.chunked_array([chunk for block in self.blocks for chunk in block["path"].chunks], pa.string())

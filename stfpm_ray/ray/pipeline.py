@@ -22,6 +22,7 @@ Defaults, and why:
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import socket
@@ -41,7 +42,9 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from stfpm_ray.core.checkpoint import CheckpointMeta
+from stfpm_ray.core.export import require_onnx
 from stfpm_ray.core.model import describe_precision, resolve_precision
+from stfpm_ray.core.runtimes import RUNTIMES, choose_runtime
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE, ScoreSettings, ScoringModels, cpu_chunk, score_block
 from stfpm_ray.data.plan import Plan, decode_block
 from stfpm_ray.errors import UserError
@@ -61,7 +64,9 @@ class ScoringOptions:
     ``gpus_per_actor`` None is ``auto``: one GPU per actor where the cluster has GPUs, resolved when the run
     starts (:func:`~stfpm_ray.ray.resources.gpus_each`).
     ``precision`` is ``auto`` (each category's calibration precision, bf16 only on GPUs that run it natively),
-    ``fp32`` or ``bf16``.
+    ``fp32`` or ``bf16``. ``runtime`` runs the networks in ``torch``, in ``onnxruntime`` (each category's
+    exported graph, fp32 on CPUs) or, with ``auto``, in whichever of the two the driver measures faster
+    (:mod:`stfpm_ray.core.runtimes`).
     """
 
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -70,12 +75,19 @@ class ScoringOptions:
     cpus_per_actor: float = 1.0
     map_size: int = DEFAULT_MAP_SIZE
     precision: str = "auto"
+    runtime: str = "torch"
 
     def __post_init__(self) -> None:
         gpus = self.gpus_per_actor or 0.0
         if self.batch_size < 1 or self.map_size < 8 or gpus < 0 or self.cpus_per_actor <= 0:
             raise UserError("batch size must be >= 1, map size >= 8, GPUs per actor >= 0 and CPUs per actor > 0")
         resolve_precision(self.precision, "cpu")  # refuses an unknown precision before any work starts
+        if self.runtime not in RUNTIMES:
+            raise UserError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.runtime == "onnxruntime":  # what can be refused before the run starts (the rest: choose_runtime)
+            require_onnx()
+            if self.precision == "bf16" or gpus > 0:
+                raise UserError("--runtime onnxruntime runs fp32 on CPUs: drop --precision bf16 and --gpus-per-actor")
 
     @property
     def device(self) -> str:
@@ -97,11 +109,13 @@ class Scorer:
         options: ScoringOptions,
         table: ScoresTable,
         run_id: str,
+        graphs: dict[str, ray.ObjectRef],
     ) -> None:
         torch.set_num_threads(options.threads)
         if options.device == "cuda":
             torch.backends.cudnn.benchmark = True  # one input size per category: pick the fastest kernels once
-        self.models = ScoringModels(checkpoints, options.device)
+        fetch = {category: functools.partial(ray.get, ref) for category, ref in graphs.items()}
+        self.models = ScoringModels(checkpoints, options.device, fetch, options.threads)
         self.settings = ScoreSettings(
             map_size=options.map_size, precision=options.precision, chunk=cpu_chunk(options.device, options.threads)
         )
@@ -115,6 +129,7 @@ class Scorer:
             "pid": os.getpid(),
             "device": options.device,
             "precision": ",".join(sorted(precisions)),
+            "runtime": "onnxruntime" if graphs else "torch",
             "started_at": datetime.now(timezone.utc).isoformat(),
             "batches": 0,
             "rows": 0,
@@ -210,11 +225,19 @@ def score_plan(
     pool = actor_pool_size(options.actors, options.gpus_per_actor, options.cpus_per_actor, capacity)
     each = f"{options.gpus_per_actor:g} GPUs" if options.device == "cuda" else f"{options.cpus_per_actor:g} CPUs"
     calibrated = (meta.operating_point.precision for _, meta in checkpoints.values())
+    # the categories this run meets: a nightly run with new images of two categories exports two graphs
+    meets = {name: checkpoints[name] for name in sorted(planned.categories & set(checkpoints))}
+    precisions = {
+        name: resolve_precision(options.precision, options.device, meta.operating_point.precision)
+        for name, (_, meta) in meets.items()
+    }
+    runtime = choose_runtime(options.runtime, options.device, precisions, meets, options.threads)
     progress(
         f"run {run_id}: {pool[0]}-{pool[1]} scoring actors on {options.device.upper()} ({each} each), "
-        f"{describe_precision(options.precision, calibrated)}, batch size {options.batch_size}, "
-        f"maps {options.map_size} px"
+        f"{describe_precision(options.precision, calibrated)}, runtime {runtime.runtime} ({runtime.reason}), "
+        f"batch size {options.batch_size}, maps {options.map_size} px"
     )
+    graphs = {name: ray.put(graph) for name, graph in runtime.graphs.items()}
     sink = ScoresSink(table, run_id)
     with _watch(table, run_id, planned.images, progress):
         decode_stage(planned, sources).map_batches(
@@ -224,7 +247,13 @@ def score_plan(
             compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]),
             num_cpus=options.cpus_per_actor,
             num_gpus=options.gpus_per_actor or None,
-            fn_constructor_kwargs={"checkpoints": checkpoints, "options": options, "table": table, "run_id": run_id},
+            fn_constructor_kwargs={
+                "checkpoints": checkpoints,
+                "options": options,
+                "table": table,
+                "run_id": run_id,
+                "graphs": graphs,
+            },
             udf_modifying_row_count=False,
         ).write_datasink(sink)
     return sink.files

@@ -27,7 +27,15 @@ from deltalake import DeltaTable
 from stfpm_ray.errors import TableError
 from stfpm_ray.store.fs import list_dir
 from stfpm_ray.store.lease import STATE
-from stfpm_ray.store.scores import ERRORS_SUFFIX, LOG, ROWS_PER_FILE, SCHEMA, ScoresTable, write_data_files
+from stfpm_ray.store.scores import (
+    ERRORS_SUFFIX,
+    LOG,
+    ROWS_PER_FILE,
+    ScoresTable,
+    conform,
+    is_scores_schema,
+    write_data_files,
+)
 
 # The commit metadata keys of a repair and a compaction (foreign commits for readers of run manifests).
 REPAIR_KEY = "stfpm_ray.repair"
@@ -94,7 +102,7 @@ def check(table: ScoresTable) -> Health:
         except (OSError, pa.ArrowException) as exc:
             health.unreadable[name] = str(exc).splitlines()[0]
             continue
-        if not metadata.schema.to_arrow_schema().remove_metadata().equals(SCHEMA):
+        if not is_scores_schema(metadata.schema.to_arrow_schema()):
             health.unreadable[name] = "its columns are not those of a scores table"
         health.rows += metadata.num_rows
     return health
@@ -172,7 +180,7 @@ def compact(table: ScoresTable, run_id: str) -> tuple[int, int]:
     written = []
     for i, names in enumerate(bins):
         merged = pa.concat_tables(
-            pq.read_table(table.location.join(name).path, filesystem=table.location.filesystem).cast(SCHEMA)
+            conform(pq.read_table(table.location.join(name).path, filesystem=table.location.filesystem))
             for name in names
         )
         written += write_data_files(merged, table.location, f"{run_id}-{i:05d}")

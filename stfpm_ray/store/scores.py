@@ -70,6 +70,7 @@ RESULT_FIELDS = _fields(
     is_anomalous=pa.bool_(),
     anomaly_map=pa.binary(),
     map_scale=pa.float32(),
+    runtime=pa.string(),
 )
 RUN_FIELDS = _fields(run_id=pa.string(), scored_at=pa.timestamp("us", tz="UTC"), status=pa.string(), error=pa.string())
 _ORDER = [
@@ -84,6 +85,7 @@ _ORDER = [
     "anomaly_map",
     "map_scale",
     "model_id",
+    "runtime",
     "run_id",
     "scored_at",
     "status",
@@ -92,6 +94,9 @@ _ORDER = [
 # One row per (input image, model); evaluate and users read exactly these columns, in this order.
 SCHEMA = pa.schema(sorted(SAMPLE_FIELDS + RESULT_FIELDS + RUN_FIELDS, key=lambda f: _ORDER.index(f.name)))
 INDEX_COLUMNS = ["path", "category", "status", "model_id"]
+# Columns added after the first tables were written, newest last: older data files lack them (read as null)
+# and an older table gains them with the first commit of a run that writes them (ScoresTable.change).
+ADDED_COLUMNS = ("runtime",)
 # The commit metadata key that holds a run's manifest (see ScoresTable.history).
 MANIFEST_KEY = "stfpm_ray.manifest"
 RUNS = f"{STATE}/runs"
@@ -157,6 +162,21 @@ class DataFile:
             data_change=data_change,
             stats=self.stats,
         )
+
+
+def conform(rows: pa.Table) -> pa.Table:
+    """Rows of a data file of any version in today's ``SCHEMA``: columns added since it was written are null."""
+    for name in ADDED_COLUMNS:
+        if name not in rows.column_names:
+            rows = rows.append_column(SCHEMA.field(name), pa.nulls(rows.num_rows, SCHEMA.field(name).type))
+    return rows.select(SCHEMA.names).cast(SCHEMA)
+
+
+def is_scores_schema(schema: pa.Schema) -> bool:
+    """Whether a data file's columns are a scores table's, of today or of a version before ``ADDED_COLUMNS``."""
+    names = set(schema.names)
+    expected = pa.schema([field for field in SCHEMA if field.name in names])
+    return set(SCHEMA.names) - names <= set(ADDED_COLUMNS) and schema.remove_metadata().equals(expected)
 
 
 def write_data_files(table: pa.Table, root: Location, stem: str) -> list[DataFile]:
@@ -344,7 +364,7 @@ class ScoresTable:
         removed, rests = [], []
         wanted = pc.unique(paths)
         for path in errors:
-            rows = pq.read_table(path, filesystem=self.location.filesystem)
+            rows = conform(pq.read_table(path, filesystem=self.location.filesystem))
             retried = pc.is_in(rows["path"], value_set=wanted)
             if not merge and not pc.any(retried).as_py():
                 continue
@@ -464,6 +484,11 @@ class ScoresTable:
         ``data_change`` false marks removals that drop no row (a compaction)."""
         now = int(time.time() * 1000)
         removes = [RemoveAction(path=name, data_change=data_change, deletion_timestamp=now) for name in removed]
+        delta = self.delta()
+        have = {column.name for column in delta.schema().fields}
+        if added := [field for field in SCHEMA if field.name not in have]:
+            # a table from before ADDED_COLUMNS: declare them first, or the log would drop them from these files
+            delta.alter.add_columns(Schema.from_arrow(pa.schema(added)).fields)
         self.delta().create_write_transaction(
             [*adds, *removes], mode=mode, schema=SCHEMA, commit_properties=CommitProperties(custom_metadata=metadata)
         )

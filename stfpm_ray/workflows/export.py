@@ -21,19 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from stfpm_ray.core.checkpoint import CheckpointMeta, discover_checkpoints
 from stfpm_ray.core.export import export_onnx, export_record, require_onnx
-from stfpm_ray.core.exported import onnx_session, parity, predict_onnx
-from stfpm_ray.core.model import STFPM
+from stfpm_ray.core.exported import check_parity
 from stfpm_ray.core.score import ScoringModels
 from stfpm_ray.errors import OutputExistsError, UserError
 from stfpm_ray.progress import Progress, log_progress
 from stfpm_ray.store.fs import is_file, resolve, write_bytes_atomic, write_text_atomic
 
 FORMATS = ("onnx",)
-_PROBE_BATCH = 3
 
 
 def export_models(
@@ -58,7 +54,7 @@ def export_models(
     for name in sorted(selected):
         model, meta = models(name)
         graph = export_onnx(model, meta.image_size)
-        _check_parity(model, meta, graph)
+        check_parity(model, meta, graph)
         write_bytes_atomic(target.join(f"{name}.onnx"), graph)
         records[name] = export_record(selected[name][0], meta, f"{name}.onnx")
         write_text_atomic(target.join(f"{name}.json"), json.dumps(records[name], indent=2, allow_nan=False) + "\n")
@@ -79,15 +75,3 @@ def _selected(checkpoints: str | Path, categories: Sequence[str] | None) -> dict
         have = ", ".join(sorted(found)) or "none"
         raise UserError(f"no checkpoint for {', '.join(map(repr, absent))} under {checkpoints} (have: {have})")
     return {name: found[name] for name in names}
-
-
-def _check_parity(model: STFPM, meta: CheckpointMeta, graph: bytes) -> None:
-    """Run the exported graph on probe images and refuse it unless it scores them as the PyTorch model does."""
-    size = meta.image_size
-    images = torch.randint(
-        0, 256, (_PROBE_BATCH, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
-    )
-    expected = tuple(t.numpy() for t in model.predict(images, "fp32"))
-    check = parity(expected, predict_onnx(onnx_session(graph), images.numpy()), meta.operating_point.threshold)
-    if not check.holds:
-        raise RuntimeError(f"the exported {meta.category} model does not score as PyTorch does: {check}")

@@ -1,0 +1,154 @@
+"""`--runtime` (stfpm_ray.core.runtimes): scoring with each category's exported graph in onnxruntime flags what
+PyTorch flags and the rows say which runtime scored them; `auto` measures; what cannot run as asked is refused
+in one line; tables written before the `runtime` column gain it and keep reading, checking and compacting."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import need, quiet, read_scores
+from deltalake import DeltaTable
+
+from stfpm_ray import cli
+from stfpm_ray.core import runtimes
+from stfpm_ray.core.checkpoint import discover_checkpoints
+from stfpm_ray.errors import UserError
+from stfpm_ray.ray.pipeline import ScoringOptions
+from stfpm_ray.store.scores import ADDED_COLUMNS, SCHEMA
+from stfpm_ray.workflows.score import score_images
+from stfpm_ray.workflows.table import check_table, compact_table
+
+ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
+
+
+@pytest.fixture(scope="module")
+def both_runtimes(ray_session, trained, synth_root, tmp_path_factory):
+    """The test images of the trained categories scored once with each runtime: {runtime: rows by path}."""
+    need(ONNX, "needs stfpm-ray[onnx]")
+    data = tmp_path_factory.mktemp("data")
+    for name in trained[1][:2]:
+        shutil.copytree(synth_root / name / "test", data / name / "test")
+    frames = {}
+    for runtime in ("torch", "onnxruntime"):
+        out = tmp_path_factory.mktemp(runtime) / "scores"
+        score_images(trained[0], str(data), out, ScoringOptions(batch_size=8, runtime=runtime), progress=quiet)
+        frames[runtime] = read_scores(out).set_index("path").sort_index()
+    return frames
+
+
+def test_onnxruntime_flags_the_images_pytorch_flags_and_the_rows_say_which_scored(both_runtimes, trained):
+    torch_rows, onnx_rows = both_runtimes["torch"], both_runtimes["onnxruntime"]
+    assert list(torch_rows.index) == list(onnx_rows.index) and len(torch_rows) >= 20
+    assert set(torch_rows.runtime) == {"torch"} and set(onnx_rows.runtime) == {"onnxruntime"}
+    assert (torch_rows.is_anomalous == onnx_rows.is_anomalous).all()
+    thresholds = {name: meta.threshold for name, (_, meta) in discover_checkpoints(trained[0])[0].items()}
+    tolerance = np.array([1e-4 * thresholds[c] for c in torch_rows.category])
+    assert (np.abs(torch_rows.score.to_numpy() - onnx_rows.score.to_numpy()) <= tolerance).all()
+
+
+def test_auto_measures_and_keeps_the_faster(trained, monkeypatch):
+    need(ONNX, "needs stfpm-ray[onnx]")
+    found = dict(list(discover_checkpoints(trained[0])[0].items())[:1])
+    fp32 = dict.fromkeys(found, "fp32")
+    for rates, expected in (((10.0, 25.0), "onnxruntime"), ((25.0, 10.0), "torch")):
+        monkeypatch.setattr(runtimes, "measure_rates", lambda *args, rates=rates: rates)
+        choice = runtimes.choose_runtime("auto", "cpu", fp32, found, threads=1)
+        assert choice.runtime == expected and "measured" in choice.reason, choice
+        assert bool(choice.graphs) == (expected == "onnxruntime")
+    monkeypatch.undo()
+    torch_rate, onnx_rate = runtimes.measure_rates(*_model_and_graph(found), threads=1)
+    assert torch_rate > 0 and onnx_rate > 0
+
+
+def _model_and_graph(found: dict) -> tuple:
+    from stfpm_ray.core.export import export_onnx
+    from stfpm_ray.core.score import ScoringModels
+
+    model, meta = ScoringModels(found)(next(iter(found)))
+    return model, export_onnx(model, meta.image_size), meta.image_size
+
+
+def test_what_onnxruntime_cannot_run_is_torch_under_auto_and_refused_when_asked(trained, monkeypatch):
+    found = dict(list(discover_checkpoints(trained[0])[0].items())[:1])
+    name = next(iter(found))
+    for device, precision, why in (("cuda", "fp32", "GPUs"), ("cpu", "bf16", "bf16")):
+        choice = runtimes.choose_runtime("auto", device, {name: precision}, found, threads=1)
+        assert choice.runtime == "torch" and why in choice.reason and not choice.graphs
+        with pytest.raises(UserError, match=f"--runtime onnxruntime runs fp32 on CPUs, but .*{why}"):
+            runtimes.choose_runtime("onnxruntime", device, {name: precision}, found, threads=1)
+    assert runtimes.choose_runtime("torch", "cpu", {name: "fp32"}, found, 1).runtime == "torch"
+    monkeypatch.setattr(runtimes.importlib.util, "find_spec", lambda module: None)
+    choice = runtimes.choose_runtime("auto", "cpu", {name: "fp32"}, found, threads=1)
+    assert choice.runtime == "torch" and "stfpm-ray[onnx]" in choice.reason
+    with pytest.raises(UserError, match="--runtime must be one of"):
+        ScoringOptions(runtime="tensorrt")
+
+
+def test_what_cannot_run_is_one_line_before_anything_runs(trained, synth_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "scores"
+    argv = ["score", "--checkpoints", str(trained[0]), "--input", str(synth_root / trained[1][0]), "--out", str(out)]
+    for flags in (["--precision", "bf16"], ["--gpus-per-actor", "1"]):
+        assert cli.main([*argv, "--runtime", "onnxruntime", *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "runs fp32 on CPUs" in err[0], err
+    monkeypatch.setattr("stfpm_ray.core.export.importlib.util.find_spec", lambda module: None)
+    assert cli.main([*argv, "--runtime", "onnxruntime"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'stfpm-ray[onnx]'" in err[0], err
+    assert not out.exists()
+
+
+def test_a_table_from_before_the_runtime_column_gains_it_and_stays_whole(ray_session, trained, synth_root, tmp_path):
+    """A table written by a version without ``runtime`` (rebuilt here by dropping the column from a fresh one):
+    the next run's commit declares the column, the old rows read as null, `table check` finds it healthy and a
+    compaction merges old and new files."""
+    data = tmp_path / "data"
+    name = trained[1][0]
+    shutil.copytree(synth_root / name / "test", data / name / "test")
+    out = tmp_path / "scores"
+    score_images(trained[0], str(data), out, ScoringOptions(batch_size=8), progress=quiet)
+    _drop_added_columns(out)
+    assert {f.name for f in DeltaTable(str(out)).schema().fields}.isdisjoint(ADDED_COLUMNS)
+    old_rows = len(read_scores(out))
+    good = data / name / "test" / "good"
+    (good / "again.png").write_bytes(next(good.glob("*.png")).read_bytes())
+    score_images(trained[0], str(data), out, ScoringOptions(batch_size=8), incremental=True, progress=quiet)
+    frame = read_scores(out)
+    assert len(frame) == old_rows + 1
+    assert frame.runtime.isna().sum() == old_rows and set(frame.runtime.dropna()) == {"torch"}
+    assert check_table(str(out), progress=quiet).healthy
+    merged, _ = compact_table(str(out), progress=quiet)
+    frame = read_scores(out)
+    assert merged >= 2 and len(frame) == old_rows + 1 and frame.runtime.isna().sum() == old_rows
+
+
+def _drop_added_columns(out: Path) -> None:
+    """Rewrite a table as a version before ``ADDED_COLUMNS`` wrote it: data files and log schema without them."""
+    for path in out.glob("*.parquet"):
+        rows = pq.read_table(path)
+        pq.write_table(rows.drop_columns(list(ADDED_COLUMNS)), path)
+    old = pa.schema([field for field in SCHEMA if field.name not in ADDED_COLUMNS])
+    for entry in sorted((out / "_delta_log").glob("*.json")):
+        lines = []
+        for line in entry.read_text().splitlines():
+            action = json.loads(line)
+            if "metaData" in action:
+                schema = json.loads(action["metaData"]["schemaString"])
+                schema["fields"] = [f for f in schema["fields"] if f["name"] in old.names]
+                action["metaData"]["schemaString"] = json.dumps(schema)
+            if "add" in action:
+                action["add"]["size"] = (out / action["add"]["path"]).stat().st_size
+                stats = json.loads(action["add"].get("stats") or "{}")
+                for key in ("minValues", "maxValues", "nullCount"):
+                    for column in ADDED_COLUMNS:
+                        stats.get(key, {}).pop(column, None)
+                action["add"]["stats"] = json.dumps(stats)
+            lines.append(json.dumps(action))
+        entry.write_text("\n".join(lines) + "\n")
