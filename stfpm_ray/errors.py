@@ -27,9 +27,14 @@ class OutputExistsError(StfpmError, FileExistsError):
     """An output folder this run may not write into."""
 
 
-class TableError(StfpmError, OSError):
-    """A scores table that is damaged or out of reach (a data file gone, an unreadable log entry, no
-    permission): not a bug, and not fixed by changing the command line, so it has an exit status of its own;
-    the message names the table, what is wrong and the ``stfpm-ray table`` command that mends it."""
+class StorageError(StfpmError, OSError):
+    """Storage that is damaged or out of reach (an object store that does not answer or refuses the
+    credentials, a scores table with a file gone): not a bug, and not fixed by changing the command line, so it
+    has an exit status of its own; the message names the location, what is wrong and what to do."""
 
     exit_code = 5
+
+
+class TableError(StorageError):
+    """A scores table that is damaged or out of reach (a data file gone, an unreadable log entry, no
+    permission); the message names the ``stfpm-ray table`` command that mends it."""

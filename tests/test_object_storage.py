@@ -100,3 +100,32 @@ def test_train_reads_an_mvtec_root_on_s3(s3_env, synth_root, tmp_path, monkeypat
     assert meta.training["train_images"] + meta.training["val_images"] == len(remote)
     assert meta.training["skipped_images"] == []
     assert json.loads((out / "_run.json").read_text())["identity"]["root"] == root
+
+
+def test_a_store_that_does_not_answer_is_one_line_and_exit_5(trained, synth_root, tmp_path):
+    """An endpoint nothing listens on (a wrong AWS_ENDPOINT_URL, a store down): for the output and for the
+    input, one line naming the location and what to check, exit status 5, no traceback, nothing written."""
+    import socket
+
+    with socket.socket() as probe:  # a loopback port that was free a moment ago: nothing answers there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    images = synth_root / trained[1][0] / "test"
+    score = [sys.executable, "-m", "stfpm_ray.cli", "score", "--checkpoints", str(trained[0])]
+    for where, argv in (
+        ("s3://nowhere/scores", [*score, "--input", str(images), "--out", "s3://nowhere/scores"]),
+        ("s3://nowhere/archive", [*score, "--input", "s3://nowhere/archive", "--out", str(tmp_path / "out")]),
+    ):
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 5 and len(lines) == 1, done.stderr
+        assert lines[0].startswith(f"stfpm-ray score: error: cannot reach {where}") and "credentials" in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -104,3 +105,43 @@ def test_clear_errors_for_unusable_sources(tmp_path):
         load_teacher("resnet18", (1, 2, 3), f"file:{wrong}")
     with pytest.raises(ValueError, match="unknown timm backbone"):
         load_teacher("no_such_net", (1, 2, 3), "hub")
+
+
+@pytest.mark.parametrize(
+    "backbone, student",
+    [("wide_resnet50_2", "reverse"), ("resnet18", "mirror")],  # reverse distillation's teacher; the STFPM paper's
+)
+def test_online_teachers_train_and_score_end_to_end(synth_root, tmp_path, monkeypatch, backbone, student):
+    """``--backbone wide_resnet50_2 --weights hub`` with the reverse student and the paper's ``resnet18`` with
+    the mirror one: fit, checkpoint, reload as the actors do and score. The download is the one step this
+    offline machine cannot take: seeded random weights stand in for it (the same each time it is "fetched",
+    as the hub's are), so the test covers every other step of an online user's run."""
+    from stfpm_ray.core.checkpoint import save_checkpoint
+    from stfpm_ray.core.fit import TrainConfig, fit_category
+    from stfpm_ray.core.score import load_scoring_model, score_batch
+    from stfpm_ray.data.mvtec import discover_categories, test_samples
+
+    original = teacher_module.create_features
+    fetched = []
+
+    def offline_hub(name: str, layers: tuple[int, ...], pretrained: bool = False) -> torch.nn.Module:
+        if not pretrained:
+            return original(name, layers)
+        fetched.append(name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return original(name, layers)
+
+    monkeypatch.setattr(teacher_module, "create_features", offline_hub)
+    category = discover_categories(synth_root)[0]
+    config = TrainConfig(backbone=backbone, weights="hub", student=student, image_size=64, epochs=1, batch_size=8)
+    model, meta, _ = fit_category(synth_root, category, config)
+    assert (meta.backbone, meta.teacher_source, meta.student) == (backbone, "hub", student) and fetched == [backbone]
+    folder = tmp_path / category
+    save_checkpoint(folder, model.student, meta)
+    scorer, loaded = load_scoring_model(str(folder))
+    assert loaded.model_id == meta.model_id and fetched == [backbone, backbone]
+    samples = test_samples(synth_root, category)[:6]
+    images = torch.from_numpy(np.stack([load_image(s.path, 64) for s in samples])).permute(0, 3, 1, 2)
+    scored = score_batch(scorer, loaded, images)
+    assert len(scored) == 6 and all(np.isfinite(row.score) and row.score > 0 for row in scored)

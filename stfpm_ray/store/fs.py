@@ -23,9 +23,11 @@ from pathlib import PurePath
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from stfpm_ray.errors import InputNotFoundError, UserError
+from stfpm_ray.errors import InputNotFoundError, StorageError, UserError
 
 _MOUNTS: dict[str, pafs.FileSystem] = {}
+# The object-store buckets this process has reached once (scheme://bucket): each is probed on first use only.
+_REACHED: set[str] = set()
 
 
 def is_uri(location: str) -> bool:
@@ -72,7 +74,29 @@ def resolve(location: str | os.PathLike[str]) -> Location:
         raise UserError(f"cannot open {text}: {exc}") from None
     if isinstance(filesystem, pafs.LocalFileSystem):
         return Location(filesystem, path)
-    return Location(filesystem, path.rstrip("/"), f"{scheme}://")
+    location = Location(filesystem, path.rstrip("/"), f"{scheme}://")
+    _probe(location)
+    return location
+
+
+def _probe(location: Location) -> None:
+    """Refuse an object store that does not answer or refuses the credentials in one line, once per bucket.
+
+    pyarrow reports it from whichever call meets it first (a lease, a listing, a write task) as an OSError with
+    the SDK's text; asking once here, before any work, gives one message with what to check instead.
+    """
+    bucket = location.prefix + location.path.split("/", 1)[0]
+    if bucket in _REACHED:
+        return
+    try:
+        location.filesystem.get_file_info(location.path)
+    except OSError as exc:
+        reason = str(exc).splitlines()[0]
+        raise StorageError(
+            f"cannot reach {location.name}: {reason}. Check the endpoint and the credentials (README: Object "
+            "storage lists the environment variables)"
+        ) from None
+    _REACHED.add(bucket)
 
 
 def file_type(location: str | os.PathLike[str] | Location) -> pafs.FileType:

@@ -1,5 +1,6 @@
-"""A local ``train`` stays on loopback: no process of the local Ray instance, Train workers and their
-torch.distributed rendezvous included, listens on any address but 127.0.0.1 / ::1 while it trains."""
+"""Local runs stay on loopback: no process of the local Ray instance, Train workers and their torch.distributed
+rendezvous or scoring actors included, listens on any address but 127.0.0.1 / ::1 while ``train`` trains or
+``score`` and ``nightly`` score."""
 
 from __future__ import annotations
 
@@ -36,10 +37,8 @@ def _listeners() -> dict[tuple[str, int], str]:
     return found
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_local_train_listens_on_loopback_only(ray_session, synth_root, tmp_path, workers):
-    argv = ["train", "--data", str(synth_root), "--categories", "grain", "--out", str(tmp_path / "ckpt"), *TINY]
-    argv += ["--workers-per-category", str(workers), "--cpus-per-worker", "1"]
+def _listened_while(argv: list[str]) -> tuple[int, dict[tuple[str, int], str]]:
+    """Run the CLI in a thread and sample the listeners until it ends: (exit status, every listener seen)."""
     seen: dict[tuple[str, int], str] = {}
     result: dict = {}
     run = threading.Thread(target=lambda: result.update(status=cli.main(argv)))
@@ -48,6 +47,23 @@ def test_a_local_train_listens_on_loopback_only(ray_session, synth_root, tmp_pat
         seen.update(_listeners())
         time.sleep(0.1)
     run.join()
-    assert result["status"] == 0
+    return result["status"], seen
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_local_train_listens_on_loopback_only(ray_session, synth_root, tmp_path, workers):
+    argv = ["train", "--data", str(synth_root), "--categories", "grain", "--out", str(tmp_path / "ckpt"), *TINY]
+    status, seen = _listened_while([*argv, "--workers-per-category", str(workers), "--cpus-per-worker", "1"])
+    assert status == 0
     assert any("RayTrainWorker" in name for name in seen.values()), seen  # sampled while the workers listened
+    assert {address: name for address, name in seen.items() if not _loopback(address[0])} == {}
+
+
+@pytest.mark.parametrize("verb", ["score", "nightly"])
+def test_local_scoring_listens_on_loopback_only(ray_session, trained, synth_root, tmp_path, verb):
+    category = trained[1][0]
+    argv = [verb, "--checkpoints", str(trained[0]), "--input", str(synth_root / category / "test")]
+    status, seen = _listened_while([*argv, "--category", category, "--out", str(tmp_path / "scores")])
+    assert status in (0, 4)  # 4: the 2-epoch model's operating point may not hold on these images
+    assert any("Scorer" in name or "ray::" in name for name in seen.values()), seen
     assert {address: name for address, name in seen.items() if not _loopback(address[0])} == {}
