@@ -4,7 +4,9 @@ For every category and variant: image AUROC, pixel AUROC (maps and masks at the 
 best-validation epoch, training seconds and images/s, and scoring images/s (networks rewritten for inference,
 the core's ``score_batch`` path). Model selection and threshold use only held-out good training images;
 test labels are read only here, to report. A variant is ``NAME:field=value,...`` over the defaults of
-``TrainConfig`` (``old:augment=none`` is the recipe before photometric augmentation).
+``TrainConfig`` (``old:augment=none`` is the recipe before photometric augmentation). With ``--seeds 0,1,2``
+every (category, variant) is fitted once per seed and a last table gives the mean and the spread (max - min)
+over the seeds, and the seconds per epoch each variant costs.
 
     python benchmarks/ablation.py --data ../shared/data/mvtec --categories screw,bottle --epochs 20 \\
         --variant old:augment=none --variant new:
@@ -31,7 +33,18 @@ from stfpm_ray.evaluate.metrics import PixelMetrics, image_auroc
 from stfpm_ray.progress import fixed_width_table
 from stfpm_ray.workflows.benchmark import DEMO_DATA, DEMO_TRAINING
 
-COLUMNS = ("category", "variant", "image AUROC", "pixel AUROC", "best epoch", "train s", "train img/s", "score img/s")
+COLUMNS = (
+    "category",
+    "variant",
+    "seed",
+    "image AUROC",
+    "pixel AUROC",
+    "best epoch",
+    "train s",
+    "train img/s",
+    "score img/s",
+)
+SUMMARY = ("category", "variant", "seeds", "image AUROC mean", "spread", "pixel AUROC mean", "spread", "s/epoch")
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -63,30 +76,58 @@ def test_quality(model, root: str, category: str, size: int) -> tuple[float, flo
     return image_auroc(labels, torch.cat(scores).numpy()), pixels.pixel_auroc(), rate
 
 
-def run(root: str, categories: list[str], variants: list[tuple[str, dict]], base: dict) -> list[tuple]:
+def run(
+    root: str, categories: list[str], variants: list[tuple[str, dict]], base: dict, seeds: list[int]
+) -> list[tuple]:
     rows = []
     for category in categories:
         for name, overrides in variants:
-            config = TrainConfig(**{**base, **overrides})
-            started = time.perf_counter()
-            model, meta, fitter = fit_category(root, category, config)
-            seconds = time.perf_counter() - started
-            image, pixel, score_rate = test_quality(model, root, category, config.image_size)
-            train_rate = config.epochs * len(fitter.train_images) / seconds
-            rows.append(
-                (
-                    category,
-                    name,
-                    f"{image:.3f}",
-                    f"{pixel:.3f}",
-                    meta.training["best_epoch"],
-                    f"{seconds:.0f}",
-                    f"{train_rate:.1f}",
-                    f"{score_rate:.1f}",
+            for seed in seeds:
+                config = TrainConfig(**{**base, **overrides, "seed": seed})
+                started = time.perf_counter()
+                model, meta, fitter = fit_category(root, category, config)
+                seconds = time.perf_counter() - started
+                image, pixel, score_rate = test_quality(model, root, category, config.image_size)
+                train_rate = config.epochs * len(fitter.train_images) / seconds
+                rows.append(
+                    (
+                        category,
+                        name,
+                        seed,
+                        f"{image:.3f}",
+                        f"{pixel:.3f}",
+                        meta.training["best_epoch"],
+                        f"{seconds:.1f}",
+                        f"{train_rate:.1f}",
+                        f"{score_rate:.1f}",
+                    )
                 )
-            )
-            print(fixed_width_table(COLUMNS, rows[-1:]), flush=True)
+                print(fixed_width_table(COLUMNS, rows[-1:]), flush=True)
     return rows
+
+
+def summary(rows: list[tuple], epochs: dict[str, int]) -> list[tuple]:
+    """Per (category, variant): seeds, mean and spread (max - min) of both AUROCs, seconds per epoch."""
+    groups: dict[tuple[str, str], list[tuple]] = {}
+    for row in rows:
+        groups.setdefault((row[0], row[1]), []).append(row)
+    table = []
+    for (category, name), runs in groups.items():
+        image, pixel = (np.array([float(r[i]) for r in runs]) for i in (3, 4))
+        per_epoch = np.mean([float(r[6]) for r in runs]) / epochs[name]
+        table.append(
+            (
+                category,
+                name,
+                len(runs),
+                f"{image.mean():.3f}",
+                f"{np.ptp(image):.3f}",
+                f"{pixel.mean():.3f}",
+                f"{np.ptp(pixel):.3f}",
+                f"{per_epoch:.2f}",
+            )
+        )
+    return table
 
 
 def main() -> None:
@@ -97,6 +138,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="epochs (default: TrainConfig's, or the demo's without --data)")
     parser.add_argument("--image-size", type=int, help="model input side (default as --epochs)")
     parser.add_argument("--threads", type=int, default=TrainConfig().threads, help="training and scoring threads")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, each variant fitted once per seed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = {"weights": "auto", "threads": args.threads} if args.data else {**DEMO_TRAINING, "threads": args.threads}
@@ -106,10 +148,13 @@ def main() -> None:
         if not args.data:
             generate_dataset(root, **DEMO_DATA)
         variants = [parse_variant(v) for v in args.variant]
-        rows = run(root, resolve_categories(root, args.categories), variants, base)
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+        rows = run(root, resolve_categories(root, args.categories), variants, base, seeds)
     print("\nvariants: " + "; ".join(f"{name}: {overrides or 'defaults'}" for name, overrides in variants))
     print(f"base: {base}")
     print(fixed_width_table(COLUMNS, rows, rule=True))
+    epochs = {name: TrainConfig(**{**base, **overrides}).epochs for name, overrides in variants}
+    print(fixed_width_table(SUMMARY, summary(rows, epochs), rule=True))
 
 
 if __name__ == "__main__":
