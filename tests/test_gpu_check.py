@@ -23,7 +23,7 @@ STEPS = [
     ("forward-only ceiling, bf16", r"[\d.]+ images/s"),
     ("actor scoring path, batch 16", r"[\d.]+ images/s"),
     ("--runtime auto, CPU actors", r"torch|onnxruntime"),
-    ("CPU forward, torch vs onnxruntime", r"[\d.]+ vs [\d.]+ images/s \([\d.]+x\)"),
+    ("CPU forward by runtime", r"torch [\d.]+, (onnxruntime|openvino) [\d.]+, (onnxruntime|openvino) [\d.]+ images/s"),
     ("core end to end", r"[\d.]+ images/s"),
     ("Ray pipeline", r"[\d.]+ images/s"),
     ("stfpm-ray benchmark", r"exit status 0, \d+ s"),

@@ -1,10 +1,10 @@
-"""`--runtime` (stfpm_ray.core.runtimes): scoring with each category's exported graph in onnxruntime flags what
-PyTorch flags and the rows say which runtime scored them; `auto` measures; what cannot run as asked is refused
-in one line; tables written before the `runtime` column gain it and keep reading, checking and compacting."""
+"""`--runtime` (stfpm_ray.core.runtimes): scoring with each category's exported graph in onnxruntime or OpenVINO
+flags what PyTorch flags and the rows say which runtime scored them; `auto` measures; what cannot run as asked
+is refused in one line; tables written before the `runtime` column gain it and keep reading, checking and
+compacting."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -19,52 +19,55 @@ from deltalake import DeltaTable
 from stfpm_ray import cli
 from stfpm_ray.core import runtimes
 from stfpm_ray.core.checkpoint import discover_checkpoints
+from stfpm_ray.core.export import installed
 from stfpm_ray.errors import UserError
 from stfpm_ray.ray.pipeline import ScoringOptions
 from stfpm_ray.store.scores import ADDED_COLUMNS, SCHEMA
 from stfpm_ray.workflows.score import score_images
 from stfpm_ray.workflows.table import check_table, compact_table
 
-ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
+EXPORTED = [name for name in runtimes.EXPORTED if installed(name)]
 
 
 @pytest.fixture(scope="module")
-def both_runtimes(ray_session, trained, synth_root, tmp_path_factory):
+def scored(ray_session, trained, synth_root, tmp_path_factory):
     """The test images of the trained categories scored once with each runtime: {runtime: rows by path}."""
-    need(ONNX, "needs stfpm-ray[onnx]")
     data = tmp_path_factory.mktemp("data")
     for name in trained[1][:2]:
         shutil.copytree(synth_root / name / "test", data / name / "test")
     frames = {}
-    for runtime in ("torch", "onnxruntime"):
+    for runtime in ("torch", *EXPORTED):
         out = tmp_path_factory.mktemp(runtime) / "scores"
         score_images(trained[0], str(data), out, ScoringOptions(batch_size=8, runtime=runtime), progress=quiet)
         frames[runtime] = read_scores(out).set_index("path").sort_index()
     return frames
 
 
-def test_onnxruntime_flags_the_images_pytorch_flags_and_the_rows_say_which_scored(both_runtimes, trained):
-    torch_rows, onnx_rows = both_runtimes["torch"], both_runtimes["onnxruntime"]
-    assert list(torch_rows.index) == list(onnx_rows.index) and len(torch_rows) >= 20
-    assert set(torch_rows.runtime) == {"torch"} and set(onnx_rows.runtime) == {"onnxruntime"}
-    assert (torch_rows.is_anomalous == onnx_rows.is_anomalous).all()
+@pytest.mark.parametrize("runtime", runtimes.EXPORTED)
+def test_an_exported_graph_flags_the_images_pytorch_flags_and_the_rows_say_which_scored(scored, trained, runtime):
+    need(runtime in EXPORTED, f"needs {runtime} (the test extra installs it)")
+    torch_rows, rows = scored["torch"], scored[runtime]
+    assert list(torch_rows.index) == list(rows.index) and len(torch_rows) >= 20
+    assert set(torch_rows.runtime) == {"torch"} and set(rows.runtime) == {runtime}
+    assert (torch_rows.is_anomalous == rows.is_anomalous).all()
     thresholds = {name: meta.threshold for name, (_, meta) in discover_checkpoints(trained[0])[0].items()}
     tolerance = np.array([1e-4 * thresholds[c] for c in torch_rows.category])
-    assert (np.abs(torch_rows.score.to_numpy() - onnx_rows.score.to_numpy()) <= tolerance).all()
+    assert (np.abs(torch_rows.score.to_numpy() - rows.score.to_numpy()) <= tolerance).all()
 
 
-def test_auto_measures_and_keeps_the_faster(trained, monkeypatch):
-    need(ONNX, "needs stfpm-ray[onnx]")
+def test_auto_measures_and_keeps_the_fastest(trained, monkeypatch):
+    need(bool(EXPORTED), "needs stfpm-ray[onnx] or [openvino]")
     found = dict(list(discover_checkpoints(trained[0])[0].items())[:1])
     fp32 = dict.fromkeys(found, "fp32")
-    for rates, expected in (((10.0, 25.0), "onnxruntime"), ((25.0, 10.0), "torch")):
+    for fastest in ("torch", *EXPORTED):
+        rates = {name: 30.0 if name == fastest else 10.0 for name in ("torch", *EXPORTED)}
         monkeypatch.setattr(runtimes, "measure_rates", lambda *args, rates=rates: rates)
         choice = runtimes.choose_runtime("auto", "cpu", fp32, found, threads=1)
-        assert choice.runtime == expected and "measured" in choice.reason, choice
-        assert bool(choice.graphs) == (expected == "onnxruntime")
+        assert choice.runtime == fastest and "measured" in choice.reason, choice
+        assert bool(choice.graphs) == (fastest != "torch")
     monkeypatch.undo()
-    torch_rate, onnx_rate = runtimes.measure_rates(*_model_and_graph(found), threads=1)
-    assert torch_rate > 0 and onnx_rate > 0
+    rates = runtimes.measure_rates(*_model_and_graph(found), threads=1, runtimes=EXPORTED)
+    assert set(rates) == {"torch", *EXPORTED} and min(rates.values()) > 0
 
 
 def _model_and_graph(found: dict) -> tuple:
@@ -75,18 +78,19 @@ def _model_and_graph(found: dict) -> tuple:
     return model, export_onnx(model, meta.image_size), meta.image_size
 
 
-def test_what_onnxruntime_cannot_run_is_torch_under_auto_and_refused_when_asked(trained, monkeypatch):
+def test_what_exported_graphs_cannot_run_is_torch_under_auto_and_refused_when_asked(trained, monkeypatch):
     found = dict(list(discover_checkpoints(trained[0])[0].items())[:1])
     name = next(iter(found))
     for device, precision, why in (("cuda", "fp32", "GPUs"), ("cpu", "bf16", "bf16")):
         choice = runtimes.choose_runtime("auto", device, {name: precision}, found, threads=1)
         assert choice.runtime == "torch" and why in choice.reason and not choice.graphs
-        with pytest.raises(UserError, match=f"--runtime onnxruntime runs fp32 on CPUs, but .*{why}"):
-            runtimes.choose_runtime("onnxruntime", device, {name: precision}, found, threads=1)
+        for runtime in runtimes.EXPORTED:
+            with pytest.raises(UserError, match=f"--runtime {runtime} runs fp32 on CPUs, but .*{why}"):
+                runtimes.choose_runtime(runtime, device, {name: precision}, found, threads=1)
     assert runtimes.choose_runtime("torch", "cpu", {name: "fp32"}, found, 1).runtime == "torch"
-    monkeypatch.setattr(runtimes.importlib.util, "find_spec", lambda module: None)
+    monkeypatch.setattr("stfpm_ray.core.export.importlib.util.find_spec", lambda module: None)
     choice = runtimes.choose_runtime("auto", "cpu", {name: "fp32"}, found, threads=1)
-    assert choice.runtime == "torch" and "stfpm-ray[onnx]" in choice.reason
+    assert choice.runtime == "torch" and "stfpm-ray[onnx]" in choice.reason and "[openvino]" in choice.reason
     with pytest.raises(UserError, match="--runtime must be one of"):
         ScoringOptions(runtime="tensorrt")
 
@@ -99,9 +103,10 @@ def test_what_cannot_run_is_one_line_before_anything_runs(trained, synth_root, t
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "runs fp32 on CPUs" in err[0], err
     monkeypatch.setattr("stfpm_ray.core.export.importlib.util.find_spec", lambda module: None)
-    assert cli.main([*argv, "--runtime", "onnxruntime"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install 'stfpm-ray[onnx]'" in err[0], err
+    for runtime, extra in (("onnxruntime", "onnx"), ("openvino", "openvino")):
+        assert cli.main([*argv, "--runtime", runtime]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"pip install 'stfpm-ray[{extra}]'" in err[0], err
     assert not out.exists()
 
 

@@ -14,7 +14,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, metavar="EXPORT_DIR", help="folder for <category>.onnx and <category>.json"
     )
-    parser.add_argument("--format", default="onnx", choices=FORMATS, help="model format")
+    parser.add_argument(
+        "--format",
+        default="onnx",
+        choices=FORMATS,
+        help="onnx: one .onnx file (pip install 'stfpm-ray[onnx]'); openvino: OpenVINO's .xml + .bin, fp32 "
+        "(pip install 'stfpm-ray[openvino]')",
+    )
     parser.add_argument("--categories", help="comma-separated categories to export (default: every checkpoint)")
     parser.add_argument("--overwrite", action="store_true", help="replace exports already in EXPORT_DIR")
     add_config_options(parser)

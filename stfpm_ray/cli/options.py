@@ -231,9 +231,10 @@ def add_scoring_options(parser: argparse.ArgumentParser) -> None:
         "--runtime",
         choices=RUNTIMES,
         default="torch",
-        help="what runs the networks: torch; onnxruntime (each category's model exported when the run starts, "
-        "checked against PyTorch, fp32 on CPUs; needs pip install 'stfpm-ray[onnx]'); auto (the faster of the two "
-        "on this machine, measured when the run starts). The rows record which one scored them",
+        help="what runs the networks: torch; onnxruntime or openvino (each category's model exported when the run "
+        "starts, checked against PyTorch, fp32 on CPUs; pip install 'stfpm-ray[onnx]' or 'stfpm-ray[openvino]'); "
+        "auto (the fastest installed one on this machine, measured when the run starts). The rows record which "
+        "one scored them",
     )
 
 

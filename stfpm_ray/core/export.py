@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,9 @@ OUTPUT_NAMES = ("score", "anomaly_map")
 # Well inside what every onnxruntime the extra allows runs (1.18 runs opsets up to 21), so an older runtime
 # beside a camera loads the file too.
 OPSET = 18
-# What the exporter and the check after it import: the `onnx` extra of the package.
-_EXTRA_MODULES = ("onnx", "onnxscript", "onnxruntime")
+# What the exporter imports, and what runs its graph, per runtime: the package's extras of the same names.
+_EXPORTER = ("onnx", "onnxscript")
+EXTRAS = {"onnxruntime": ("onnx", [*_EXPORTER, "onnxruntime"]), "openvino": ("openvino", [*_EXPORTER, "openvino"])}
 # The example batch the graph is traced with; the batch dimension stays dynamic.
 _TRACE_BATCH = 2
 
@@ -50,19 +52,25 @@ class ExportedScorer(nn.Module):
         return scores, maps
 
 
-def require_onnx() -> None:
-    """Refuse in one line where the optional ``onnx`` extra is not installed, before any work is done."""
-    missing = [name for name in _EXTRA_MODULES if importlib.util.find_spec(name) is None]
-    if missing:
+def installed(runtime: str) -> bool:
+    """Whether the exporter and ``runtime`` (``onnxruntime`` or ``openvino``) can be imported here."""
+    return all(importlib.util.find_spec(name) is not None for name in EXTRAS[runtime][1])
+
+
+def require_runtime(runtime: str = "onnxruntime") -> None:
+    """Refuse in one line where the optional extra of ``runtime`` is not installed, before any work is done."""
+    extra, modules = EXTRAS[runtime]
+    if missing := [name for name in modules if importlib.util.find_spec(name) is None]:
         raise UserError(
-            f"ONNX export and scoring need {', '.join(missing)}: pip install 'stfpm-ray[onnx]' "
-            "(onnx, onnxruntime, onnxscript)"
+            f"exporting and scoring with {runtime} need {', '.join(missing)}: pip install 'stfpm-ray[{extra}]' "
+            f"({', '.join(modules)})"
         )
 
 
 def export_onnx(model: STFPM, image_size: int) -> bytes:
     """The serialised ONNX model of ``model`` (a scoring model, on CPU) for ``image_size`` square images."""
-    require_onnx()
+    if missing := [name for name in _EXPORTER if importlib.util.find_spec(name) is None]:
+        raise UserError(f"exporting needs {', '.join(missing)}: pip install 'stfpm-ray[onnx]'")
     images = torch.randint(0, 256, (_TRACE_BATCH, 3, image_size, image_size), dtype=torch.uint8)
     program = torch.onnx.export(
         ExportedScorer(model).eval(),
@@ -89,11 +97,22 @@ def checkpoint_sha256(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
-def export_record(folder: str | Path, meta: CheckpointMeta, model_file: str) -> dict[str, Any]:
+def openvino_ir(graph: bytes) -> dict[str, bytes]:
+    """The ONNX ``graph`` as OpenVINO's own format: ``{".xml": topology, ".bin": weights}``, weights kept fp32
+    (OpenVINO's ``save_model`` halves them to fp16 unless told not to, which would move every score)."""
+    require_runtime("openvino")
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory() as scratch:
+        ov.save_model(ov.Core().read_model(graph), f"{scratch}/model.xml", compress_to_fp16=False)
+        return {ext: Path(scratch, f"model{ext}").read_bytes() for ext in (".xml", ".bin")}
+
+
+def export_record(folder: str | Path, meta: CheckpointMeta, model_file: str, fmt: str = "onnx") -> dict[str, Any]:
     """The JSON beside an exported model: everything a deployment needs to decide, and where it came from."""
     point = meta.operating_point
     return {
-        "format": "onnx",
+        "format": fmt,
         "model_file": model_file,
         "category": meta.category,
         "image_size": meta.image_size,

@@ -1,9 +1,10 @@
-"""Running an exported model with onnxruntime, and checking it against the PyTorch scoring model.
+"""Running an exported model with onnxruntime or OpenVINO, and checking it against the PyTorch scoring model.
 
 :func:`parity` is the promise of an export: on the same images, scores and maps within
 ``PARITY_TOLERANCE`` of PyTorch's (in units of the threshold, so the figure means the same for every
-category) and the same images flagged. ``export`` checks it on probe images before writing anything; the
-tests and ``benchmarks/export_parity.py`` check it on real ones.
+category) and the same images flagged. ``export`` and scoring runs with ``--runtime`` check it on probe images
+before they use a graph; the tests and ``benchmarks/export_parity.py`` check it on real ones.
+:data:`SCORERS` puts each runtime behind the scoring model's own ``predict``, so the scoring code runs any.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from stfpm_ray.core.checkpoint import CheckpointMeta
-from stfpm_ray.core.export import INPUT_NAME, require_onnx
+from stfpm_ray.core.export import INPUT_NAME, OUTPUT_NAMES, require_runtime
 from stfpm_ray.core.model import STFPM
 
 # Largest score or map difference allowed, relative to the threshold: the normalised score may move by 1e-4.
@@ -31,7 +32,7 @@ def onnx_session(model: bytes | str, threads: int | None = None) -> Any:
 
     ``threads`` sets the intra-op thread pool (None: onnxruntime's default, one per core).
     """
-    require_onnx()
+    require_runtime("onnxruntime")
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -74,29 +75,62 @@ def parity(
     )
 
 
-def check_parity(model: STFPM, meta: CheckpointMeta, graph: bytes) -> None:
-    """Run the exported graph on probe images and refuse it unless it scores them as the PyTorch model does."""
+def check_parity(model: STFPM, meta: CheckpointMeta, graph: bytes, runtime: str = "onnxruntime") -> None:
+    """Run the exported graph in ``runtime`` on probe images and refuse it unless it scores them as the PyTorch
+    model does."""
     size = meta.image_size
     images = torch.randint(
         0, 256, (_PROBE_BATCH, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
     expected = tuple(t.numpy() for t in model.predict(images, "fp32"))
-    check = parity(expected, predict_onnx(onnx_session(graph), images.numpy()), meta.operating_point.threshold)
+    got = tuple(t.numpy() for t in SCORERS[runtime](graph, None).predict(images))
+    check = parity(expected, got, meta.operating_point.threshold)
     if not check.holds:
-        raise RuntimeError(f"the exported {meta.category} model does not score as PyTorch does: {check}")
+        raise RuntimeError(f"the exported {meta.category} model does not score in {runtime} as in PyTorch: {check}")
 
 
 class OnnxScorer:
-    """A category's exported graph in onnxruntime behind the scoring model's ``predict``, so that
-    :func:`stfpm_ray.core.score.score_batch` runs either runtime unchanged (fp32 only: the graph is fp32)."""
+    """A category's exported graph in onnxruntime behind the scoring model's ``predict`` (fp32 only: the graph
+    is fp32)."""
 
     runtime = "onnxruntime"
 
-    def __init__(self, graph: bytes, threads: int) -> None:
+    def __init__(self, graph: bytes, threads: int | None) -> None:
         self.session = onnx_session(graph, threads)
 
     def predict(self, images: Tensor, precision: str = "fp32") -> tuple[Tensor, Tensor]:
-        if precision != "fp32":
-            raise ValueError(f"an exported graph runs fp32, got {precision!r}")
+        _fp32_only(precision)
         maps, scores = predict_onnx(self.session, images.cpu().numpy())
         return torch.from_numpy(maps), torch.from_numpy(scores)
+
+
+class OpenVinoScorer:
+    """The same graph compiled by OpenVINO for the CPU, in fp32: OpenVINO would otherwise run bf16 on CPUs
+    that have it (its default precision hint), and the threshold was set on fp32 scores."""
+
+    runtime = "openvino"
+
+    def __init__(self, graph: bytes, threads: int | None) -> None:
+        require_runtime("openvino")
+        import openvino as ov
+
+        core = ov.Core()
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(core.read_model(graph), "CPU", config)
+
+    def predict(self, images: Tensor, precision: str = "fp32") -> tuple[Tensor, Tensor]:
+        _fp32_only(precision)
+        outputs = self.compiled(np.ascontiguousarray(images.cpu().numpy(), dtype=np.uint8))
+        scores, maps = (outputs[self.compiled.output(name)] for name in OUTPUT_NAMES)
+        return torch.from_numpy(np.asarray(maps)), torch.from_numpy(np.asarray(scores))
+
+
+def _fp32_only(precision: str) -> None:
+    if precision != "fp32":
+        raise ValueError(f"an exported graph runs fp32, got {precision!r}")
+
+
+# Runtimes of exported graphs: name -> scorer class (its constructor takes the graph and intra-op threads).
+SCORERS: dict[str, type[OnnxScorer] | type[OpenVinoScorer]] = {"onnxruntime": OnnxScorer, "openvino": OpenVinoScorer}

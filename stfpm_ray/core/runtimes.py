@@ -1,17 +1,17 @@
-"""Which runtime runs a scoring run's networks: PyTorch, or each category's exported graph in onnxruntime.
+"""Which runtime runs a scoring run's networks: PyTorch, or each category's exported graph in onnxruntime or
+OpenVINO.
 
-On CPU nodes the forward pass is most of a scoring actor's time, and onnxruntime ran the very same graph
+On CPU nodes the forward pass is most of a scoring actor's time, and both runtimes ran the very same graph
 faster than PyTorch on the machines measured (README: Export); PyTorch is the runtime with a GPU path here
-and the only one that runs bf16. ``auto`` measures instead of assuming: the driver times both on probe images
-with the actors' thread count and keeps the faster, since the ratio depends on the CPU, the threads and the
-model. Graphs are exported from the checkpoints when the run starts and checked against PyTorch
-(:func:`~stfpm_ray.core.exported.check_parity`) before any actor uses them, so either runtime flags the same
-images; the rows record which one scored them.
+and the only one that runs bf16. ``auto`` measures instead of assuming: the driver times PyTorch and every
+installed runtime on probe images with the actors' thread count and keeps the fastest, since the ratio
+depends on the CPU, the threads and the model. Graphs are exported from the checkpoints when the run starts
+and checked against PyTorch in the runtime that will run them (:func:`~stfpm_ray.core.exported.check_parity`)
+before any actor uses them, so every runtime flags the same images; the rows record which one scored them.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 import torch
 
 from stfpm_ray.core.checkpoint import CheckpointMeta
-from stfpm_ray.core.export import export_onnx, require_onnx
-from stfpm_ray.core.exported import OnnxScorer, check_parity
+from stfpm_ray.core.export import EXTRAS, export_onnx, installed, require_runtime
+from stfpm_ray.core.exported import SCORERS, check_parity
 from stfpm_ray.core.model import STFPM
 from stfpm_ray.core.score import ScoringModels, cpu_chunk
 from stfpm_ray.errors import UserError
 
-RUNTIMES = ("auto", "torch", "onnxruntime")
+EXPORTED = tuple(SCORERS)
+RUNTIMES = ("auto", "torch", *EXPORTED)
 # Probe images per timing and timings per runtime (the best counts): a few seconds on a CPU at 256 px.
 _PROBE_IMAGES = 8
 _REPEATS = 3
@@ -40,6 +41,16 @@ class RuntimeChoice:
     graphs: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
+def refusal(runtime: str, device: str, precisions: Mapping[str, str]) -> str | None:
+    """Why an exported graph cannot score this run (None: it can): the graphs are fp32 on CPUs."""
+    if runtime == "torch":
+        return None
+    if device == "cuda":
+        return "the scoring actors run on GPUs"
+    bf16 = sorted(name for name, precision in precisions.items() if precision != "fp32")
+    return f"{', '.join(bf16)} score in bf16" if bf16 else None
+
+
 def choose_runtime(
     requested: str,
     device: str,
@@ -48,63 +59,75 @@ def choose_runtime(
     threads: int,
 ) -> RuntimeChoice:
     """Resolve ``--runtime`` for actors on ``device`` with ``threads`` each; ``precisions`` is each category's
-    resolved precision. An explicit ``onnxruntime`` that cannot run as asked is refused in one line."""
+    resolved precision. An explicit runtime that cannot run as asked is refused in one line."""
     if requested not in RUNTIMES:
         raise UserError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {requested!r}")
     if requested == "torch":
         return RuntimeChoice("torch", "as asked")
-    bf16 = sorted(name for name, precision in precisions.items() if precision != "fp32")
-    not_here = (
-        "the scoring actors run on GPUs" if device == "cuda" else f"{', '.join(bf16)} score in bf16" if bf16 else None
-    )
-    if requested == "auto":
+    not_here = refusal(requested, device, precisions)
+    if requested != "auto":
         if not_here:
-            return RuntimeChoice("torch", f"auto: {not_here}, which PyTorch runs")
-        if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None:
-            return RuntimeChoice("torch", "auto: onnxruntime is not installed (pip install 'stfpm-ray[onnx]')")
-    elif not_here:
-        raise UserError(
-            f"--runtime onnxruntime runs fp32 on CPUs, but {not_here}: use --runtime torch, or --gpus-per-actor 0 "
-            "and --precision fp32"
-        )
-    require_onnx()
+            raise UserError(
+                f"--runtime {requested} runs fp32 on CPUs, but {not_here}: use --runtime torch, or "
+                "--gpus-per-actor 0 and --precision fp32"
+            )
+        require_runtime(requested)
+        return RuntimeChoice(requested, "as asked", _checked_graphs(checkpoints, requested))
+    if not_here:
+        return RuntimeChoice("torch", f"auto: {not_here}, which PyTorch runs")
+    candidates = [name for name in EXPORTED if installed(name)]
+    if not candidates:
+        extras = " or ".join(f"'stfpm-ray[{EXTRAS[name][0]}]'" for name in EXPORTED)
+        return RuntimeChoice("torch", f"auto: no other runtime installed (pip install {extras})")
+    first = next(iter(sorted(checkpoints)))
+    model, meta = ScoringModels({first: checkpoints[first]})(first)
+    graph = export_onnx(model, meta.image_size)
+    rates = measure_rates(model, graph, meta.image_size, threads, candidates)
+    fastest = max(rates, key=rates.__getitem__)
+    measured = ", ".join(f"{name} {rate:.1f}" for name, rate in sorted(rates.items(), key=lambda kv: -kv[1]))
+    reason = f"auto: measured images/s on {threads} thread(s): {measured}"
+    if fastest == "torch":
+        return RuntimeChoice("torch", reason)
+    return RuntimeChoice(fastest, reason, _checked_graphs(checkpoints, fastest, {first: graph}))
+
+
+def _checked_graphs(
+    checkpoints: Mapping[str, tuple[str, CheckpointMeta]], runtime: str, exported: dict[str, bytes] | None = None
+) -> dict[str, bytes]:
+    """Each category's exported graph (those in ``exported`` already are), checked against PyTorch in
+    ``runtime``."""
     models = ScoringModels(checkpoints)
-    graphs: dict[str, bytes] = {}
-    reason = "as asked"
+    graphs = dict(exported or {})
     for name in sorted(checkpoints):
         model, meta = models(name)
-        graphs[name] = export_onnx(model, meta.image_size)
-        check_parity(model, meta, graphs[name])
-        if requested == "auto" and len(graphs) == 1:
-            torch_rate, onnx_rate = measure_rates(model, graphs[name], meta.image_size, threads)
-            speed = f"{onnx_rate / torch_rate:.2f}x PyTorch's images/s on {threads} thread(s), measured"
-            if onnx_rate <= torch_rate:
-                return RuntimeChoice("torch", f"auto: onnxruntime ran {speed}")
-            reason = f"auto: {speed}"
-    return RuntimeChoice("onnxruntime", reason, graphs)
+        graphs[name] = graphs.get(name) or export_onnx(model, meta.image_size)
+        check_parity(model, meta, graphs[name], runtime)
+    return graphs
 
 
-def measure_rates(model: STFPM, graph: bytes, image_size: int, threads: int) -> tuple[float, float]:
-    """Images/s of PyTorch (in the actors' chunks) and of onnxruntime on the same probe images and threads."""
+def measure_rates(model: STFPM, graph: bytes, image_size: int, threads: int, runtimes: list[str]) -> dict[str, float]:
+    """Images/s of PyTorch (in the actors' chunks) and of each of ``runtimes`` on the same probe images and
+    threads."""
     images = torch.randint(0, 256, (_PROBE_IMAGES, 3, image_size, image_size), dtype=torch.uint8)
-    onnx = OnnxScorer(graph, threads)
     chunk = cpu_chunk("cpu", threads) or _PROBE_IMAGES
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        torch_s = _best_time(lambda: [model.predict(images[i : i + chunk]) for i in range(0, len(images), chunk)])
+        rates = {"torch": _rate(lambda: [model.predict(images[i : i + chunk]) for i in range(0, len(images), chunk)])}
     finally:
         torch.set_num_threads(before)
-    onnx_s = _best_time(lambda: onnx.predict(images))
-    return _PROBE_IMAGES / torch_s, _PROBE_IMAGES / onnx_s
+    for name in runtimes:
+        scorer = SCORERS[name](graph, threads)
+        rates[name] = _rate(lambda scorer=scorer: scorer.predict(images))
+    return rates
 
 
-def _best_time(run: Callable[[], object]) -> float:
-    """The fastest of ``_REPEATS`` timed calls after one warm-up call."""
+def _rate(run: Callable[[], object]) -> float:
+    """Probe images per second of the fastest of ``_REPEATS`` timed calls after one warm-up call."""
     run()
     times = []
     for _ in range(_REPEATS):
         started = time.perf_counter()
         run()
         times.append(time.perf_counter() - started)
-    return min(times)
+    return _PROBE_IMAGES / min(times)

@@ -19,7 +19,7 @@ import torch
 
 from stfpm_ray.core.anomaly_map import shrink_maps
 from stfpm_ray.core.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, read_meta
-from stfpm_ray.core.exported import OnnxScorer
+from stfpm_ray.core.exported import SCORERS, OnnxScorer, OpenVinoScorer
 from stfpm_ray.core.inference_graph import optimize_for_inference
 from stfpm_ray.core.model import STFPM, resolve_precision
 from stfpm_ray.core.teacher import Teacher, load_teacher
@@ -27,6 +27,8 @@ from stfpm_ray.store.mapcodec import encode_map
 from stfpm_ray.store.scores import RESULT_FIELDS, SCHEMA
 
 DEFAULT_MAP_SIZE = 128
+# What scores a batch: the PyTorch scoring model, or a category's exported graph in another runtime.
+Predictor = STFPM | OnnxScorer | OpenVinoScorer
 # Images per forward pass and torch thread on CPU: a large batch's activations fall out of the caches, so
 # CPUs run the forward in small chunks (README: speed). GPUs take the whole batch.
 CPU_CHUNK = 4
@@ -82,8 +84,8 @@ class ScoringModels:
     loading lazily keeps a process's memory to the categories it meets, sharing keeps one teacher for all.
     ``checkpoints`` maps each category to its folder and the metadata the run validated: a whole run decides
     with the operating points it started with, even if ``calibrate`` adds one while it runs.
-    ``graphs`` gives the categories that run as exported graphs in onnxruntime
-    (:mod:`stfpm_ray.core.runtimes`, checked against PyTorch when the run started): a call that returns the
+    ``graphs`` gives the categories that run as exported graphs in ``runtime`` (onnxruntime or openvino,
+    :mod:`stfpm_ray.core.runtimes`, checked against PyTorch when the run started): a call that returns the
     graph's bytes, made on first use, so a process fetches only the graphs of the categories it meets.
     """
 
@@ -93,15 +95,17 @@ class ScoringModels:
         device: str | torch.device = "cpu",
         graphs: Mapping[str, Callable[[], bytes]] | None = None,
         threads: int = 1,
+        runtime: str = "torch",
     ) -> None:
         self.checkpoints, self.device = dict(checkpoints), device
-        self.graphs, self.threads = dict(graphs or {}), threads
-        self.loaded: dict[str, tuple[STFPM | OnnxScorer, CheckpointMeta]] = {}
+        self.graphs, self.threads, self.runtime = dict(graphs or {}), threads, runtime
+        self.loaded: dict[str, tuple[Predictor, CheckpointMeta]] = {}
         self.teachers: dict[tuple, Teacher] = {}
 
-    def __call__(self, category: str) -> tuple[STFPM | OnnxScorer, CheckpointMeta]:
+    def __call__(self, category: str) -> tuple[Predictor, CheckpointMeta]:
         if category not in self.loaded and category in self.graphs:
-            self.loaded[category] = OnnxScorer(self.graphs[category](), self.threads), self.checkpoints[category][1]
+            scorer = SCORERS[self.runtime](self.graphs[category](), self.threads)
+            self.loaded[category] = scorer, self.checkpoints[category][1]
         if category not in self.loaded:
             folder, meta = self.checkpoints[category]
             model, found = load_scoring_model(folder, self.device, self.teachers)
@@ -112,7 +116,7 @@ class ScoringModels:
 
 
 def score_batch(
-    model: STFPM | OnnxScorer, meta: CheckpointMeta, images: torch.Tensor, settings: ScoreSettings = ScoreSettings()
+    model: Predictor, meta: CheckpointMeta, images: torch.Tensor, settings: ScoreSettings = ScoreSettings()
 ) -> list[ScoredImage]:
     """Score uint8 NCHW ``images`` (already on the model's device) with one category's model, deciding
     ``is_anomalous`` with its operating point in force (``auto`` precision: the one it was calibrated in)."""

@@ -42,9 +42,9 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from stfpm_ray.core.checkpoint import CheckpointMeta
-from stfpm_ray.core.export import require_onnx
+from stfpm_ray.core.export import require_runtime
 from stfpm_ray.core.model import describe_precision, resolve_precision
-from stfpm_ray.core.runtimes import RUNTIMES, choose_runtime
+from stfpm_ray.core.runtimes import EXPORTED, RUNTIMES, choose_runtime
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE, ScoreSettings, ScoringModels, cpu_chunk, score_block
 from stfpm_ray.data.plan import Plan, decode_block
 from stfpm_ray.errors import UserError
@@ -64,8 +64,8 @@ class ScoringOptions:
     ``gpus_per_actor`` None is ``auto``: one GPU per actor where the cluster has GPUs, resolved when the run
     starts (:func:`~stfpm_ray.ray.resources.gpus_each`).
     ``precision`` is ``auto`` (each category's calibration precision, bf16 only on GPUs that run it natively),
-    ``fp32`` or ``bf16``. ``runtime`` runs the networks in ``torch``, in ``onnxruntime`` (each category's
-    exported graph, fp32 on CPUs) or, with ``auto``, in whichever of the two the driver measures faster
+    ``fp32`` or ``bf16``. ``runtime`` runs the networks in ``torch``, in ``onnxruntime`` or ``openvino`` (each
+    category's exported graph, fp32 on CPUs) or, with ``auto``, in whichever the driver measures fastest
     (:mod:`stfpm_ray.core.runtimes`).
     """
 
@@ -84,10 +84,12 @@ class ScoringOptions:
         resolve_precision(self.precision, "cpu")  # refuses an unknown precision before any work starts
         if self.runtime not in RUNTIMES:
             raise UserError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
-        if self.runtime == "onnxruntime":  # what can be refused before the run starts (the rest: choose_runtime)
-            require_onnx()
+        if self.runtime in EXPORTED:  # what can be refused before the run starts (the rest: choose_runtime)
+            require_runtime(self.runtime)
             if self.precision == "bf16" or gpus > 0:
-                raise UserError("--runtime onnxruntime runs fp32 on CPUs: drop --precision bf16 and --gpus-per-actor")
+                raise UserError(
+                    f"--runtime {self.runtime} runs fp32 on CPUs: drop --precision bf16 and --gpus-per-actor"
+                )
 
     @property
     def device(self) -> str:
@@ -109,13 +111,14 @@ class Scorer:
         options: ScoringOptions,
         table: ScoresTable,
         run_id: str,
+        runtime: str,
         graphs: dict[str, ray.ObjectRef],
     ) -> None:
         torch.set_num_threads(options.threads)
         if options.device == "cuda":
             torch.backends.cudnn.benchmark = True  # one input size per category: pick the fastest kernels once
         fetch = {category: functools.partial(ray.get, ref) for category, ref in graphs.items()}
-        self.models = ScoringModels(checkpoints, options.device, fetch, options.threads)
+        self.models = ScoringModels(checkpoints, options.device, fetch, options.threads, runtime)
         self.settings = ScoreSettings(
             map_size=options.map_size, precision=options.precision, chunk=cpu_chunk(options.device, options.threads)
         )
@@ -129,7 +132,7 @@ class Scorer:
             "pid": os.getpid(),
             "device": options.device,
             "precision": ",".join(sorted(precisions)),
-            "runtime": "onnxruntime" if graphs else "torch",
+            "runtime": runtime,
             "started_at": datetime.now(timezone.utc).isoformat(),
             "batches": 0,
             "rows": 0,
@@ -252,6 +255,7 @@ def score_plan(
                 "options": options,
                 "table": table,
                 "run_id": run_id,
+                "runtime": runtime.runtime,
                 "graphs": graphs,
             },
             udf_modifying_row_count=False,

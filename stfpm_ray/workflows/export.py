@@ -1,4 +1,5 @@
-"""``stfpm-ray export``: each category's scoring model as one ONNX file plus a JSON, for runtimes without stfpm-ray.
+"""``stfpm-ray export``: each category's scoring model as one ONNX file (or OpenVINO's ``.xml`` + ``.bin``) plus a
+JSON, for runtimes without stfpm-ray.
 
 The steps:
 
@@ -8,9 +9,11 @@ The steps:
 2. **Refuse existing files** in ``EXPORT_DIR`` unless ``--overwrite``.
 3. **Export** the scoring model the actors use (:class:`~stfpm_ray.core.score.ScoringModels`: rewritten for
    inference, one teacher per backbone) through :func:`~stfpm_ray.core.export.export_onnx`.
-4. **Check parity** on probe images of another batch size than the traced one (the batch is dynamic) with
-   onnxruntime against PyTorch (:func:`~stfpm_ray.core.exported.parity`); a graph that disagrees is not written.
-5. **Write** ``<category>.onnx`` and ``<category>.json`` (:func:`~stfpm_ray.core.export.export_record`), each
+4. **Check parity** on probe images of another batch size than the traced one (the batch is dynamic) in the
+   format's runtime (onnxruntime, OpenVINO) against PyTorch (:func:`~stfpm_ray.core.exported.parity`); a graph
+   that disagrees is not written.
+5. **Write** ``<category>.onnx`` (or, with ``--format openvino``, the graph as OpenVINO's IR with fp32 weights,
+   ``<category>.xml`` and ``.bin``) and ``<category>.json`` (:func:`~stfpm_ray.core.export.export_record`), each
    atomically, the JSON last.
 """
 
@@ -22,14 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from stfpm_ray.core.checkpoint import CheckpointMeta, discover_checkpoints
-from stfpm_ray.core.export import export_onnx, export_record, require_onnx
+from stfpm_ray.core.export import export_onnx, export_record, openvino_ir, require_runtime
 from stfpm_ray.core.exported import check_parity
 from stfpm_ray.core.score import ScoringModels
 from stfpm_ray.errors import OutputExistsError, UserError
 from stfpm_ray.progress import Progress, log_progress
 from stfpm_ray.store.fs import is_file, resolve, write_bytes_atomic, write_text_atomic
 
-FORMATS = ("onnx",)
+# Export formats and the runtime that checks each against PyTorch before it is written.
+FORMATS = {"onnx": "onnxruntime", "openvino": "openvino"}
 
 
 def export_models(
@@ -43,10 +47,10 @@ def export_models(
     """Export the checkpoints under ``checkpoints`` (all, or ``categories``) into ``out``; the JSON records."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    require_onnx()
+    require_runtime(FORMATS[fmt])
     selected = _selected(checkpoints, categories)
     target = resolve(out)
-    existing = [name for name in selected for ext in ("onnx", "json") if is_file(target.join(f"{name}.{ext}"))]
+    existing = [name for name in selected for ext in (*_files(fmt), ".json") if is_file(target.join(f"{name}{ext}"))]
     if existing and not overwrite:
         raise OutputExistsError(f"{out} already holds exports of {', '.join(sorted(set(existing)))}; pass --overwrite")
     models = ScoringModels(selected)
@@ -54,15 +58,22 @@ def export_models(
     for name in sorted(selected):
         model, meta = models(name)
         graph = export_onnx(model, meta.image_size)
-        check_parity(model, meta, graph)
-        write_bytes_atomic(target.join(f"{name}.onnx"), graph)
-        records[name] = export_record(selected[name][0], meta, f"{name}.onnx")
+        check_parity(model, meta, graph, FORMATS[fmt])
+        files = {".onnx": graph} if fmt == "onnx" else openvino_ir(graph)
+        for ext, data in files.items():
+            write_bytes_atomic(target.join(f"{name}{ext}"), data)
+        records[name] = export_record(selected[name][0], meta, f"{name}{_files(fmt)[0]}", fmt)
         write_text_atomic(target.join(f"{name}.json"), json.dumps(records[name], indent=2, allow_nan=False) + "\n")
         progress(
-            f"[{name}] {target.join(f'{name}.onnx').path} ({len(graph) / 1e6:.1f} MB), threshold "
-            f"{records[name]['threshold']:.4g} ({records[name]['operating_point']}), model {meta.model_id}"
+            f"[{name}] {target.join(records[name]['model_file']).path} ({sum(map(len, files.values())) / 1e6:.1f} MB), "
+            f"threshold {records[name]['threshold']:.4g} ({records[name]['operating_point']}), model {meta.model_id}"
         )
     return records
+
+
+def _files(fmt: str) -> tuple[str, ...]:
+    """The extensions of a category's model files in ``fmt``, the one the JSON names first."""
+    return (".onnx",) if fmt == "onnx" else (".xml", ".bin")
 
 
 def _selected(checkpoints: str | Path, categories: Sequence[str] | None) -> dict[str, tuple[str, CheckpointMeta]]:
