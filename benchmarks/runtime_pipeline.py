@@ -91,9 +91,10 @@ def main() -> None:
         aurocs = {}
         for name in chosen:
             out = work / f"labelled-{name}"
-            score_images(args.checkpoints, str(root), out, ScoringOptions(runtime=name), args.category, progress=quiet)
+            score_images(args.checkpoints, args.data, out, ScoringOptions(runtime=name), args.category, progress=quiet)
             rows = ScoresTable(str(out)).dataset().to_table(columns=["label", "score"])
-            aurocs[name] = image_auroc(np.array(rows["label"]), np.array(rows["score"]))
+            labelled = np.array(rows["label"].fill_null(-1)) >= 0
+            aurocs[name] = image_auroc(np.array(rows["label"])[labelled], np.array(rows["score"])[labelled])
         n = len(full)
 
         def steady(name: str) -> float:
