@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import ray
 
 from stfpm_ray.core.runtimes import RUNTIMES
@@ -91,10 +90,11 @@ def main() -> None:
         aurocs = {}
         for name in chosen:
             out = work / f"labelled-{name}"
-            score_images(args.checkpoints, args.data, out, ScoringOptions(runtime=name), args.category, progress=quiet)
-            rows = ScoresTable(str(out)).dataset().to_table(columns=["label", "score"])
-            labelled = np.array(rows["label"].fill_null(-1)) >= 0
-            aurocs[name] = image_auroc(np.array(rows["label"])[labelled], np.array(rows["score"])[labelled])
+            # the MVTec root, routed by folder (labels from the layout); the category's rows only
+            score_images(args.checkpoints, args.data, out, ScoringOptions(runtime=name), progress=quiet)
+            rows = ScoresTable(str(out)).dataset().to_table(columns=["category", "label", "score"]).to_pandas()
+            rows = rows[rows.category == args.category]
+            aurocs[name] = image_auroc(rows.label.to_numpy(), rows.score.to_numpy())
         n = len(full)
 
         def steady(name: str) -> float:
