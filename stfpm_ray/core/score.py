@@ -53,7 +53,7 @@ class ScoredImage:
     is_anomalous: bool
     anomaly_map: bytes  # 16-bit PNG, see stfpm_ray.store.mapcodec
     map_scale: float
-    runtime: str  # what ran the networks: torch or onnxruntime (stfpm_ray.core.runtimes)
+    runtime: str  # what ran the networks: torch, onnxruntime or openvino (stfpm_ray.core.runtimes)
 
 
 def cpu_chunk(device: str, threads: int) -> int | None:
