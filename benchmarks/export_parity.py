@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stfpm_ray.core.exported import onnx_session, parity, predict_onnx
+from stfpm_ray.core.exported import SCORERS, parity
 from stfpm_ray.core.score import load_scoring_model
 from stfpm_ray.data.images import load_image
 from stfpm_ray.data.mvtec import test_samples
@@ -35,20 +35,10 @@ def outputs(predict, images: torch.Tensor, batch_size: int) -> tuple[np.ndarray,
 
 
 def exported_predict(out: Path, record: dict) -> Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]:
-    """``(maps, scores)`` of a batch by the written export, read back by its own runtime alone."""
-    path = str(out / record["model_file"])
-    if record["format"] == "onnx":
-        session = onnx_session(path)
-        return lambda b: predict_onnx(session, b.numpy())
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-
-    def predict(batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        result = compiled(batch.numpy())
-        return result[compiled.output("anomaly_map")], result[compiled.output("score")]
-
-    return predict
+    """``(maps, scores)`` of a batch by the written export file, read back by its own runtime."""
+    runtime = "onnxruntime" if record["format"] == "onnx" else "openvino"
+    scorer = SCORERS[runtime](str(out / record["model_file"]), None)
+    return lambda batch: tuple(t.numpy() for t in scorer.predict(batch))
 
 
 def compare(checkpoints: Path, out: Path, data: Path, record: dict, batch_size: int) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from stfpm_ray.core.export import export_onnx, installed
-from stfpm_ray.core.exported import SCORERS
+from stfpm_ray.core.exported import SCORERS, OpenVinoScorer
 from stfpm_ray.core.score import cpu_chunk, load_scoring_model
 from stfpm_ray.data.images import load_image
 from stfpm_ray.data.mvtec import test_samples
@@ -46,22 +47,6 @@ def rate(forward: Callable[[torch.Tensor], object], images: torch.Tensor, batch:
         for offset in range(0, len(block), chunk):
             forward(block[offset : offset + chunk])
     return len(images) / (time.perf_counter() - started)
-
-
-def openvino_bf16(graph: bytes, threads: int) -> Callable[[torch.Tensor], object]:
-    """The graph compiled by OpenVINO with its bf16 inference hint; returns (maps, scores) like ``predict``."""
-    import openvino as ov
-
-    core = ov.Core()
-    hint = {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": threads}
-    compiled = core.compile_model(core.read_model(graph), "CPU", hint)
-
-    def forward(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        result = compiled(images.numpy())
-        maps, scores = (result[compiled.output(name)] for name in ("anomaly_map", "score"))
-        return torch.from_numpy(np.asarray(maps)), torch.from_numpy(np.asarray(scores))
-
-    return forward
 
 
 def main() -> None:
@@ -92,7 +77,8 @@ def main() -> None:
         rows[f"{name}, whole batch of {batch}"] = (scorer.predict, batch)
         rows[f"{name}, chunks of {chunk}"] = (scorer.predict, chunk)
     if installed("openvino"):
-        rows[f"openvino bf16, whole batch of {batch}"] = (openvino_bf16(graph, threads), batch)
+        bf16 = OpenVinoScorer(graph, threads, precision="bf16")
+        rows[f"openvino bf16, whole batch of {batch}"] = (partial(bf16.predict, precision="bf16"), batch)
     aurocs = {}
     for name, (forward, size) in rows.items():  # warm-up (first-call allocations, kernel choices), AUROC
         scores = [forward(images[i : i + size])[1] for i in range(0, len(images), size)]

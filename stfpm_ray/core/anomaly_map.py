@@ -52,9 +52,17 @@ def anomaly_map(
     Without ``level_scales`` the product over levels; with them, the mean over levels of each map divided
     by its scale.
     """
+    return combine_levels(level_distances(teacher_features, student_features), size, level_scales)
+
+
+def combine_levels(
+    distances: Sequence[Tensor], size: tuple[int, int], level_scales: Sequence[float] | None = None
+) -> Tensor:
+    """:func:`level_distances` upsampled to ``size`` and combined as :func:`anomaly_map` says; apart so that
+    score-time variants can be compared on distances computed once (``benchmarks/score_ablation.py``)."""
     levels = [
         F.interpolate(level.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
-        for level in level_distances(teacher_features, student_features)
+        for level in distances
     ]
     if not levels:
         raise ValueError("at least one feature level is needed")

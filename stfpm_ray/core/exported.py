@@ -90,46 +90,49 @@ def check_parity(model: STFPM, meta: CheckpointMeta, graph: bytes, runtime: str 
 
 
 class OnnxScorer:
-    """A category's exported graph in onnxruntime behind the scoring model's ``predict`` (fp32 only: the graph
-    is fp32)."""
+    """A category's exported graph (bytes or a file) in onnxruntime behind the scoring model's ``predict`` (fp32
+    only: the graph is fp32)."""
 
     runtime = "onnxruntime"
 
-    def __init__(self, graph: bytes, threads: int | None) -> None:
+    def __init__(self, graph: bytes | str, threads: int | None) -> None:
         self.session = onnx_session(graph, threads)
 
     def predict(self, images: Tensor, precision: str = "fp32") -> tuple[Tensor, Tensor]:
-        _fp32_only(precision)
+        _same_precision(precision, "fp32")
         maps, scores = predict_onnx(self.session, images.cpu().numpy())
         return torch.from_numpy(maps), torch.from_numpy(scores)
 
 
 class OpenVinoScorer:
-    """The same graph compiled by OpenVINO for the CPU, in fp32: OpenVINO would otherwise run bf16 on CPUs
-    that have it (its default precision hint), and the threshold was set on fp32 scores."""
+    """The same graph (ONNX bytes, or an OpenVINO IR ``.xml`` file beside its ``.bin``) compiled by OpenVINO for
+    the CPU, in fp32 unless ``precision`` says bf16: OpenVINO would otherwise pick bf16 on CPUs that have it (its
+    default precision hint), and thresholds are set on fp32 scores. Scoring runs offer only fp32; bf16 is there
+    for ``benchmarks/export_speed.py`` to measure what it would buy."""
 
     runtime = "openvino"
 
-    def __init__(self, graph: bytes, threads: int | None) -> None:
+    def __init__(self, graph: bytes | str, threads: int | None, precision: str = "fp32") -> None:
         require_runtime("openvino")
         import openvino as ov
 
+        self.precision = precision
         core = ov.Core()
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]}
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = core.compile_model(core.read_model(graph), "CPU", config)
 
     def predict(self, images: Tensor, precision: str = "fp32") -> tuple[Tensor, Tensor]:
-        _fp32_only(precision)
+        _same_precision(precision, self.precision)
         outputs = self.compiled(np.ascontiguousarray(images.cpu().numpy(), dtype=np.uint8))
         scores, maps = (outputs[self.compiled.output(name)] for name in OUTPUT_NAMES)
         return torch.from_numpy(np.asarray(maps)), torch.from_numpy(np.asarray(scores))
 
 
-def _fp32_only(precision: str) -> None:
-    if precision != "fp32":
-        raise ValueError(f"an exported graph runs fp32, got {precision!r}")
+def _same_precision(asked: str, compiled: str) -> None:
+    if asked != compiled:
+        raise ValueError(f"this exported graph runs {compiled}, got {asked!r}")
 
 
 # Runtimes of exported graphs: name -> scorer class (its constructor takes the graph and intra-op threads).

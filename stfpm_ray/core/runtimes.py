@@ -51,6 +51,23 @@ def refusal(runtime: str, device: str, precisions: Mapping[str, str]) -> str | N
     return f"{', '.join(bf16)} score in bf16" if bf16 else None
 
 
+def check_request(requested: str, device: str, precisions: Mapping[str, str]) -> None:
+    """Refuse in one line a ``--runtime`` that does not exist, cannot run as asked or is not installed; the
+    options check it when parsed (``device``, ``precisions`` as far as known then) and
+    :func:`choose_runtime` again once GPUs and each category's precision are resolved."""
+    if requested not in RUNTIMES:
+        raise UserError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {requested!r}")
+    if requested not in EXPORTED:
+        return
+    not_here = refusal(requested, device, precisions)
+    if not_here:
+        raise UserError(
+            f"--runtime {requested} runs fp32 on CPUs, but {not_here}: use --runtime torch, or "
+            "--gpus-per-actor 0 and --precision fp32"
+        )
+    require_runtime(requested)
+
+
 def choose_runtime(
     requested: str,
     device: str,
@@ -60,27 +77,21 @@ def choose_runtime(
 ) -> RuntimeChoice:
     """Resolve ``--runtime`` for actors on ``device`` with ``threads`` each; ``precisions`` is each category's
     resolved precision. An explicit runtime that cannot run as asked is refused in one line."""
-    if requested not in RUNTIMES:
-        raise UserError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {requested!r}")
+    check_request(requested, device, precisions)
     if requested == "torch":
         return RuntimeChoice("torch", "as asked")
-    not_here = refusal(requested, device, precisions)
     if requested != "auto":
-        if not_here:
-            raise UserError(
-                f"--runtime {requested} runs fp32 on CPUs, but {not_here}: use --runtime torch, or "
-                "--gpus-per-actor 0 and --precision fp32"
-            )
-        require_runtime(requested)
-        return RuntimeChoice(requested, "as asked", _checked_graphs(checkpoints, requested))
+        return RuntimeChoice(requested, "as asked", _checked_graphs(ScoringModels(checkpoints), requested))
+    not_here = refusal(requested, device, precisions)
     if not_here:
         return RuntimeChoice("torch", f"auto: {not_here}, which PyTorch runs")
     candidates = [name for name in EXPORTED if installed(name)]
     if not candidates:
         extras = " or ".join(f"'stfpm-ray[{EXTRAS[name][0]}]'" for name in EXPORTED)
         return RuntimeChoice("torch", f"auto: no other runtime installed (pip install {extras})")
+    models = ScoringModels(checkpoints)
     first = next(iter(sorted(checkpoints)))
-    model, meta = ScoringModels({first: checkpoints[first]})(first)
+    model, meta = models(first)
     graph = export_onnx(model, meta.image_size)
     rates = measure_rates(model, graph, meta.image_size, threads, candidates)
     fastest = max(rates, key=rates.__getitem__)
@@ -88,17 +99,14 @@ def choose_runtime(
     reason = f"auto: measured images/s on {threads} thread(s): {measured}"
     if fastest == "torch":
         return RuntimeChoice("torch", reason)
-    return RuntimeChoice(fastest, reason, _checked_graphs(checkpoints, fastest, {first: graph}))
+    return RuntimeChoice(fastest, reason, _checked_graphs(models, fastest, {first: graph}))
 
 
-def _checked_graphs(
-    checkpoints: Mapping[str, tuple[str, CheckpointMeta]], runtime: str, exported: dict[str, bytes] | None = None
-) -> dict[str, bytes]:
+def _checked_graphs(models: ScoringModels, runtime: str, exported: dict[str, bytes] | None = None) -> dict[str, bytes]:
     """Each category's exported graph (those in ``exported`` already are), checked against PyTorch in
     ``runtime``."""
-    models = ScoringModels(checkpoints)
     graphs = dict(exported or {})
-    for name in sorted(checkpoints):
+    for name in sorted(models.checkpoints):
         model, meta = models(name)
         graphs[name] = graphs.get(name) or export_onnx(model, meta.image_size)
         check_parity(model, meta, graphs[name], runtime)

@@ -42,9 +42,8 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from stfpm_ray.core.checkpoint import CheckpointMeta
-from stfpm_ray.core.export import require_runtime
 from stfpm_ray.core.model import describe_precision, resolve_precision
-from stfpm_ray.core.runtimes import EXPORTED, RUNTIMES, choose_runtime
+from stfpm_ray.core.runtimes import check_request, choose_runtime
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE, ScoreSettings, ScoringModels, cpu_chunk, score_block
 from stfpm_ray.data.plan import Plan, decode_block
 from stfpm_ray.errors import UserError
@@ -82,14 +81,8 @@ class ScoringOptions:
         if self.batch_size < 1 or self.map_size < 8 or gpus < 0 or self.cpus_per_actor <= 0:
             raise UserError("batch size must be >= 1, map size >= 8, GPUs per actor >= 0 and CPUs per actor > 0")
         resolve_precision(self.precision, "cpu")  # refuses an unknown precision before any work starts
-        if self.runtime not in RUNTIMES:
-            raise UserError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
-        if self.runtime in EXPORTED:  # what can be refused before the run starts (the rest: choose_runtime)
-            require_runtime(self.runtime)
-            if self.precision == "bf16" or gpus > 0:
-                raise UserError(
-                    f"--runtime {self.runtime} runs fp32 on CPUs: drop --precision bf16 and --gpus-per-actor"
-                )
+        # what can be refused before the run starts; choose_runtime checks again once auto GPUs are resolved
+        check_request(self.runtime, self.device, {"every category": "bf16"} if self.precision == "bf16" else {})
 
     @property
     def device(self) -> str:
