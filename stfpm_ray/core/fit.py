@@ -26,7 +26,7 @@ from stfpm_ray.core.anomaly_map import COMBINATIONS, default_map_sigma
 from stfpm_ray.core.augment import AUGMENTATIONS, photometric_jitter
 from stfpm_ray.core.calibration import CALIBRATED_PRECISION, calibration
 from stfpm_ray.core.checkpoint import CheckpointMeta
-from stfpm_ray.core.model import STFPM, stfpm_loss
+from stfpm_ray.core.model import LOSSES, STFPM, stfpm_loss
 from stfpm_ray.core.students import DEFAULT_STUDENT, RECIPE_FIELDS, OptimizerSettings, student_kind
 from stfpm_ray.core.teacher import DEFAULT_LAYERS, OFFLINE_BACKBONE, Teacher, load_teacher
 from stfpm_ray.data.images import ImageDecodeError, load_image
@@ -77,6 +77,7 @@ class TrainConfig:
     augment: str = "none"
     augment_strength: float = 0.3
     combine: str = "product"
+    loss: str = "position"
     # Gaussian smoothing of the anomaly map in pixels; None: the student kind's default (image_size / 64 where it
     # smooths, see core.anomaly_map), 0: none
     map_sigma: float | None = None
@@ -104,6 +105,8 @@ class TrainConfig:
             self.map_sigma = default_map_sigma(self.image_size) if kind.smooths_maps else 0.0
         if not 0.0 <= self.map_sigma <= self.image_size / 8:
             raise UserError(f"map sigma must be in [0, image size / 8], got {self.map_sigma}")
+        if self.loss not in LOSSES:
+            raise UserError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.combine not in COMBINATIONS:
             raise UserError(f"combine must be one of {', '.join(COMBINATIONS)}, got {self.combine!r}")
         if not 0.0 <= self.augment_strength < 1.0:
@@ -230,7 +233,7 @@ class StudentFitter:
             if self.augments:
                 images = photometric_jitter(images, self.config.augment_strength, generator)
             teacher_features, student_features = self.model(images, teacher_features=self._teacher_features(index))
-            loss = stfpm_loss(teacher_features, student_features)
+            loss = stfpm_loss(teacher_features, student_features, self.config.loss)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -247,7 +250,7 @@ class StudentFitter:
         total = 0.0
         for i in range(0, len(self.val_images), self.config.batch_size):
             images = self.val_images[i : i + self.config.batch_size].to(self.device)
-            total += float(stfpm_loss(*self.core(images))) * len(images)
+            total += float(stfpm_loss(*self.core(images), self.config.loss)) * len(images)
         val_loss = total / len(self.val_images)
         if val_loss < self.best_val_loss:
             self.best_val_loss, self.best_epoch = val_loss, self.epoch

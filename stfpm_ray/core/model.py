@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stfpm_ray.core.anomaly_map import anomaly_map, feature_distance, image_scores, level_distances, smooth_maps
@@ -61,9 +62,19 @@ def describe_precision(precision: str, calibrated: Iterable[str]) -> str:
     return f"precision {precision}"
 
 
-def stfpm_loss(teacher_features: Sequence[Tensor], student_features: Sequence[Tensor]) -> Tensor:
-    """Mean distance over batch and positions, summed over levels."""
-    return sum(feature_distance(t, s).mean() for t, s in zip(teacher_features, student_features, strict=True))
+# ``position``: the map's own distance averaged over positions (every position counts alike); ``flat``: reverse
+# distillation's 1 - cosine of each level's whole flattened map per image (positions count by feature norm).
+LOSSES = ("position", "flat")
+
+
+def stfpm_loss(
+    teacher_features: Sequence[Tensor], student_features: Sequence[Tensor], loss: str = "position"
+) -> Tensor:
+    """Per-image loss averaged over the batch and summed over levels, as :data:`LOSSES` says."""
+    pairs = zip(teacher_features, student_features, strict=True)
+    if loss == "flat":
+        return sum((1 - F.cosine_similarity(t.flatten(1), s.flatten(1), dim=1)).mean() for t, s in pairs)
+    return sum(feature_distance(t, s).mean() for t, s in pairs)
 
 
 class STFPM(nn.Module):
