@@ -117,6 +117,15 @@ def test_target_far_out_of_range_is_refused(far):
         TrainConfig(target_far=far)
 
 
+def test_the_loss_is_a_recipe_field_the_cli_sets_and_checks():
+    parser = argparse.ArgumentParser()
+    add_training_options(parser)
+    assert train_config(parser.parse_args(["--loss", "flat"])).loss == "flat"
+    assert train_config(parser.parse_args([])).loss == "position"
+    with pytest.raises(UserError, match="loss must be one of position, flat"):
+        TrainConfig(loss="l2")
+
+
 def test_the_cli_flag_sets_the_target():
     parser = argparse.ArgumentParser()
     add_training_options(parser)

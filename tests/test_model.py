@@ -39,6 +39,16 @@ def test_loss_averages_over_batch():
     assert stfpm_loss(doubled_t, doubled_s).item() == pytest.approx(2.5)
 
 
+def test_flat_loss_weighs_positions_by_feature_norm():
+    teacher, student = _hand_case()
+    # level 1 flattened: t=(1,3,0,4), s=(0,6,1,8): 1 - 50/sqrt(26*101); the disagreeing position has the small
+    # norm and counts little (the position loss gives it 0.5). Level 2: cosine -1 -> 2.
+    expected = 1 - 50 / (26 * 101) ** 0.5 + 2
+    assert stfpm_loss(teacher, student, "flat").item() == pytest.approx(expected)
+    doubled = [torch.cat([t, t]) for t in teacher], [torch.cat([s, s]) for s in student]
+    assert stfpm_loss(*doubled, "flat").item() == pytest.approx(expected)
+
+
 def test_anomaly_map_hand_computed():
     teacher, student = _hand_case()
     # level 1 map [1, 0] at (1, 2); level 2 map [2] upsampled to [2, 2]; product [2, 0]

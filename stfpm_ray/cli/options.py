@@ -47,6 +47,13 @@ _CONFIG_FLAGS = (
         "anomaly map of the levels: product (official) or sum (each level divided by its mean on held-out good images)",
     ),
     (
+        "--loss",
+        "loss",
+        str,
+        "training loss: position (the map's distance averaged over positions) or flat (reverse distillation's "
+        "1 - cosine of each level's flattened map)",
+    ),
+    (
         "--map-sigma",
         "map_sigma",
         float,
