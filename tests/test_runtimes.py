@@ -22,6 +22,8 @@ from stfpm_ray.core.checkpoint import discover_checkpoints
 from stfpm_ray.core.export import installed
 from stfpm_ray.errors import UserError
 from stfpm_ray.ray.pipeline import ScoringOptions
+from stfpm_ray.store.fs import resolve
+from stfpm_ray.store.graph_cache import GraphCache
 from stfpm_ray.store.scores import ADDED_COLUMNS, SCHEMA
 from stfpm_ray.workflows.score import score_images
 from stfpm_ray.workflows.table import check_table, compact_table
@@ -108,6 +110,42 @@ def test_what_cannot_run_is_one_line_before_anything_runs(trained, synth_root, t
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"pip install 'stfpm-ray[{extra}]'" in err[0], err
     assert not out.exists()
+
+
+def test_a_nightly_exports_once_and_a_damaged_kept_graph_is_exported_again(
+    ray_session, trained, synth_root, tmp_path, monkeypatch
+):
+    """The graph a run exports is kept beside its table: the next run into the table scores the same rows
+    without exporting; a kept graph that no longer loads is exported again and replaced, not fatal."""
+    need(bool(EXPORTED), "needs stfpm-ray[onnx] or [openvino]")
+    runtime, name = EXPORTED[0], trained[1][0]
+    data, out = tmp_path / "data", tmp_path / "scores"
+    shutil.copytree(synth_root / name / "test", data / name / "test")
+    options = ScoringOptions(batch_size=8, runtime=runtime)
+    score_images(trained[0], str(data), out, options, progress=quiet)
+    kept = list((out / "_stfpm" / "graphs").rglob("*.onnx"))
+    assert [path.parent.name for path in kept] == [name]
+    exports = []
+    real_export = runtimes.export_onnx
+    monkeypatch.setattr(runtimes, "export_onnx", lambda *args: exports.append(args) or real_export(*args))
+    score_images(trained[0], str(data), out, options, overwrite=True, progress=quiet)
+    assert exports == [] and list((out / "_stfpm" / "graphs").rglob("*.onnx")) == kept
+    first = read_scores(out).set_index("path").sort_index()
+    kept[0].write_bytes(b"half a graph")
+    score_images(trained[0], str(data), out, options, overwrite=True, progress=quiet)
+    assert len(exports) == 1 and kept[0].read_bytes() != b"half a graph"
+    again = read_scores(out).set_index("path").sort_index()
+    np.testing.assert_allclose(again.score, first.score, rtol=1e-6)
+    assert set(again.runtime) == {runtime}
+
+
+def test_a_category_keeps_one_graph(tmp_path):
+    cache = GraphCache(resolve(str(tmp_path)))
+    cache.put("screw", "model-a", b"a")
+    cache.put("screw.v2", "model-a", b"other category")
+    cache.put("screw", "model-b", b"b")
+    assert cache.get("screw", "model-a") is None and cache.get("screw", "model-b") == b"b"
+    assert cache.get("screw.v2", "model-a") == b"other category"
 
 
 def test_a_table_from_before_the_runtime_column_gains_it_and_stays_whole(ray_session, trained, synth_root, tmp_path):

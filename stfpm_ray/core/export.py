@@ -12,6 +12,7 @@ The decision is not in the graph: the JSON carries the operating point in force,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import math
@@ -84,6 +85,22 @@ def export_onnx(model: STFPM, image_size: int) -> bytes:
         verbose=False,
     )
     return program.model_proto.SerializeToString()
+
+
+@functools.cache
+def _builder_digest() -> str:
+    """torch's version (the exporter) and the source of this package's core (what the graph is traced from)."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def graph_key(meta: CheckpointMeta) -> str:
+    """What names a category's exported graph where graphs are kept between runs
+    (:class:`stfpm_ray.store.graph_cache.GraphCache`): its model and what built it, so that a graph kept by
+    an older build is never taken for this one's."""
+    return f"{meta.model_id}.{_builder_digest()}"
 
 
 def checkpoint_sha256(folder: str | Path) -> str:

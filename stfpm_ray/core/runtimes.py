@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 import torch
 
 from stfpm_ray.core.checkpoint import CheckpointMeta
-from stfpm_ray.core.export import EXTRAS, export_onnx, installed, require_runtime
+from stfpm_ray.core.export import EXTRAS, export_onnx, graph_key, installed, require_runtime
 from stfpm_ray.core.exported import SCORERS, check_parity
 from stfpm_ray.core.model import STFPM
 from stfpm_ray.core.score import ScoringModels, cpu_chunk
 from stfpm_ray.errors import UserError
+from stfpm_ray.store.graph_cache import GraphCache
 
 EXPORTED = tuple(SCORERS)
 RUNTIMES = ("auto", "torch", *EXPORTED)
@@ -74,14 +75,17 @@ def choose_runtime(
     precisions: Mapping[str, str],
     checkpoints: Mapping[str, tuple[str, CheckpointMeta]],
     threads: int,
+    cache: GraphCache | None = None,
 ) -> RuntimeChoice:
     """Resolve ``--runtime`` for actors on ``device`` with ``threads`` each; ``precisions`` is each category's
-    resolved precision. An explicit runtime that cannot run as asked is refused in one line."""
+    resolved precision. An explicit runtime that cannot run as asked is refused in one line. Graphs kept in
+    ``cache`` by earlier runs are used instead of exporting again, once they pass the same parity check."""
     check_request(requested, device, precisions)
     if requested == "torch":
         return RuntimeChoice("torch", "as asked")
+    models = ScoringModels(checkpoints)
     if requested != "auto":
-        return RuntimeChoice(requested, "as asked", _checked_graphs(ScoringModels(checkpoints), requested))
+        return RuntimeChoice(requested, "as asked", _checked_graphs(models, requested, cache))
     not_here = refusal(requested, device, precisions)
     if not_here:
         return RuntimeChoice("torch", f"auto: {not_here}, which PyTorch runs")
@@ -89,28 +93,39 @@ def choose_runtime(
     if not candidates:
         extras = " or ".join(f"'stfpm-ray[{EXTRAS[name][0]}]'" for name in EXPORTED)
         return RuntimeChoice("torch", f"auto: no other runtime installed (pip install {extras})")
-    models = ScoringModels(checkpoints)
     first = next(iter(sorted(checkpoints)))
     model, meta = models(first)
-    graph = export_onnx(model, meta.image_size)
+    graph = _checked_graph(model, meta, candidates[0], cache)
     rates = measure_rates(model, graph, meta.image_size, threads, candidates)
     fastest = max(rates, key=rates.__getitem__)
     measured = ", ".join(f"{name} {rate:.1f}" for name, rate in sorted(rates.items(), key=lambda kv: -kv[1]))
     reason = f"auto: measured images/s on {threads} thread(s): {measured}"
     if fastest == "torch":
         return RuntimeChoice("torch", reason)
-    return RuntimeChoice(fastest, reason, _checked_graphs(models, fastest, {first: graph}))
+    return RuntimeChoice(fastest, reason, _checked_graphs(models, fastest, cache))
 
 
-def _checked_graphs(models: ScoringModels, runtime: str, exported: dict[str, bytes] | None = None) -> dict[str, bytes]:
-    """Each category's exported graph (those in ``exported`` already are), checked against PyTorch in
-    ``runtime``."""
-    graphs = dict(exported or {})
-    for name in sorted(models.checkpoints):
-        model, meta = models(name)
-        graphs[name] = graphs.get(name) or export_onnx(model, meta.image_size)
-        check_parity(model, meta, graphs[name], runtime)
-    return graphs
+def _checked_graphs(models: ScoringModels, runtime: str, cache: GraphCache | None) -> dict[str, bytes]:
+    """Each category's exported graph, checked against PyTorch in ``runtime``."""
+    return {name: _checked_graph(*models(name), runtime, cache) for name in sorted(models.checkpoints)}
+
+
+def _checked_graph(model: STFPM, meta: CheckpointMeta, runtime: str, cache: GraphCache | None) -> bytes:
+    """The category's graph kept in ``cache`` if it scores as ``model`` does in ``runtime``, else a new export
+    (checked the same way, then kept)."""
+    key = graph_key(meta)
+    kept = cache.get(meta.category, key) if cache is not None else None
+    if kept is not None:
+        try:
+            check_parity(model, meta, kept, runtime)
+            return kept
+        except Exception:  # a damaged or foreign file fails in the runtime's own ways: export again instead
+            pass
+    graph = export_onnx(model, meta.image_size)
+    check_parity(model, meta, graph, runtime)
+    if cache is not None:
+        cache.put(meta.category, key, graph)
+    return graph
 
 
 def measure_rates(model: STFPM, graph: bytes, image_size: int, threads: int, runtimes: list[str]) -> dict[str, float]:

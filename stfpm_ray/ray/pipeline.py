@@ -50,6 +50,7 @@ from stfpm_ray.errors import UserError
 from stfpm_ray.progress import Meter, Progress
 from stfpm_ray.ray.resources import DECODE_CPUS, actor_pool_size, gpus_each
 from stfpm_ray.ray.session import cluster_capacity, init_ray
+from stfpm_ray.store.graph_cache import GraphCache
 from stfpm_ray.store.scores import ROWS_PER_FILE, SCHEMA, DataFile, ScoresTable, write_data_files
 
 DEFAULT_BATCH_SIZE = 32
@@ -227,7 +228,9 @@ def score_plan(
         name: resolve_precision(options.precision, options.device, meta.operating_point.precision)
         for name, (_, meta) in meets.items()
     }
-    runtime = choose_runtime(options.runtime, options.device, precisions, meets, options.threads)
+    runtime = choose_runtime(
+        options.runtime, options.device, precisions, meets, options.threads, GraphCache(table.location)
+    )
     progress(
         f"run {run_id}: {pool[0]}-{pool[1]} scoring actors on {options.device.upper()} ({each} each), "
         f"{describe_precision(options.precision, calibrated)}, runtime {runtime.runtime} ({runtime.reason}), "
