@@ -107,7 +107,9 @@ STUDENTS: dict[str, StudentKind] = {
         help="a decoder reading the teacher's features through a bottleneck (reverse distillation; Adam)",
         build=_reverse,
         reads_features=True,
-        recipe=Recipe(epochs=100, batch_size=16, lr=0.005),
+        # 200 epochs as reverse distillation trains: at 100, screw's best epochs were 96-100 (still learning);
+        # 200 reached 0.958 against 0.946 with the same seed (README: what the defaults were chosen from)
+        recipe=Recipe(epochs=200, batch_size=16, lr=0.005),
         optimizer=_adam,
         unused_parameters=False,
         smooths_maps=True,  # as reverse distillation does: image AUROC up on every shared real category
