@@ -81,7 +81,7 @@ def test_nightly_shows_no_table_modes_but_takes_incremental_out_of_habit(capsys)
 def test_the_recipe_follows_the_student_unless_given(capsys):
     keys = ("student", "lr", "epochs", "batch-size")
     values = _printed(capsys, ["train", *REQUIRED["train"]])
-    assert tuple(values[k] for k in keys) == ("reverse", 0.005, 100, 16)
+    assert tuple(values[k] for k in keys) == ("reverse", 0.005, 200, 16)
     mirror = _printed(capsys, ["train", *REQUIRED["train"], "--student", "mirror"])
     assert tuple(mirror[k] for k in keys) == ("mirror", 0.4, 50, 32)
     given = _printed(capsys, ["train", *REQUIRED["train"], "--student", "mirror", "--lr", "0.1", "--epochs", "7"])
