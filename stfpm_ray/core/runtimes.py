@@ -102,17 +102,26 @@ def choose_runtime(
     reason = f"auto: measured images/s on {threads} thread(s): {measured}"
     if fastest == "torch":
         return RuntimeChoice("torch", reason)
-    return RuntimeChoice(fastest, reason, _checked_graphs(models, fastest, cache))
+    return RuntimeChoice(fastest, reason, _checked_graphs(models, fastest, cache, {first: graph}))
 
 
-def _checked_graphs(models: ScoringModels, runtime: str, cache: GraphCache | None) -> dict[str, bytes]:
-    """Each category's exported graph, checked against PyTorch in ``runtime``."""
-    return {name: _checked_graph(*models(name), runtime, cache) for name in sorted(models.checkpoints)}
+def _checked_graphs(
+    models: ScoringModels, runtime: str, cache: GraphCache | None, made: Mapping[str, bytes] | None = None
+) -> dict[str, bytes]:
+    """Each category's exported graph (``made``: those this run has already), checked against PyTorch in
+    ``runtime``."""
+    made = made or {}
+    return {name: _checked_graph(*models(name), runtime, cache, made.get(name)) for name in sorted(models.checkpoints)}
 
 
-def _checked_graph(model: STFPM, meta: CheckpointMeta, runtime: str, cache: GraphCache | None) -> bytes:
-    """The category's graph kept in ``cache`` if it scores as ``model`` does in ``runtime``, else a new export
-    (checked the same way, then kept)."""
+def _checked_graph(
+    model: STFPM, meta: CheckpointMeta, runtime: str, cache: GraphCache | None, made: bytes | None = None
+) -> bytes:
+    """``made`` if given, else the category's graph kept in ``cache`` if it scores as ``model`` does in
+    ``runtime``, else a new export (checked the same way, then kept)."""
+    if made is not None:
+        check_parity(model, meta, made, runtime)
+        return made
     key = graph_key(meta)
     kept = cache.get(meta.category, key) if cache is not None else None
     if kept is not None:
