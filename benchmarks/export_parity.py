@@ -25,7 +25,7 @@ from stfpm_ray.core.score import load_scoring_model
 from stfpm_ray.data.images import load_image
 from stfpm_ray.data.mvtec import test_samples
 from stfpm_ray.evaluate.metrics import image_auroc
-from stfpm_ray.workflows.export import export_models
+from stfpm_ray.workflows.export import FORMATS, export_models
 
 
 def outputs(predict, images: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,8 +36,7 @@ def outputs(predict, images: torch.Tensor, batch_size: int) -> tuple[np.ndarray,
 
 def exported_predict(out: Path, record: dict) -> Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]:
     """``(maps, scores)`` of a batch by the written export file, read back by its own runtime."""
-    runtime = "onnxruntime" if record["format"] == "onnx" else "openvino"
-    scorer = SCORERS[runtime](str(out / record["model_file"]), None)
+    scorer = SCORERS[FORMATS[record["format"]]](str(out / record["model_file"]), None)
     return lambda batch: tuple(t.numpy() for t in scorer.predict(batch))
 
 

@@ -25,7 +25,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stfpm_ray.core.anomaly_map import combine_levels, image_scores, level_distances, shrink_maps, smooth_maps
+from stfpm_ray.core.anomaly_map import (
+    combine_levels,
+    default_map_sigma,
+    image_scores,
+    level_distances,
+    shrink_maps,
+    smooth_maps,
+)
 from stfpm_ray.core.checkpoint import discover_checkpoints, load_checkpoint
 from stfpm_ray.core.fit import load_images, split_train_val
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE
@@ -55,13 +62,15 @@ IMAGE_SCORES = {"max": image_scores, "top 0.1%": top_fraction_mean(0.001), "top 
 @torch.inference_mode()
 def distances(model, paths: Sequence[str], size: int) -> list[Tensor]:
     """Per-level distance maps of ``paths`` at each level's resolution, float32."""
-    batches = []
-    for start in range(0, len(paths), BATCH):
-        images, problems = load_images(paths[start : start + BATCH], size)
-        if problems:
-            raise SystemExit(f"cannot read test images: {problems}")
-        batches.append(level_distances(*model(images)))
+    batches = [level_distances(*model(_images(paths[i : i + BATCH], size))) for i in range(0, len(paths), BATCH)]
     return [torch.cat(level) for level in zip(*batches)]
+
+
+def _images(paths: Sequence[str], size: int) -> Tensor:
+    images, problems = load_images(paths, size)
+    if problems:
+        raise SystemExit(f"cannot read images: {problems}")
+    return images
 
 
 def level_subsets(count: int) -> dict[str, tuple[int, ...]]:
@@ -81,10 +90,10 @@ def category_rows(folder: Path, data: str, seed: int, val_fraction: float, check
     samples = test_samples(data, category)
     _, held_out = split_train_val(train_images(data, category), val_fraction, seed)
     test = distances(model, [s.path for s in samples], size)
-    scales = [float(level.mean()) for level in distances(model, held_out, size)]
+    scales = model.mean_level_distances(_images(held_out, size), BATCH)  # as training measures them for --combine sum
     labels = np.array([s.label for s in samples])
     masks = [load_mask(s.mask_path, DEFAULT_MAP_SIZE) if s.mask_path else None for s in samples]
-    default_sigma = size / 64
+    default_sigma = default_map_sigma(size)
     rows = []
     for combine, (levels_name, levels), sigma in itertools.product(
         ("product", "sum"), level_subsets(len(test)).items(), (0.0, default_sigma, 2 * default_sigma)

@@ -83,7 +83,7 @@ class ScoringOptions:
             raise UserError("batch size must be >= 1, map size >= 8, GPUs per actor >= 0 and CPUs per actor > 0")
         resolve_precision(self.precision, "cpu")  # refuses an unknown precision before any work starts
         # what can be refused before the run starts; choose_runtime checks again once auto GPUs are resolved
-        check_request(self.runtime, self.device, {"every category": "bf16"} if self.precision == "bf16" else {})
+        check_request(self.runtime, self.device, {"all categories": "bf16"} if self.precision == "bf16" else {})
 
     @property
     def device(self) -> str:
