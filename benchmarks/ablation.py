@@ -60,7 +60,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 @torch.inference_mode()
-def test_quality(model, root: str, category: str, size: int) -> tuple[float, float, float]:
+def test_quality(model, root: str, category: str, size: tuple[int, int]) -> tuple[float, float, float]:
     """(image AUROC, pixel AUROC, scoring images/s) of a fitted model on the category's labelled test split."""
     samples = test_samples(root, category)
     images, _ = load_images([s.path for s in samples], size)
@@ -71,7 +71,7 @@ def test_quality(model, root: str, category: str, size: int) -> tuple[float, flo
     maps = shrink_maps(torch.cat(maps), DEFAULT_MAP_SIZE).numpy()
     pixels = PixelMetrics(max_score=float(maps.max()))
     for anomaly_map, sample in zip(maps, samples):
-        pixels.update(anomaly_map, load_mask(sample.mask_path, DEFAULT_MAP_SIZE) if sample.mask_path else None)
+        pixels.update(anomaly_map, load_mask(sample.mask_path, anomaly_map.shape) if sample.mask_path else None)
     labels = np.array([s.label for s in samples])
     return image_auroc(labels, torch.cat(scores).numpy()), pixels.pixel_auroc(), rate
 
@@ -87,7 +87,7 @@ def run(
                 started = time.perf_counter()
                 model, meta, fitter = fit_category(root, category, config)
                 seconds = time.perf_counter() - started
-                image, pixel, score_rate = test_quality(model, root, category, config.image_size)
+                image, pixel, score_rate = test_quality(model, root, category, meta.input_size)
                 train_rate = config.epochs * len(fitter.train_images) / seconds
                 rows.append(
                     (

@@ -122,7 +122,7 @@ def _recalibrated(good: np.ndarray, defective: np.ndarray, known_count: int, arg
 def category_rows(root: str, name: str, folder: str, args: argparse.Namespace) -> list[tuple]:
     """One table row per (day, calibration) of one category."""
     model, meta = load_scoring_model(folder)
-    size, training = meta.image_size, meta.training
+    size, training = meta.input_size, meta.training
     _, val_paths = split_train_val(train_images(root, name), training["val_fraction"], training["seed"])
     val_images = [load_image(p, size) for p in val_paths]
     val = _scores(model, val_images, DAYS["same day"])

@@ -45,7 +45,7 @@ def compare(checkpoints: Path, out: Path, data: Path, record: dict, batch_size: 
     category = record["category"]
     model, meta = load_scoring_model(str(checkpoints / category))
     samples = test_samples(data, category)
-    images = torch.from_numpy(np.stack([load_image(s.path, meta.image_size) for s in samples])).permute(0, 3, 1, 2)
+    images = torch.from_numpy(np.stack([load_image(s.path, meta.input_size) for s in samples])).permute(0, 3, 1, 2)
     labels = np.array([s.label for s in samples])
     torch_out = outputs(lambda b: tuple(t.numpy() for t in model.predict(b, "fp32")), images, batch_size)
     onnx_out = outputs(exported_predict(out, record), images, batch_size)

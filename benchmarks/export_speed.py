@@ -63,9 +63,9 @@ def main() -> None:
     model, meta = load_scoring_model(str(args.checkpoint))
     samples = test_samples(args.data, meta.category)[: args.images or None]
     labels = np.array([s.label for s in samples])
-    images = torch.from_numpy(np.stack([load_image(s.path, meta.image_size) for s in samples])).permute(0, 3, 1, 2)
+    images = torch.from_numpy(np.stack([load_image(s.path, meta.input_size) for s in samples])).permute(0, 3, 1, 2)
     threads = torch.get_num_threads()
-    graph = export_onnx(model, meta.image_size)
+    graph = export_onnx(model, meta.input_size)
     chunk, batch = cpu_chunk("cpu", threads), args.batch_size
     rows = {
         f"torch fp32, chunks of {chunk}": (lambda b: model.predict(b, "fp32"), chunk),

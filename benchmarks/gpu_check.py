@@ -117,7 +117,7 @@ def details(*parts: str) -> str:
 
 def train(args: argparse.Namespace, root: Path, category: str, folder: Path, table: Table) -> tuple[STFPM, Any]:
     """Fit the category on the device; returns the model and its saved checkpoint's metadata."""
-    config = TrainConfig(image_size=args.image_size, epochs=args.epochs, weights="offline")
+    config = TrainConfig(image_size=args.image_size, aspect="square", epochs=args.epochs, weights="offline")
     fitted: dict[str, Any] = {}
     rates: list[float] = []
 
@@ -226,7 +226,7 @@ def runtimes(folder: Path, meta: CheckpointMeta, args: argparse.Namespace, table
         return
     model, _ = ScoringModels(checkpoints)(meta.category)  # on the CPU, as a CPU actor loads it
     threads = os.cpu_count() or 1
-    rates = measure_rates(model, export_onnx(model, meta.image_size), meta.image_size, threads, others)
+    rates = measure_rates(model, export_onnx(model, meta.input_size), meta.input_size, threads, others)
     table.add(
         "CPU forward by runtime",
         ", ".join(f"{name} {rate:.1f}" for name, rate in rates.items()) + " images/s",

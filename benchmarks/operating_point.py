@@ -68,7 +68,7 @@ def _rate(hits: int, total: int) -> str:
 
 
 @torch.inference_mode()
-def test_scores(model, meta, root: str, category: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+def test_scores(model, meta, root: str, category: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(scores, labels) of the test split, scored as the Ray actors score them."""
     samples = test_samples(root, category)
     images, _ = load_images([s.path for s in samples], size)
@@ -80,7 +80,7 @@ def measure(dataset: str, root: str, category: str, config: TrainConfig) -> Fit:
     started = time.perf_counter()
     model, meta, fitter = fit_category(root, category, config)
     val = validation_scores(model, fitter.val_images, config.batch_size)  # before for_inference rewrites model
-    scores, labels = test_scores(model, meta, root, category, config.image_size)
+    scores, labels = test_scores(model, meta, root, category, meta.input_size)
     fit = Fit(dataset, category, config.seed, meta.threshold, val, scores[labels == 0], scores[labels == 1])
     print(fixed_width_table(COLUMNS, [_row(fit)]) + f"\n  ({time.perf_counter() - started:.0f} s)", flush=True)
     return fit

@@ -48,7 +48,7 @@ def run(
 
 
 def compare(
-    model: STFPM, root: str | Path, category: str, size: int, batch_size: int, device: str
+    model: STFPM, root: str | Path, category: str, size: tuple[int, int], batch_size: int, device: str
 ) -> dict[str, dict[str, float]]:
     """Print the table of the three paths on the category's test images and return its rows (path ->
     image_auroc, pixel_auroc, max_dev, mean_dev, images_per_s); leaves ``model`` rewritten."""
@@ -57,7 +57,7 @@ def compare(
     labels = np.array([s.label for s in samples])
     masks = np.stack([load_mask(s.mask_path, size) for s in samples]).ravel()
     print(
-        f"{category}: {len(samples)} test images at {size} px, device {device}, "
+        f"{category}: {len(samples)} test images at {size[0]}x{size[1]} px, device {device}, "
         f"batch {batch_size}, torch {torch.get_num_threads()} threads"
     )
 
@@ -97,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, meta = load_checkpoint(args.checkpoint, device=args.device)
-    compare(model, args.data, meta.category, meta.image_size, args.batch_size, args.device)
+    compare(model, args.data, meta.category, meta.input_size, args.batch_size, args.device)
 
 
 if __name__ == "__main__":

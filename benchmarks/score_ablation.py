@@ -60,13 +60,13 @@ IMAGE_SCORES = {"max": image_scores, "top 0.1%": top_fraction_mean(0.001), "top 
 
 
 @torch.inference_mode()
-def distances(model, paths: Sequence[str], size: int) -> list[Tensor]:
+def distances(model, paths: Sequence[str], size: tuple[int, int]) -> list[Tensor]:
     """Per-level distance maps of ``paths`` at each level's resolution, float32."""
     batches = [level_distances(*model(_images(paths[i : i + BATCH], size))) for i in range(0, len(paths), BATCH)]
     return [torch.cat(level) for level in zip(*batches)]
 
 
-def _images(paths: Sequence[str], size: int) -> Tensor:
+def _images(paths: Sequence[str], size: tuple[int, int]) -> Tensor:
     images, problems = load_images(paths, size)
     if problems:
         raise SystemExit(f"cannot read images: {problems}")
@@ -86,20 +86,21 @@ def category_rows(folder: Path, data: str, seed: int, val_fraction: float, check
     """Every variant's image and pixel AUROC for one trained category of a benchmark folder."""
     model, meta = load_checkpoint(checkpoint)
     model = model.for_inference()
-    category, size = meta.category, meta.image_size
+    category, size = meta.category, meta.input_size
     samples = test_samples(data, category)
     _, held_out = split_train_val(train_images(data, category), val_fraction, seed)
     test = distances(model, [s.path for s in samples], size)
     scales = model.mean_level_distances(_images(held_out, size), BATCH)  # as training measures them for --combine sum
     labels = np.array([s.label for s in samples])
-    masks = [load_mask(s.mask_path, DEFAULT_MAP_SIZE) if s.mask_path else None for s in samples]
-    default_sigma = default_map_sigma(size)
+    map_shape = tuple(shrink_maps(torch.zeros(1, *size), DEFAULT_MAP_SIZE).shape[1:])  # as score stores maps
+    masks = [load_mask(s.mask_path, map_shape) if s.mask_path else None for s in samples]
+    default_sigma = default_map_sigma(meta.image_size)
     rows = []
     for combine, (levels_name, levels), sigma in itertools.product(
         ("product", "sum"), level_subsets(len(test)).items(), (0.0, default_sigma, 2 * default_sigma)
     ):
         chosen_scales = [scales[i] for i in levels] if combine == "sum" else None
-        maps = smooth_maps(combine_levels([test[i] for i in levels], (size, size), chosen_scales), sigma)
+        maps = smooth_maps(combine_levels([test[i] for i in levels], size, chosen_scales), sigma)
         pixel = float("nan")
         if any(mask is not None for mask in masks):
             stored = shrink_maps(maps, DEFAULT_MAP_SIZE).numpy()

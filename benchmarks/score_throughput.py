@@ -101,7 +101,7 @@ def score_decoded(
 def single_process(paths: list[Path], ckpt: Path, batch_size: int, chunk: int, map_size: int, precision: str) -> None:
     model, meta = load_scoring_model(str(ckpt))
     for i in range(0, len(paths), batch_size):
-        images = np.stack([load_image(p, meta.image_size) for p in paths[i : i + batch_size]])
+        images = np.stack([load_image(p, meta.input_size) for p in paths[i : i + batch_size]])
         score_decoded(model, meta, torch.from_numpy(images).permute(0, 3, 1, 2), chunk, map_size, precision)
 
 

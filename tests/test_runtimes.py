@@ -77,7 +77,7 @@ def _model_and_graph(found: dict) -> tuple:
     from stfpm_ray.core.score import ScoringModels
 
     model, meta = ScoringModels(found)(next(iter(found)))
-    return model, export_onnx(model, meta.image_size), meta.image_size
+    return model, export_onnx(model, meta.input_size), meta.input_size
 
 
 def test_what_exported_graphs_cannot_run_is_torch_under_auto_and_refused_when_asked(trained, monkeypatch):

@@ -32,7 +32,19 @@ AUTO = "auto"
 _CONFIG_FLAGS = (
     ("--epochs", "epochs", int, "epochs per category"),
     ("--batch-size", "batch_size", int, "images per optimizer step (split across a category's workers)"),
-    ("--image-size", "image_size", int, "model input side in pixels, a multiple of 32"),
+    (
+        "--image-size",
+        "image_size",
+        int,
+        "model input side in pixels (the short side with --aspect keep), a multiple of 32",
+    ),
+    (
+        "--aspect",
+        "aspect",
+        str,
+        "keep: the long side follows the category's training images (their median aspect, up to 4:1); "
+        "square: every image squashed to image-size x image-size",
+    ),
     ("--student", "student", str, "the student kind"),  # its choices and help come from the registry
     ("--lr", "lr", float, "learning rate: SGD's for a mirror student, Adam's for a reverse one"),
     ("--backbone", "backbone", str, "timm backbone of teacher and student (offline: tf_efficientnet_lite0/1/2)"),
@@ -225,7 +237,9 @@ def add_scoring_options(parser: argparse.ArgumentParser) -> None:
         help="GPUs per scoring actor (0: CPU); auto: 1 where the Ray cluster has GPUs, else 0",
     )
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per actor")
-    parser.add_argument("--map-size", type=int, default=DEFAULT_MAP_SIZE, help="stored anomaly map side in pixels")
+    parser.add_argument(
+        "--map-size", type=int, default=DEFAULT_MAP_SIZE, help="stored anomaly map's short side in pixels (aspect kept)"
+    )
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,

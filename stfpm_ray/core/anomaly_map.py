@@ -96,10 +96,14 @@ def smooth_maps(maps: Tensor, sigma: float) -> Tensor:
     return F.conv2d(x, kernel.view(1, 1, -1, 1)).squeeze(1)
 
 
-def shrink_maps(maps: Tensor, size: int) -> Tensor:
-    """Full-size maps (N, H, W) reduced to ``size`` x ``size`` for storage, by area averaging: every stored
-    pixel is the mean of the pixels it covers, so a small defect keeps its mass instead of being skipped."""
-    return F.interpolate(maps.unsqueeze(1), size=(size, size), mode="area").squeeze(1)
+def shrink_maps(maps: Tensor, side: int) -> Tensor:
+    """Full-size maps (N, H, W) reduced for storage to the short side ``side``, aspect kept, by area averaging:
+    every stored pixel is the mean of the pixels it covers, so a small defect keeps its mass instead of being
+    skipped."""
+    height, width = maps.shape[-2:]
+    scale = side / min(height, width)
+    size = max(1, round(height * scale)), max(1, round(width * scale))
+    return F.interpolate(maps.unsqueeze(1), size=size, mode="area").squeeze(1)
 
 
 def image_scores(maps: Tensor) -> Tensor:

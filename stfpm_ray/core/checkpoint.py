@@ -55,6 +55,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "backbone": (str,),
     "layers": (list,),
     "image_size": (int,),
+    "input_shape": (list, type(None)),
     "teacher_source": (str,),
     "teacher_sha256": (str,),
     "threshold": (int, float),
@@ -111,6 +112,9 @@ class CheckpointMeta:
     threshold: float
     normalization: dict[str, float]
     training: dict[str, Any] = field(default_factory=dict)
+    # [height, width] of a model trained with the aspect kept on non-square images (core.input_size); None:
+    # image_size x image_size, as every checkpoint written before the field existed.
+    input_shape: list[int] | None = None
     # How levels combine into the map: product, or sum with these validation scales (core.anomaly_map).
     # Checkpoints written before the option existed lack both fields and score with the product.
     combine: str = "product"
@@ -132,6 +136,11 @@ class CheckpointMeta:
     format_version: int = FORMAT_VERSION
 
     @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) the model scores images at."""
+        return (self.input_shape[0], self.input_shape[1]) if self.input_shape else (self.image_size, self.image_size)
+
+    @property
     def operating_history(self) -> list[OperatingPoint]:
         """Every operating point the checkpoint has had, training's first; the last one is in force."""
         return [training_point(self.threshold, self.calibration), *map(later_point, self.operating_points)]
@@ -145,6 +154,8 @@ class CheckpointMeta:
 def _model_id(weights: bytes, meta: CheckpointMeta) -> str:
     digest = hashlib.sha256(weights)
     digest.update(f"{meta.teacher_sha256}:{meta.image_size}:{meta.threshold!r}".encode())
+    if meta.input_shape:  # non-square input; square ones keep the identity they had before the field existed
+        digest.update(f"shape:{meta.input_shape}".encode())
     if meta.level_scales is not None:  # the map itself depends on them
         digest.update(repr([float(v) for v in meta.level_scales]).encode())
     if meta.map_sigma:  # and on this
@@ -201,6 +212,10 @@ def _field_problem(raw: dict[str, Any]) -> str | None:
     wrong = [name for name, value in raw.items() if not isinstance(value, _FIELD_TYPES[name])]
     if isinstance(raw.get("layers"), list) and not all(type(v) is int for v in raw["layers"]):
         wrong.append("layers")
+    if isinstance(shape := raw.get("input_shape"), list) and not (
+        len(shape) == 2 and all(type(v) is int and v >= 32 and v % 32 == 0 for v in shape)
+    ):
+        wrong.append("input_shape")
     if isinstance(raw.get("level_scales"), list) and not all(isinstance(v, (int, float)) for v in raw["level_scales"]):
         wrong.append("level_scales")
     if isinstance(raw.get("operating_points"), list) and not all(map(_is_operating_point, raw["operating_points"])):

@@ -68,11 +68,11 @@ def require_runtime(runtime: str = "onnxruntime") -> None:
         )
 
 
-def export_onnx(model: STFPM, image_size: int) -> bytes:
-    """The serialised ONNX model of ``model`` (a scoring model, on CPU) for ``image_size`` square images."""
+def export_onnx(model: STFPM, size: tuple[int, int]) -> bytes:
+    """The serialised ONNX model of ``model`` (a scoring model, on CPU) for images of ``size`` (height, width)."""
     if missing := [name for name in _EXPORTER if importlib.util.find_spec(name) is None]:
         raise UserError(f"exporting needs {', '.join(missing)}: pip install 'stfpm-ray[onnx]'")
-    images = torch.randint(0, 256, (_TRACE_BATCH, 3, image_size, image_size), dtype=torch.uint8)
+    images = torch.randint(0, 256, (_TRACE_BATCH, 3, *size), dtype=torch.uint8)
     program = torch.onnx.export(
         ExportedScorer(model).eval(),
         (images,),
@@ -133,7 +133,14 @@ def export_record(folder: str | Path, meta: CheckpointMeta, model_file: str, fmt
         "model_file": model_file,
         "category": meta.category,
         "image_size": meta.image_size,
-        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW", "channels": "RGB"},
+        "input": {
+            "name": INPUT_NAME,
+            "dtype": "uint8",
+            "layout": "NCHW",
+            "channels": "RGB",
+            "height": meta.input_size[0],
+            "width": meta.input_size[1],
+        },
         "outputs": list(OUTPUT_NAMES),
         "threshold": point.threshold,
         # null for checkpoints older than the record of their target (their threshold is the validation maximum)

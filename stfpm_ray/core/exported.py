@@ -78,9 +78,8 @@ def parity(
 def check_parity(model: STFPM, meta: CheckpointMeta, graph: bytes, runtime: str = "onnxruntime") -> None:
     """Run the exported graph in ``runtime`` on probe images and refuse it unless it scores them as the PyTorch
     model does."""
-    size = meta.image_size
     images = torch.randint(
-        0, 256, (_PROBE_BATCH, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+        0, 256, (_PROBE_BATCH, 3, *meta.input_size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
     expected = tuple(t.numpy() for t in model.predict(images, "fp32"))
     got = tuple(t.numpy() for t in SCORERS[runtime](graph, None).predict(images))

@@ -26,10 +26,11 @@ from stfpm_ray.core.anomaly_map import COMBINATIONS, default_map_sigma
 from stfpm_ray.core.augment import AUGMENTATIONS, photometric_jitter
 from stfpm_ray.core.calibration import CALIBRATED_PRECISION, calibration
 from stfpm_ray.core.checkpoint import CheckpointMeta
+from stfpm_ray.core.input_size import ASPECTS, category_aspect, input_size
 from stfpm_ray.core.model import LOSSES, STFPM, stfpm_loss
 from stfpm_ray.core.students import DEFAULT_STUDENT, RECIPE_FIELDS, OptimizerSettings, student_kind
 from stfpm_ray.core.teacher import DEFAULT_LAYERS, OFFLINE_BACKBONE, Teacher, load_teacher
-from stfpm_ray.data.images import ImageDecodeError, load_image
+from stfpm_ray.data.images import ImageDecodeError, Size, load_image
 from stfpm_ray.data.mvtec import DatasetError, train_images
 from stfpm_ray.errors import UserError
 
@@ -66,6 +67,9 @@ class TrainConfig:
     layers: tuple[int, ...] = DEFAULT_LAYERS
     weights: str = "auto"
     image_size: int = 256
+    # keep: the short side is image_size, the long one follows the category's images; square: image_size x
+    # image_size (core.input_size)
+    aspect: str = "keep"
     # None: the student kind's recipe
     epochs: int | None = None
     batch_size: int | None = None
@@ -95,6 +99,8 @@ class TrainConfig:
                 setattr(self, name, getattr(recipe, name))
         if self.image_size < 32 or self.image_size % 32:
             raise UserError(f"image size must be a multiple of 32 and >= 32, got {self.image_size}")
+        if self.aspect not in ASPECTS:
+            raise UserError(f"aspect must be one of {', '.join(ASPECTS)}, got {self.aspect!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise UserError("epochs and batch size must be >= 1")
         if not 0.0 < self.val_fraction < 1.0:
@@ -134,7 +140,7 @@ def split_train_val(paths: Sequence[str], val_fraction: float, seed: int) -> tup
     return train, val
 
 
-def load_images(paths: Sequence[str | Path], size: int) -> tuple[Tensor, list[str]]:
+def load_images(paths: Sequence[str | Path], size: Size) -> tuple[Tensor, list[str]]:
     """Decode to one uint8 NCHW tensor; unreadable files are skipped and returned as messages."""
     arrays, problems = [], []
     for path in paths:
@@ -297,6 +303,7 @@ def build_meta(
     category: str, config: TrainConfig, teacher: Teacher, fitter: StudentFitter, val_scores: np.ndarray, extra: dict
 ) -> CheckpointMeta:
     threshold, stats, record = calibration(val_scores, config.target_far, CALIBRATED_PRECISION)
+    height, width = fitter.train_images.shape[-2:]
     training = {
         **{k: v for k, v in asdict(config).items() if k not in ("backbone", "layers", "weights", "image_size")},
         "best_epoch": fitter.best_epoch,
@@ -310,6 +317,7 @@ def build_meta(
         backbone=config.backbone,
         layers=list(config.layers),
         image_size=config.image_size,
+        input_shape=None if height == width else [height, width],
         teacher_source=teacher.source,
         teacher_sha256=teacher.sha256,
         threshold=threshold,
@@ -324,10 +332,14 @@ def build_meta(
 
 
 def prepare_category(root: str | Path, category: str, config: TrainConfig) -> tuple[Tensor, Tensor, list[str]]:
-    """Split and decode a category's training images into train and validation tensors."""
-    train_paths, val_paths = split_train_val(train_images(root, category), config.val_fraction, config.seed)
-    train, bad_train = load_images(train_paths, config.image_size)
-    val, bad_val = load_images(val_paths, config.image_size)
+    """Split and decode a category's training images into train and validation tensors, at the input size the
+    config asks for (:mod:`stfpm_ray.core.input_size`)."""
+    paths = train_images(root, category)
+    train_paths, val_paths = split_train_val(paths, config.val_fraction, config.seed)
+    aspect = category_aspect(paths) if config.aspect == "keep" else 1.0
+    size = input_size(config.image_size, aspect)
+    train, bad_train = load_images(train_paths, size)
+    val, bad_val = load_images(val_paths, size)
     return train, val, bad_train + bad_val
 
 
@@ -400,6 +412,7 @@ def fit_category(
             metrics: dict = {"category": category, **fitter.train_epoch(), **fitter.validate()}
             # Each worker saw 1/world_size of the epoch in the same time: the group's rate is world_size times.
             metrics.update(epoch=fitter.epoch, epochs=config.epochs, images_per_s=metrics["images_per_s"] * world_size)
+            metrics["input_size"] = tuple(train.shape[-2:])  # (height, width), a tuple as history is; printed once
             if on_epoch:
                 on_epoch(fitter, metrics)
         fitter.restore_best()

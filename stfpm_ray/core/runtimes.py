@@ -96,7 +96,7 @@ def choose_runtime(
     first = next(iter(sorted(checkpoints)))
     model, meta = models(first)
     graph = _checked_graph(model, meta, candidates[0], cache)
-    rates = measure_rates(model, graph, meta.image_size, threads, candidates)
+    rates = measure_rates(model, graph, meta.input_size, threads, candidates)
     fastest = max(rates, key=rates.__getitem__)
     measured = ", ".join(f"{name} {rate:.1f}" for name, rate in sorted(rates.items(), key=lambda kv: -kv[1]))
     reason = f"auto: measured images/s on {threads} thread(s): {measured}"
@@ -130,17 +130,19 @@ def _checked_graph(
             return kept
         except Exception:  # a damaged or foreign file fails in the runtime's own ways: export again instead
             pass
-    graph = export_onnx(model, meta.image_size)
+    graph = export_onnx(model, meta.input_size)
     check_parity(model, meta, graph, runtime)
     if cache is not None:
         cache.put(meta.category, key, graph)
     return graph
 
 
-def measure_rates(model: STFPM, graph: bytes, image_size: int, threads: int, runtimes: list[str]) -> dict[str, float]:
+def measure_rates(
+    model: STFPM, graph: bytes, size: tuple[int, int], threads: int, runtimes: list[str]
+) -> dict[str, float]:
     """Images/s of PyTorch (in the actors' chunks) and of each of ``runtimes`` on the same probe images and
     threads."""
-    images = torch.randint(0, 256, (_PROBE_IMAGES, 3, image_size, image_size), dtype=torch.uint8)
+    images = torch.randint(0, 256, (_PROBE_IMAGES, 3, *size), dtype=torch.uint8)
     chunk = cpu_chunk("cpu", threads) or _PROBE_IMAGES
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -23,6 +23,7 @@ from stfpm_ray.core.exported import SCORERS, OnnxScorer, OpenVinoScorer
 from stfpm_ray.core.inference_graph import optimize_for_inference
 from stfpm_ray.core.model import STFPM, resolve_precision
 from stfpm_ray.core.teacher import Teacher, load_teacher
+from stfpm_ray.data.images import Size, height_width
 from stfpm_ray.store.mapcodec import encode_map
 from stfpm_ray.store.scores import RESULT_FIELDS, SCHEMA
 
@@ -36,7 +37,7 @@ CPU_CHUNK = 4
 
 @dataclass(frozen=True)
 class ScoreSettings:
-    """How a batch is scored: stored map side, network precision (``auto``/``fp32``/``bf16``, ``auto`` resolved
+    """How a batch is scored: stored map's short side, network precision (``auto``/``fp32``/``bf16``, ``auto`` resolved
     per category by :func:`~stfpm_ray.core.model.resolve_precision`), forward chunk size."""
 
     map_size: int = DEFAULT_MAP_SIZE
@@ -138,17 +139,17 @@ def score_block(block: pa.Table, models: ScoringModels, settings: ScoreSettings,
     """The scores rows of a decoded block (``stfpm_ray.data.plan.DECODED_SCHEMA``), in its order.
 
     Rows that arrive with an error keep it (status ``error``, no result); the others are scored in one
-    :func:`score_batch` per (category, image size).
+    :func:`score_batch` per (category, input size).
     """
     rows = block.to_pylist()
-    groups: dict[tuple[str, int], list[int]] = {}
+    groups: dict[tuple[str, int, int], list[int]] = {}
     for i, row in enumerate(rows):
         if row["error"] is None:
-            groups.setdefault((row["category"], row["image_size"]), []).append(i)
+            groups.setdefault((row["category"], row["input_height"], row["input_width"]), []).append(i)
     scored: dict[int, dict] = {}
-    for (category, size), index in groups.items():
+    for (category, height, width), index in groups.items():
         model, meta = models(category)
-        images = pixels_to_batch([rows[i]["pixels"] for i in index], size, models.device)
+        images = pixels_to_batch([rows[i]["pixels"] for i in index], (height, width), models.device)
         scored.update(zip(index, map(asdict, score_batch(model, meta, images, settings))))
     now = datetime.now(timezone.utc)
     missing = dict.fromkeys(field.name for field in RESULT_FIELDS)
@@ -166,14 +167,15 @@ def score_block(block: pa.Table, models: ScoringModels, settings: ScoreSettings,
 
 
 def pixels_to_batch(
-    pixels: list[bytes] | list[np.ndarray], size: int, device: str | torch.device = "cpu"
+    pixels: list[bytes] | list[np.ndarray], size: Size, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
-    """Decoded HxWx3 uint8 images (raw bytes or arrays) as one NCHW tensor on ``device``.
+    """Decoded HxWx3 uint8 images of ``size`` (raw bytes or arrays) as one NCHW tensor on ``device``.
 
     The NCHW tensor is a view in channels_last order (no copy); on a GPU it is copied from page-locked
     memory, which lets the copy run asynchronously.
     """
-    arrays = [np.frombuffer(p, dtype=np.uint8).reshape(size, size, 3) if isinstance(p, bytes) else p for p in pixels]
+    height, width = height_width(size)
+    arrays = [np.frombuffer(p, dtype=np.uint8).reshape(height, width, 3) if isinstance(p, bytes) else p for p in pixels]
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     if torch.device(device).type == "cuda":
         batch = batch.pin_memory().to(device, non_blocking=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from stfpm_ray.errors import StfpmError
 from stfpm_ray.store.fs import read_bytes
@@ -28,8 +28,19 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_IMAGE_PIXELS = 100_000_000
 
 
+# A model's input size: (height, width), or one side for a square
+Size = int | tuple[int, int]
+# EXIF orientations that turn the stored image by 90 degrees (exif_transpose swaps its width and height)
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+
+
 class ImageDecodeError(StfpmError, ValueError):
     """A file that cannot be turned into an image; the message is meant for an error row."""
+
+
+def height_width(size: Size) -> tuple[int, int]:
+    """``size`` as (height, width)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -76,8 +87,8 @@ def _decode_png(data: bytes, decode_png: Callable[..., Any]) -> Image.Image:
     return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """Decode encoded image bytes to a ``size`` x ``size`` x 3 uint8 array.
+def decode_image(data: bytes, size: Size) -> np.ndarray:
+    """Decode encoded image bytes to a height x width x 3 uint8 array of ``size`` (:func:`height_width`).
 
     EXIF orientation is applied (phone and some line-scan cameras store it), alpha is dropped, grey,
     palette, CMYK and 16-bit images become RGB. JPEGs are decoded at a reduced scale when that is still
@@ -85,22 +96,22 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     """
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
+    height, width = height_width(size)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise ImageDecodeError(
-                    f"image of {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels"
+                    f"image of {image.width}x{image.height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels"
                 )
             if image.format == "JPEG":
-                image.draft("RGB", (size, size))
+                image.draft("RGB", (width, height))
             if _is_plain_rgb_png(image, data) and (libpng := _libpng()) is not None:
                 image = _decode_png(data, libpng)
             else:
                 image = _to_rgb(ImageOps.exif_transpose(image))
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
             return np.asarray(image, dtype=np.uint8)
     except ImageDecodeError:
         raise
@@ -112,7 +123,7 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
+def load_image(path: str | Path, size: Size) -> np.ndarray:
     """Read and decode one image file; see :func:`decode_image`."""
     try:
         data = read_bytes(path)
@@ -121,14 +132,29 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     return decode_image(data, size)
 
 
-def load_mask(path: str | Path | None, size: int) -> np.ndarray:
-    """A ground-truth mask as ``size`` x ``size`` bool (>0 is anomalous); ``None`` means all normal.
+def image_aspect(path: str | Path) -> float | None:
+    """Height over width of an image file as it will be decoded (EXIF rotation applied), from its header alone;
+    None for a file that cannot be read (decoding reports it)."""
+    try:
+        with Image.open(io.BytesIO(read_bytes(path))) as image:
+            width, height = image.size
+            if image.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING_ORIENTATIONS:
+                width, height = height, width
+    except (OSError, ValueError, SyntaxError, EOFError, UnidentifiedImageError, Image.DecompressionBombError):
+        return None
+    return height / width if width and height else None
+
+
+def load_mask(path: str | Path | None, size: Size) -> np.ndarray:
+    """A ground-truth mask as a (height, width) bool array of ``size`` (>0 is anomalous); ``None`` means all
+    normal.
 
     Resized with a box filter then thresholded at half coverage, so thin defects keep their area instead
     of vanishing as they can under nearest-neighbour sampling.
     """
+    height, width = height_width(size)
     if path is None:
-        return np.zeros((size, size), dtype=bool)
+        return np.zeros((height, width), dtype=bool)
     with Image.open(io.BytesIO(read_bytes(path))) as mask:
         binary = Image.fromarray((np.asarray(mask.convert("L")) > 0).astype(np.uint8) * 255)
-    return np.asarray(binary.resize((size, size), Image.Resampling.BOX)) >= 128
+    return np.asarray(binary.resize((width, height), Image.Resampling.BOX)) >= 128

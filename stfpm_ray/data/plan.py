@@ -37,7 +37,8 @@ PLAN_SCHEMA = pa.schema(
     + [
         pa.field("source", pa.int32()),
         pa.field("size", pa.int64()),
-        pa.field("image_size", pa.int32()),
+        pa.field("input_height", pa.int32()),
+        pa.field("input_width", pa.int32()),
         pa.field("error", pa.string()),
     ]
 )
@@ -51,7 +52,7 @@ class Model(Protocol):
     """What planning needs of a category's model (a checkpoint's metadata has both)."""
 
     model_id: str
-    image_size: int
+    input_size: tuple[int, int]
 
 
 @dataclass
@@ -142,6 +143,7 @@ def plan(
             tally.skipped += 1
             continue
         sample = sample_for(paths[i], category)  # label, defect and mask: only for what will be scored
+        height, width = models[sample.category].input_size if model_id else (0, 0)
         rows.append(
             {
                 "path": paths[i],
@@ -152,7 +154,8 @@ def plan(
                 "defect": sample.defect,
                 "mask_path": sample.mask_path,
                 "model_id": model_id,
-                "image_size": models[sample.category].image_size if model_id else 0,
+                "input_height": height,
+                "input_width": width,
                 "error": _row_error(errors[i], sample.category, sizes[i], models, problems),
             }
         )
@@ -168,9 +171,10 @@ def decode_block(block: pa.Table, sources: list[tuple[pafs.FileSystem, str]]) ->
     """
     pixels: list[bytes | None] = []
     errors = block.column("error").to_pylist()
-    for i, (path, source, size) in enumerate(
-        zip(block["path"].to_pylist(), block["source"].to_pylist(), block["image_size"].to_pylist())
-    ):
+    paths, source_ids, heights, widths = (
+        block[name].to_pylist() for name in ("path", "source", "input_height", "input_width")
+    )
+    for i, (path, source, size) in enumerate(zip(paths, source_ids, zip(heights, widths))):
         if errors[i] is not None:
             pixels.append(None)
             continue

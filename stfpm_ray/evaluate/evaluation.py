@@ -11,7 +11,7 @@ bounded whatever the number of rows:
    ``category`` cannot skip row groups that mix categories, so a pass per category would read and
    decompress every map once per category.
 
-Pixel metrics are computed at the stored map resolution (``map_size``, 128x128 by default), with masks
+Pixel metrics are computed at the stored map resolution (``map_shape``; short side 128 by default), with masks
 reduced to it by :func:`stfpm_ray.data.images.load_mask`, not at the image resolution: the report says so.
 The binning of ``PixelMetrics`` is not exact; its guaranteed error bounds are reported beside the values.
 
@@ -175,7 +175,7 @@ class PixelPass:
     """What the map stream of one category produced."""
 
     pixel: metrics.PixelMetrics
-    map_sizes: set[int] = field(default_factory=set)
+    map_shapes: set[tuple[int, int]] = field(default_factory=set)
     examples: dict[RowKey, report.Example] = field(default_factory=dict)
     without_mask: int = 0
 
@@ -333,7 +333,7 @@ def _max_map_value(*frames: pd.DataFrame) -> float:
     return top if math.isfinite(top) and top > 0 else 1.0
 
 
-def _read_mask(category: str, mask_path: str, image_path: str, size: int) -> np.ndarray:
+def _read_mask(category: str, mask_path: str, image_path: str, size: tuple[int, int]) -> np.ndarray:
     try:
         return load_mask(mask_path, size)
     except (OSError, StfpmError) as exc:
@@ -397,11 +397,8 @@ def stream_maps(dataset: ds.Dataset, groups: list[CategoryRows]) -> dict[str, Pi
 
 def _add_row(row: dict, key: RowKey, state: PixelPass, is_example: bool) -> None:
     anomaly_map = decode_map(row["anomaly_map"], row["map_scale"])
-    height, width = anomaly_map.shape
-    if height != width:
-        raise UserError(f"{row['category']}: anomaly map of {row['path']} is {height}x{width}, not square")
-    state.map_sizes.add(height)
-    mask = _read_mask(row["category"], row["mask_path"], row["path"], height) if row["mask_path"] else None
+    state.map_shapes.add(anomaly_map.shape)
+    mask = _read_mask(row["category"], row["mask_path"], row["path"], anomaly_map.shape) if row["mask_path"] else None
     if row["label"] == 1 and mask is None:
         state.without_mask += 1  # its pixels would all count as normal: keep it out of pixel metrics
     elif row["label"] is not None:  # an unlabelled row is here only to be shown
@@ -423,14 +420,16 @@ def category_metrics(group: CategoryRows, state: PixelPass, notes: list[str]) ->
             image_auroc, (f1, threshold) = metrics.image_auroc(labels, scores), metrics.f1_max(labels, scores)
         except ValueError as exc:  # e.g. a NaN score in an 'ok' row: say which category
             raise UserError(f"{group.name}: {exc}") from None
-    if len(state.map_sizes) > 1:
+    if len(state.map_shapes) > 1:
+        sizes = ", ".join(f"{height}x{width}" for height, width in sorted(state.map_shapes))
         raise UserError(
-            f"{group.name}: anomaly maps of several sizes {sorted(state.map_sizes)}; "
+            f"{group.name}: anomaly maps of several sizes ({sizes}); "
             "pixel metrics need one resolution: rescore with one map size or pass --model-id"
         )
     if state.without_mask:
         notes.append(f"{group.name}: {state.without_mask} defective images without a mask left out of pixel metrics.")
     auroc_bound, aupro_bound = state.pixel.binning_error_bounds(AUPRO_FPR_LIMIT)
+    map_shape = next(iter(state.map_shapes), None)
     ok = rows["status"] == "ok"
     return {
         "image_auroc": image_auroc,
@@ -444,7 +443,9 @@ def category_metrics(group: CategoryRows, state: PixelPass, notes: list[str]) ->
         "n_unlabeled": int((ok & rows["label"].isna()).sum()),
         "n_errors": int((~ok).sum()),
         "model_id": group.model_id,
-        "map_size": next(iter(state.map_sizes), None),
+        # the stored maps' short side (--map-size) and [height, width]
+        "map_size": min(map_shape) if map_shape else None,
+        "map_shape": list(map_shape) if map_shape else None,
         "pixel_auroc_max_binning_error": auroc_bound,
         "aupro_max_binning_error": aupro_bound,
         **deployed_metrics(group),
@@ -613,7 +614,7 @@ def evaluate_scores(
             "inputs": runs["inputs"],
             "checkpoints": sorted(set(runs["checkpoint_roots"].values())),
             "model_ids": {name: entry["model_id"] for name, entry in per_category.items()},
-            "pixel_resolution": "anomaly maps as stored (map_size x map_size); masks reduced to that size",
+            "pixel_resolution": "anomaly maps as stored (map_shape: height, width); masks reduced to that size",
             "aupro_fpr_limit": AUPRO_FPR_LIMIT,
             "pixel_metrics": report.PIXEL_METRICS_NOTE,
             "f1_max": report.F1_ORACLE_NOTE,

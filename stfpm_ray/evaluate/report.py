@@ -209,8 +209,8 @@ def format_table(result: dict) -> str:
 
 
 def _resolution(result: dict) -> str:
-    sizes = sorted({entry["map_size"] for entry in result["categories"].values() if entry["map_size"]})
-    return ", ".join(f"{size}x{size}" for size in sizes) or "no maps"
+    shapes = sorted({tuple(entry["map_shape"]) for entry in result["categories"].values() if entry.get("map_shape")})
+    return ", ".join(f"{height}x{width}" for height, width in shapes) or "no maps"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -354,17 +354,17 @@ def _example_tile(example: Example, map_max: float) -> tuple[str, str | None]:
 
     Returns (data URI, reason the image is missing or None). The ground-truth outline is drawn in white.
     """
-    size = example.anomaly_map.shape[0]
+    height, width = example.anomaly_map.shape
     colours = matplotlib.colormaps[COLORMAP](np.clip(example.anomaly_map / map_max, 0.0, 1.0))[..., :3] * 255.0
     try:
-        image = load_image(example.path, size).astype(np.float64)
+        image = load_image(example.path, (height, width)).astype(np.float64)
         missing = None
     except ImageDecodeError as exc:
         image, missing = None, str(exc)
     overlay = colours if image is None else (1 - OVERLAY_ALPHA) * image + OVERLAY_ALPHA * colours
     if example.mask is not None and example.mask.any():
         overlay[example.mask & ~ndimage.binary_erosion(example.mask)] = 255.0
-    panels = [overlay] if image is None else [image, np.full((size, max(2, size // 32), 3), 255.0), overlay]
+    panels = [overlay] if image is None else [image, np.full((height, max(2, width // 32), 3), 255.0), overlay]
     return _png_data_uri(np.hstack(panels).round().astype(np.uint8)), missing
 
 

@@ -174,6 +174,9 @@ class Tracker(tune.Callback):
         for epoch in result.get("history", []):
             if epoch["epoch"] <= self.printed.get(category, 0):
                 continue
+            if category not in self.printed and "input_size" in epoch:
+                height, width = epoch["input_size"]
+                self.progress(f"[{category}] images resized to {height}x{width} px (height x width)")
             self.printed[category] = epoch["epoch"]
             self.rates.setdefault(category, []).append(epoch["images_per_s"])
             self.progress(format_epoch(category, epoch, self._eta(category, epoch)))

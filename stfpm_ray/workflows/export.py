@@ -57,7 +57,7 @@ def export_models(
     records = {}
     for name in sorted(selected):
         model, meta = models(name)
-        graph = export_onnx(model, meta.image_size)
+        graph = export_onnx(model, meta.input_size)
         check_parity(model, meta, graph, FORMATS[fmt])
         files = {".onnx": graph} if fmt == "onnx" else openvino_ir(graph)
         for ext, data in files.items():

@@ -1,0 +1,112 @@
+"""Non-square categories keep their aspect ratio end to end: the input size training picks from the images,
+the pixels the model sees, the stored maps, pixel metrics against masks of that shape, and the exported graph."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import read_scores
+from PIL import Image
+
+from stfpm_ray import cli
+from stfpm_ray.core.checkpoint import read_meta
+from stfpm_ray.core.fit import TrainConfig, prepare_category
+from stfpm_ray.core.input_size import MAX_ASPECT, category_aspect, input_size
+from stfpm_ray.data.images import image_aspect
+from stfpm_ray.data.synth import generate_dataset
+from stfpm_ray.errors import UserError
+from stfpm_ray.store.mapcodec import decode_map
+
+TALL_ROWS = 160  # 64 px wide synthetic images stacked to 64 x 160: height/width 2.5
+
+
+@pytest.mark.parametrize(
+    ("aspect", "expected"),
+    [
+        (1.0, (256, 256)),
+        (1.03, (256, 256)),
+        (2.5, (640, 256)),
+        (0.4, (256, 640)),
+        (1.5, (384, 256)),
+        (10.0, (1024, 256)),
+    ],
+)
+def test_the_short_side_is_the_image_size_and_the_long_side_follows(aspect, expected):
+    assert input_size(256, aspect) == expected
+    assert max(input_size(64, 100.0)) == MAX_ASPECT * 64 and input_size(32, 2.5) == (96, 32)  # 80 rounds up
+
+
+def _png(path: Path, width: int, height: int, orientation: int | None = None) -> None:
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    Image.new("RGB", (width, height), (90, 90, 90)).save(path, exif=exif.tobytes())
+
+
+def test_the_category_aspect_is_the_median_as_decoded(tmp_path):
+    _png(tmp_path / "a.png", 100, 250)
+    _png(tmp_path / "b.png", 100, 200)
+    _png(tmp_path / "c.png", 300, 100, orientation=6)  # stored wide, shown tall (rotated 90 degrees): 3.0
+    (tmp_path / "d.png").write_bytes(b"not an image")
+    assert image_aspect(tmp_path / "c.png") == 3.0 and image_aspect(tmp_path / "d.png") is None
+    assert category_aspect(sorted(tmp_path.iterdir())) == 2.5
+    assert category_aspect([tmp_path / "d.png"]) == 1.0
+
+
+def _stack(image: Image.Image) -> Image.Image:
+    """A tall copy: the image, its vertical flip and the image again, cut to TALL_ROWS rows."""
+    array = np.asarray(image)
+    return Image.fromarray(np.concatenate([array, array[::-1], array])[:TALL_ROWS])
+
+
+@pytest.fixture(scope="module")
+def tall_root(tmp_path_factory) -> Path:
+    """One synthetic category with every image and mask stacked to 64 x 160 (defects stack with their masks)."""
+    root = tmp_path_factory.mktemp("tall")
+    generate_dataset(root, categories=1, size=64, n_train=10, n_test=6, seed=4)
+    for path in root.rglob("*.png"):
+        with Image.open(path) as image:
+            tall = _stack(image.copy())
+        tall.save(path)
+    return root
+
+
+def test_training_decodes_at_the_kept_aspect_or_squashes_when_asked(tall_root):
+    category = next(p.name for p in tall_root.iterdir())
+    kept, _, _ = prepare_category(tall_root, category, TrainConfig(image_size=32, weights="offline"))
+    square, _, _ = prepare_category(tall_root, category, TrainConfig(image_size=32, aspect="square", weights="offline"))
+    assert tuple(kept.shape[-2:]) == (96, 32) and tuple(square.shape[-2:]) == (32, 32)
+    with pytest.raises(UserError, match="aspect must be one of keep, square"):
+        TrainConfig(aspect="stretch")
+
+
+@pytest.mark.slow
+def test_a_tall_category_trains_scores_evaluates_and_exports_at_its_aspect(ray_session, tall_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["--epochs", "1", "--image-size", "32", "--batch-size", "4", "--map-size", "16"]
+    assert cli.main(["benchmark", "--data", str(tall_root), "--out", str(out), *flags]) == 0
+    (folder,) = [p for p in (out / "checkpoints").iterdir() if not p.name.startswith("_")]
+    meta = read_meta(folder)
+    assert f"[{meta.category}] images resized to 96x32 px (height x width)" in capsys.readouterr().out
+    assert meta.input_shape == [96, 32] and meta.input_size == (96, 32) and meta.image_size == 32
+
+    rows = read_scores(out / "scores")
+    assert (rows["status"] == "ok").all() and len(rows) == 6
+    shapes = {decode_map(png, scale).shape for png, scale in zip(rows["anomaly_map"], rows["map_scale"])}
+    assert shapes == {(48, 16)}  # short side --map-size, aspect kept
+    entry = json.loads((out / "report" / "metrics.json").read_text())["categories"][meta.category]
+    assert entry["map_shape"] == [48, 16] and entry["map_size"] == 16 and 0.0 <= entry["pixel_auroc"] <= 1.0
+
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    assert cli.main(["export", "--checkpoints", str(out / "checkpoints"), "--out", str(tmp_path / "export")]) == 0
+    spec = json.loads((tmp_path / "export" / f"{meta.category}.json").read_text())
+    assert (spec["input"]["height"], spec["input"]["width"]) == (96, 32)
+    session = ort.InferenceSession(str(tmp_path / "export" / spec["model_file"]), providers=["CPUExecutionProvider"])
+    batch = np.zeros((2, 3, 96, 32), dtype=np.uint8)
+    score, anomaly_map = session.run(None, {spec["input"]["name"]: batch})
+    assert score.shape == (2,) and anomaly_map.shape == (2, 96, 32)
