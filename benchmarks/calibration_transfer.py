@@ -53,11 +53,11 @@ def _exposure(factor: float) -> Shift:
 
 def _zoom(factor: float) -> Shift:
     def shift(image: np.ndarray, _: int) -> np.ndarray:
-        size = image.shape[0]
-        crop = int(round(size / factor))
-        start = (size - crop) // 2
-        inner = Image.fromarray(image[start : start + crop, start : start + crop])
-        return np.asarray(inner.resize((size, size), Image.Resampling.BILINEAR))
+        height, width = image.shape[:2]
+        crop_h, crop_w = int(round(height / factor)), int(round(width / factor))
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        inner = Image.fromarray(image[top : top + crop_h, left : left + crop_w])
+        return np.asarray(inner.resize((width, height), Image.Resampling.BILINEAR))
 
     return shift
 

@@ -85,7 +85,7 @@ class Table:
 class Files(torch.utils.data.Dataset):
     """Decoded images of a list of files, for DataLoader workers."""
 
-    def __init__(self, paths: list[Path], size: int) -> None:
+    def __init__(self, paths: list[Path], size: tuple[int, int]) -> None:
         self.paths, self.size = paths, size
 
     def __len__(self) -> int:
@@ -95,7 +95,7 @@ class Files(torch.utils.data.Dataset):
         try:
             return torch.from_numpy(np.array(load_image(self.paths[index], self.size))).permute(2, 0, 1)
         except ImageDecodeError:
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+            return torch.zeros(3, *self.size, dtype=torch.uint8)
 
 
 def timed(device: str, run: Callable[[], object]) -> tuple[float, str]:
@@ -117,7 +117,7 @@ def details(*parts: str) -> str:
 
 def train(args: argparse.Namespace, root: Path, category: str, folder: Path, table: Table) -> tuple[STFPM, Any]:
     """Fit the category on the device; returns the model and its saved checkpoint's metadata."""
-    config = TrainConfig(image_size=args.image_size, aspect="square", epochs=args.epochs, weights="offline")
+    config = TrainConfig(image_size=args.image_size, epochs=args.epochs, weights="offline")
     fitted: dict[str, Any] = {}
     rates: list[float] = []
 
@@ -142,8 +142,8 @@ def train(args: argparse.Namespace, root: Path, category: str, folder: Path, tab
     return model, save_checkpoint(folder, model.student, meta)
 
 
-def quality(model: STFPM, root: Path, category: str, args: argparse.Namespace, table: Table) -> None:
-    rows = compare(model, root, category, args.image_size, args.batch_size, args.device)  # rewrites the model
+def quality(model: STFPM, meta: CheckpointMeta, root: Path, args: argparse.Namespace, table: Table) -> None:
+    rows = compare(model, root, meta.category, meta.input_size, args.batch_size, args.device)  # rewrites the model
     fp32, bf16 = rows["fp32 rewritten"], rows["bf16 rewritten"]
     table.add(
         "quality, fp32 vs bf16",
@@ -181,10 +181,10 @@ def decode(
     return decoded, rate
 
 
-def forward_only(model: STFPM, decoded: list[pa.Table], args: argparse.Namespace, table: Table) -> None:
-    size, device = args.image_size, args.device
+def forward_only(model: STFPM, meta: CheckpointMeta, decoded: list[pa.Table], args, table: Table) -> None:
+    (height, width), device = meta.input_size, args.device
     batches = [
-        torch.from_numpy(np.stack([np.frombuffer(p, np.uint8).reshape(size, size, 3) for p in block["pixels"]]))
+        torch.from_numpy(np.stack([np.frombuffer(p, np.uint8).reshape(height, width, 3) for p in block["pixels"]]))
         for block in (b.to_pydict() for b in decoded)
     ]
     batches = [b.permute(0, 3, 1, 2).pin_memory() if device == "cuda" else b.permute(0, 3, 1, 2) for b in batches]
@@ -237,7 +237,7 @@ def runtimes(folder: Path, meta: CheckpointMeta, args: argparse.Namespace, table
 def core_end_to_end(model: STFPM, meta: CheckpointMeta, paths: list[Path], args, table: Table) -> float:
     settings = ScoreSettings(map_size=MAP_SIZE, precision="auto")
     loader = torch.utils.data.DataLoader(
-        Files(paths, args.image_size),
+        Files(paths, meta.input_size),
         batch_size=args.batch_size,
         num_workers=max(1, args.cpus - 1),
         pin_memory=args.device == "cuda",
@@ -328,11 +328,11 @@ def stop_at_time_limit(signum: int, frame: object) -> None:
 def run_steps(args: argparse.Namespace, work: Path, root: Path, category: str, table: Table) -> None:
     torch.backends.cudnn.benchmark = args.device == "cuda"
     model, meta = train(args, root, category, work / "ckpt" / category, table)
-    quality(model, root, category, args, table)
+    quality(model, meta, root, args, table)
     sources = [Path(s.path).resolve() for s in test_samples(root, category)]
     paths = [sources[i % len(sources)] for i in range(args.images)]
     decoded, decode_rate = decode(paths, work, category, meta, args, table)
-    forward_only(model, decoded, args, table)
+    forward_only(model, meta, decoded, args, table)
     actor_path(work / "ckpt" / category, meta, decoded, args, table)
     runtimes(work / "ckpt" / category, meta, args, table)
     best = max(core_end_to_end(model, meta, paths, args, table), with_ray(work, root, category, args, table))

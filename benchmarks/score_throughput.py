@@ -108,7 +108,7 @@ def single_process(paths: list[Path], ckpt: Path, batch_size: int, chunk: int, m
 def seed_approach(paths: list[Path], ckpt: Path) -> None:
     """The seed notebook's test loop, on the same networks as trained (timm modules run as they are)."""
     model, meta = load_checkpoint(ckpt)
-    size = meta.image_size
+    height, width = meta.input_size
 
     class Images(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -116,7 +116,7 @@ def seed_approach(paths: list[Path], ckpt: Path) -> None:
 
         def __getitem__(self, index: int) -> torch.Tensor:
             with Image.open(paths[index]) as image:
-                resized = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+                resized = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
             return torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1)
 
     maps = []
@@ -124,10 +124,12 @@ def seed_approach(paths: list[Path], ckpt: Path) -> None:
         with torch.no_grad():
             x = model.normalize(image)
             teacher, student = model.teacher(x), model.student(x)
-        anomaly_map = np.ones((size, size))
+        anomaly_map = np.ones((height, width))
         for t, s in zip(teacher, student):
             level = 0.5 * (F.normalize(t, dim=1) - F.normalize(s, dim=1)).pow(2).sum(1, keepdim=True)
-            anomaly_map *= F.interpolate(level, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+            anomaly_map *= F.interpolate(level, size=(height, width), mode="bilinear", align_corners=False)[
+                0, 0
+            ].numpy()
         maps.append(anomaly_map)
     np.asarray(maps).reshape(len(maps), -1).max(axis=1)
 
@@ -163,8 +165,8 @@ def main() -> None:
             f"machine: {os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads; batch size {batch}, "
             f"{precision}; pipeline options {options}"
         )
-        decoded = torch.from_numpy(np.stack([load_image(p, args.image_size) for p in paths])).permute(0, 3, 1, 2)
         model, meta = load_scoring_model(str(ckpt))
+        decoded = torch.from_numpy(np.stack([load_image(p, meta.input_size) for p in paths])).permute(0, 3, 1, 2)
         half = work / "half"
         half.mkdir()
         for path in paths[: n // 2]:

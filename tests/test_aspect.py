@@ -3,6 +3,7 @@ the pixels the model sees, the stored maps, pixel metrics against masks of that 
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from stfpm_ray import cli
 from stfpm_ray.core.checkpoint import read_meta
 from stfpm_ray.core.fit import TrainConfig, prepare_category
 from stfpm_ray.core.input_size import MAX_ASPECT, category_aspect, input_size
-from stfpm_ray.data.images import image_aspect
+from stfpm_ray.data.images import decode_image, image_aspect
 from stfpm_ray.data.synth import generate_dataset
 from stfpm_ray.errors import UserError
 from stfpm_ray.store.mapcodec import decode_map
@@ -110,3 +111,19 @@ def test_a_tall_category_trains_scores_evaluates_and_exports_at_its_aspect(ray_s
     batch = np.zeros((2, 3, 96, 32), dtype=np.uint8)
     score, anomaly_map = session.run(None, {spec["input"]["name"]: batch})
     assert score.shape == (2,) and anomaly_map.shape == (2, 96, 32)
+
+
+def test_a_turned_jpeg_is_reduced_against_its_stored_axes(tmp_path):
+    """A JPEG shown 640 px tall but stored on its side (EXIF orientation 6) must reach a 640 x 256 model at full
+    height: reduced against the shown axes, not the stored ones, which would halve its height and blur it back."""
+    shown = np.zeros((640, 1600, 3), dtype=np.uint8)
+    shown[320:] = 255  # a sharp horizontal edge on a JPEG block boundary
+    stored = Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90)  # orientation 6 turns it back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", exif=exif.tobytes(), quality=95)
+    decoded = decode_image(buffer.getvalue(), (640, 256)).astype(float)
+    rows = decoded.mean(axis=(1, 2))
+    assert rows[:300].max() < 10 and rows[340:].min() > 245
+    assert ((rows > 30) & (rows < 225)).sum() == 0  # no blurred rows: the height was never reduced

@@ -184,6 +184,17 @@ def test_a_checkpoint_without_a_student_field_is_a_mirror_student(tmp_path, teac
     assert not model.reads_features
 
 
+def test_input_shape_is_written_only_for_a_non_square_model(tmp_path, saved, teacher):
+    """A square model's stfpm.json has no input_shape (builds older than the field refuse fields they do not
+    know); a non-square one records it, and its model id differs from the square one's."""
+    assert "input_shape" not in json.loads((saved / "stfpm.json").read_text())
+    student = STFPM(teacher, "tf_efficientnet_lite0", LAYERS, seed=3, student="mirror").student
+    tall = save_checkpoint(tmp_path / "tall", student, _meta(teacher, student="mirror", input_shape=[160, 64]))
+    assert json.loads((tmp_path / "tall" / "stfpm.json").read_text())["input_shape"] == [160, 64]
+    assert validate_checkpoint(tmp_path / "tall").input_size == (160, 64)
+    assert tall.model_id != read_meta(saved).model_id and read_meta(saved).input_size == (64, 64)
+
+
 def test_second_validation_reuses_the_student_shapes(good, saved):
     validate_checkpoint(saved)
     hits = students.state_shapes.cache_info().hits
@@ -219,6 +230,9 @@ def test_refuses_other_format_version(good):
         ({"threshold": _DROP}, "missing fields ['threshold']"),
         ({"layers": "1,2,3"}, "fields of the wrong type ['layers']"),
         ({"layers": [1.5, 2]}, "fields of the wrong type ['layers']"),
+        ({"input_shape": [160]}, "fields of the wrong type ['input_shape']"),
+        ({"input_shape": [160, 100]}, "fields of the wrong type ['input_shape']"),  # not a multiple of 32
+        ({"input_shape": [160, 96]}, "fields of the wrong type ['input_shape']"),  # short side is not image_size
     ],
 )
 def test_refuses_unexpected_missing_or_mistyped_fields(good, changes, cause):

@@ -49,6 +49,18 @@ def test_flat_loss_weighs_positions_by_feature_norm():
     assert stfpm_loss(*doubled, "flat").item() == pytest.approx(expected)
 
 
+def test_hard_loss_keeps_the_hardest_positions_only():
+    """Of 200 positions (two images of 10 x 10, one level), the two at or above the 0.99 quantile count."""
+    teacher = torch.zeros(2, 2, 10, 10)
+    teacher[:, 0] = 1.0
+    student = teacher.clone()
+    student[0, :, 3, 4] = torch.tensor([0.0, 1.0])  # orthogonal: distance 1
+    student[1, :, 7, 7] = torch.tensor([-1.0, 0.0])  # opposite: distance 2
+    student[1, :, 0, 0] = torch.tensor([1.0, 1.0])  # 45 degrees: 1 - cos 45 = 0.293, below the cut
+    assert stfpm_loss([teacher], [student], "hard").item() == pytest.approx(1.5)
+    assert stfpm_loss([teacher], [student], "position").item() == pytest.approx((1 + 2 + 0.2929) / 200, rel=1e-3)
+
+
 def test_anomaly_map_hand_computed():
     teacher, student = _hand_case()
     # level 1 map [1, 0] at (1, 2); level 2 map [2] upsampled to [2, 2]; product [2, 0]

@@ -62,8 +62,9 @@ _CONFIG_FLAGS = (
         "--loss",
         "loss",
         str,
-        "training loss: position (the map's distance averaged over positions) or flat (reverse distillation's "
-        "1 - cosine of each level's flattened map)",
+        "training loss: position (the map's distance averaged over positions), flat (reverse distillation's "
+        "1 - cosine of each level's flattened map) or hard (the mean over each level's hardest 1% of positions, "
+        "EfficientAD's hard-feature loss)",
     ),
     (
         "--map-sigma",

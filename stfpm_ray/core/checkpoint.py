@@ -171,8 +171,17 @@ def save_checkpoint(folder: str | Path, student: torch.nn.Module, meta: Checkpoi
     weights = save(state, metadata={"format_version": str(FORMAT_VERSION)})
     write_bytes_atomic(location.join(WEIGHTS_FILE), weights)
     meta.model_id = _model_id(weights, meta)
-    write_text_atomic(location.join(META_FILE), json.dumps(asdict(meta), indent=2, sort_keys=True))
+    write_text_atomic(location.join(META_FILE), _meta_json(meta))
     return meta
+
+
+def _meta_json(meta: CheckpointMeta) -> str:
+    """``stfpm.json``'s text. A square model's leaves ``input_shape`` out, so that builds older than the field
+    (which refuse fields they do not know) still read it."""
+    record = asdict(meta)
+    if record["input_shape"] is None:
+        del record["input_shape"]
+    return json.dumps(record, indent=2, sort_keys=True)
 
 
 def add_operating_point(folder: str | Path, meta: CheckpointMeta, record: dict[str, Any]) -> CheckpointMeta:
@@ -181,7 +190,7 @@ def add_operating_point(folder: str | Path, meta: CheckpointMeta, record: dict[s
     Only ``stfpm.json`` is rewritten, atomically; the weights and ``model_id`` stay as they are.
     """
     updated = replace(meta, operating_points=[*meta.operating_points, record])
-    write_text_atomic(resolve(folder).join(META_FILE), json.dumps(asdict(updated), indent=2, sort_keys=True))
+    write_text_atomic(resolve(folder).join(META_FILE), _meta_json(updated))
     return updated
 
 
@@ -213,7 +222,7 @@ def _field_problem(raw: dict[str, Any]) -> str | None:
     if isinstance(raw.get("layers"), list) and not all(type(v) is int for v in raw["layers"]):
         wrong.append("layers")
     if isinstance(shape := raw.get("input_shape"), list) and not (
-        len(shape) == 2 and all(type(v) is int and v >= 32 and v % 32 == 0 for v in shape)
+        len(shape) == 2 and all(type(v) is int and v % 32 == 0 for v in shape) and min(shape) == raw.get("image_size")
     ):
         wrong.append("input_shape")
     if isinstance(raw.get("level_scales"), list) and not all(isinstance(v, (int, float)) for v in raw["level_scales"]):

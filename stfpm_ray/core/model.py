@@ -63,8 +63,13 @@ def describe_precision(precision: str, calibrated: Iterable[str]) -> str:
 
 
 # ``position``: the map's own distance averaged over positions (every position counts alike); ``flat``: reverse
-# distillation's 1 - cosine of each level's whole flattened map per image (positions count by feature norm).
-LOSSES = ("position", "flat")
+# distillation's 1 - cosine of each level's whole flattened map per image (positions count by feature norm);
+# ``hard``: the mean over the batch's hardest positions of each level, those at or above its HARD_QUANTILE of the
+# distance (EfficientAD's hard-feature loss, Batzner et al. 2024: the student stops spending its capacity on what it
+# already reproduces). EfficientAD takes the 0.999 quantile of single channel elements; a position here holds
+# every channel, and 0.999 of a 16-image batch would train the coarsest level on 4 positions, hence 0.99.
+LOSSES = ("position", "flat", "hard")
+HARD_QUANTILE = 0.99
 
 
 def stfpm_loss(
@@ -74,7 +79,15 @@ def stfpm_loss(
     pairs = zip(teacher_features, student_features, strict=True)
     if loss == "flat":
         return sum((1 - F.cosine_similarity(t.flatten(1), s.flatten(1), dim=1)).mean() for t, s in pairs)
+    if loss == "hard":
+        return sum(_hardest(feature_distance(t, s)).mean() for t, s in pairs)
     return sum(feature_distance(t, s).mean() for t, s in pairs)
+
+
+def _hardest(distances: Tensor) -> Tensor:
+    """The distances at or above their :data:`HARD_QUANTILE` (the cut itself carries no gradient)."""
+    cut = torch.quantile(distances.detach().flatten().float(), HARD_QUANTILE)
+    return distances[distances >= cut]
 
 
 class STFPM(nn.Module):

@@ -105,8 +105,9 @@ def decode_image(data: bytes, size: Size) -> np.ndarray:
                 raise ImageDecodeError(
                     f"image of {image.width}x{image.height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels"
                 )
-            if image.format == "JPEG":
-                image.draft("RGB", (width, height))
+            if image.format == "JPEG":  # reduced against the stored axes, which EXIF may turn by 90 degrees
+                turned = image.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING_ORIENTATIONS
+                image.draft("RGB", (height, width) if turned else (width, height))
             if _is_plain_rgb_png(image, data) and (libpng := _libpng()) is not None:
                 image = _decode_png(data, libpng)
             else:

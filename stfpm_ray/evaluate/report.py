@@ -364,7 +364,9 @@ def _example_tile(example: Example, map_max: float) -> tuple[str, str | None]:
     overlay = colours if image is None else (1 - OVERLAY_ALPHA) * image + OVERLAY_ALPHA * colours
     if example.mask is not None and example.mask.any():
         overlay[example.mask & ~ndimage.binary_erosion(example.mask)] = 255.0
-    panels = [overlay] if image is None else [image, np.full((height, max(2, width // 32), 3), 255.0), overlay]
+    panels = (
+        [overlay] if image is None else [image, np.full((height, max(2, min(height, width) // 32), 3), 255.0), overlay]
+    )
     return _png_data_uri(np.hstack(panels).round().astype(np.uint8)), missing
 
 

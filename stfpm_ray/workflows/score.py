@@ -24,7 +24,7 @@ Reading the output (``OUT_DIR`` is the ``--out`` table; these lines decode one a
     from PIL import Image
     row = DeltaTable(OUT_DIR).to_pandas().query("status == 'ok'").iloc[0]
     png = np.asarray(Image.open(io.BytesIO(row.anomaly_map)), dtype=np.float32)
-    anomaly_map = png / 65535 * row.map_scale  # map_size x map_size float32, max = map_scale
+    anomaly_map = png / 65535 * row.map_scale  # (height, width) float32, short side map_size, max = map_scale
 
 ``score`` is the raw image score (maximum of the full-resolution map), ``score_norm = score / threshold``
 and ``is_anomalous = score > threshold``, with the threshold of the checkpoint's operating point in force
