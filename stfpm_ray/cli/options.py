@@ -63,7 +63,7 @@ _CONFIG_FLAGS = (
         "loss",
         str,
         "training loss: position (the map's distance averaged over positions), flat (reverse distillation's "
-        "1 - cosine of each level's flattened map) or hard (the mean over each level's hardest 1% of positions, "
+        "1 - cosine of each level's flattened map) or hard (the mean over each level's hardest 1%% of positions, "
         "EfficientAD's hard-feature loss)",
     ),
     (
