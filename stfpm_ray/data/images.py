@@ -20,7 +20,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from stfpm_ray.errors import StfpmError
-from stfpm_ray.store.fs import read_bytes
+from stfpm_ray.store.fs import open_input, read_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Larger images are refused before decoding: a 100 MP image is ~300 MB of RGB and no inspection camera
@@ -134,10 +134,10 @@ def load_image(path: str | Path, size: Size) -> np.ndarray:
 
 
 def image_aspect(path: str | Path) -> float | None:
-    """Height over width of an image file as it will be decoded (EXIF rotation applied), from its header alone;
-    None for a file that cannot be read (decoding reports it)."""
+    """Height over width of an image file as it will be decoded (EXIF rotation applied), from its header alone
+    (the rest of the file is not read); None for a file that cannot be read (decoding reports it)."""
     try:
-        with Image.open(io.BytesIO(read_bytes(path))) as image:
+        with open_input(path) as handle, Image.open(handle) as image:
             width, height = image.size
             if image.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING_ORIENTATIONS:
                 width, height = height, width

@@ -139,14 +139,20 @@ def remove_empty(locations: Iterable[Location]) -> None:
             loc.filesystem.delete_dir(loc.path)
 
 
-def read_bytes(location: str | os.PathLike[str] | Location) -> bytes:
-    """The whole file; a missing one is an :class:`InputNotFoundError`, other I/O problems stay ``OSError``."""
+def open_input(location: str | os.PathLike[str] | Location) -> pa.NativeFile:
+    """A seekable reader of the file, for readers that need part of it (an image's header); a missing file is an
+    :class:`InputNotFoundError`, other I/O problems stay ``OSError``."""
     loc = location if isinstance(location, Location) else resolve(location)
     try:
-        with loc.filesystem.open_input_file(loc.path) as handle:
-            return handle.read()
+        return loc.filesystem.open_input_file(loc.path)
     except FileNotFoundError as exc:
         raise InputNotFoundError(f"{loc.name} does not exist") from exc
+
+
+def read_bytes(location: str | os.PathLike[str] | Location) -> bytes:
+    """The whole file (:func:`open_input`)."""
+    with open_input(location) as handle:
+        return handle.read()
 
 
 def write_bytes_atomic(location: str | os.PathLike[str] | Location, data: bytes) -> None:
