@@ -57,6 +57,16 @@ def test_the_category_aspect_is_the_median_as_decoded(tmp_path):
     assert category_aspect([tmp_path / "d.png"]) == 1.0
 
 
+def test_a_category_of_upright_and_lying_images_stays_square(tmp_path):
+    for i in range(10):
+        _png(tmp_path / f"up{i}.png", 100, 150)
+    for i in range(3):
+        _png(tmp_path / f"lying{i}.png", 150, 100)
+    paths = sorted(tmp_path.iterdir())
+    assert category_aspect(paths) == 1.0
+    assert category_aspect([p for p in paths if p.name.startswith("up")] + paths[:1]) == 1.5  # one odd image
+
+
 def _stack(image: Image.Image) -> Image.Image:
     """A tall copy: the image, its vertical flip and the image again, cut to TALL_ROWS rows."""
     array = np.asarray(image)
