@@ -22,7 +22,7 @@ from stfpm_ray.core.fit import TrainConfig, fit_category
 from stfpm_ray.data import mvtec
 from stfpm_ray.data.images import load_image
 from stfpm_ray.evaluate.metrics import image_auroc
-from stfpm_ray.ray import train_worker
+from stfpm_ray.ray import train_worker, trainer
 from stfpm_ray.ray.resources import TrainResources
 from stfpm_ray.ray.trainer import Tracker
 from stfpm_ray.store.checkpoint_folder import RUN_FILE
@@ -210,6 +210,27 @@ def test_epochs_repeated_after_a_restart_are_printed_once():
     tracker.on_trial_result(0, [], trial, {"history": epochs(4, 5)})
     printed = [int(m.group(1)) for line in lines if (m := re.match(r"\[grain\] epoch (\d+)/9", line))]
     assert printed == [1, 2, 3, 4, 5] and any("resumed from its checkpoint after epoch 2" in line for line in lines)
+
+
+def test_the_eta_counts_epochs_not_the_start_up(monkeypatch):
+    """Start-up (workers, decoding, the first epoch's teacher cache) took 90 s, then epochs take 10 s: the ETA
+    after epoch 2 of 9 is 7 x 10 s, not 7 x (110 s / 2)."""
+    now = [0.0]
+    monkeypatch.setattr(trainer.time, "time", lambda: now[0])
+    lines: list[str] = []
+    tracker = Tracker(None, Path("unused"), lines.append, 1)
+    trial = SimpleNamespace(config={"category": "grain"})
+    tracker.on_trial_start(0, [], trial)
+
+    def epoch(n: int) -> dict:
+        return {"epoch": n, "epochs": 9, "train_loss": 1.0, "val_loss": 1.0, "best_val_loss": 1.0, "best_epoch": n,
+                "images_per_s": 10.0}  # fmt: skip
+
+    now[0] = 100.0
+    tracker.on_trial_result(0, [], trial, {"history": (epoch(1),)})
+    now[0] = 110.0
+    tracker.on_trial_result(0, [], trial, {"history": (epoch(2),)})
+    assert lines[-1].startswith("[grain] epoch 2/9") and lines[-1].endswith("ETA 1m10s"), lines
 
 
 def test_refuses_a_non_empty_output_folder_without_resume_or_overwrite(synth_root, tmp_path, capsys):

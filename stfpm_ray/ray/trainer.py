@@ -135,7 +135,10 @@ class Tracker(tune.Callback):
         self.rates: dict[str, list[float]] = {}
         self.last_epoch: dict[str, dict[str, Any]] = {}
         self.printed: dict[str, int] = {}  # the last epoch printed per category
-        self.started: dict[str, tuple[float, int]] = {}  # wall time and epochs done when a trial (re)started
+        # wall time and epochs done that the ETA counts from: the trial's (re)start, then its first report, so
+        # that start-up (workers, decoding, the first epoch's teacher cache) does not count as epoch time
+        self.started: dict[str, tuple[float, int]] = {}
+        self.reported: set[str] = set()  # categories whose ETA counts from their first report since (re)start
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config (callbacks included) for Tuner.restore; what lives only on this
@@ -150,10 +153,12 @@ class Tracker(tune.Callback):
             "last_epoch": {},
             "printed": {},
             "started": {},
+            "reported": set(),
         }
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.started[trial.config["category"]] = (time.time(), 0)
+        self.reported.discard(trial.config["category"])
         self.progress(f"[{trial.config['category']}] started")
 
     def _eta(self, category: str, epoch: dict[str, Any]) -> float | None:
@@ -168,6 +173,7 @@ class Tracker(tune.Callback):
         category = trial.config["category"]
         if "resumed_from" in result:
             self.started[category] = (time.time(), int(result["resumed_from"]))
+            self.reported.discard(category)
             self.progress(f"[{category}] resumed from its checkpoint after epoch {result['resumed_from']}")
         if "history" in result:
             self.last_epoch[category] = {**result, **result["history"][-1]} if result["history"] else result
@@ -180,6 +186,9 @@ class Tracker(tune.Callback):
             self.printed[category] = epoch["epoch"]
             self.rates.setdefault(category, []).append(epoch["images_per_s"])
             self.progress(format_epoch(category, epoch, self._eta(category, epoch)))
+        if result.get("history") and category not in self.reported:
+            self.started[category] = (time.time(), int(result["history"][-1]["epoch"]))
+            self.reported.add(category)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.finish(trial.config["category"], trial.last_result or {})
