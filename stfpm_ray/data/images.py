@@ -43,6 +43,11 @@ def height_width(size: Size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+def _is_turned(image: Image.Image) -> bool:
+    """Whether the image's EXIF orientation turns it by 90 degrees (its shown width and height are swapped)."""
+    return image.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING_ORIENTATIONS
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB; 16/32-bit grey is rescaled, not clipped, so detail survives."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -106,8 +111,7 @@ def decode_image(data: bytes, size: Size) -> np.ndarray:
                     f"image of {image.width}x{image.height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels"
                 )
             if image.format == "JPEG":  # reduced against the stored axes, which EXIF may turn by 90 degrees
-                turned = image.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING_ORIENTATIONS
-                image.draft("RGB", (height, width) if turned else (width, height))
+                image.draft("RGB", (height, width) if _is_turned(image) else (width, height))
             if _is_plain_rgb_png(image, data) and (libpng := _libpng()) is not None:
                 image = _decode_png(data, libpng)
             else:
@@ -139,7 +143,7 @@ def image_aspect(path: str | Path) -> float | None:
     try:
         with open_input(path) as handle, Image.open(handle) as image:
             width, height = image.size
-            if image.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING_ORIENTATIONS:
+            if _is_turned(image):
                 width, height = height, width
     except (OSError, ValueError, SyntaxError, EOFError, UnidentifiedImageError, Image.DecompressionBombError):
         return None
