@@ -16,6 +16,7 @@ from stfpm_ray import cli
 from stfpm_ray.core.checkpoint import read_meta
 from stfpm_ray.core.fit import TrainConfig, prepare_category
 from stfpm_ray.core.input_size import MAX_ASPECT, category_aspect, input_size
+from stfpm_ray.data import images
 from stfpm_ray.data.images import decode_image, image_aspect
 from stfpm_ray.data.synth import generate_dataset
 from stfpm_ray.errors import UserError
@@ -137,3 +138,36 @@ def test_a_turned_jpeg_is_reduced_against_its_stored_axes(tmp_path):
     rows = decoded.mean(axis=(1, 2))
     assert rows[:300].max() < 10 and rows[340:].min() > 245
     assert ((rows > 30) & (rows < 225)).sum() == 0  # no blurred rows: the height was never reduced
+
+
+def test_the_aspect_of_a_large_png_is_read_from_its_first_bytes(tmp_path, monkeypatch):
+    """The category's aspect must not cost a second download (or a decode) of its training images."""
+    noise = np.random.default_rng(0).integers(0, 256, (1500, 1000, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "big.png")  # about 4.5 MB, incompressible
+
+    class Counted(io.RawIOBase):
+        def __init__(self, path) -> None:
+            self.file, self.count = open(path, "rb", buffering=0), 0  # noqa: SIM115 - closed with the reader
+
+        def readable(self) -> bool:
+            return True
+
+        def seekable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:
+            read = self.file.readinto(buffer)
+            self.count += read
+            return read
+
+        def seek(self, offset: int, whence: int = 0) -> int:
+            return self.file.seek(offset, whence)
+
+        def close(self) -> None:
+            self.file.close()
+            super().close()
+
+    opened: list[Counted] = []
+    monkeypatch.setattr(images, "open_input", lambda path: opened.append(Counted(path)) or opened[-1])
+    assert image_aspect(tmp_path / "big.png") == 1.5
+    assert opened[0].count <= 2 * 65536

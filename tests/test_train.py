@@ -231,6 +231,9 @@ def test_the_eta_counts_epochs_not_the_start_up(monkeypatch):
     now[0] = 110.0
     tracker.on_trial_result(0, [], trial, {"history": (epoch(2),)})
     assert lines[-1].startswith("[grain] epoch 2/9") and lines[-1].endswith("ETA 1m10s"), lines
+    now[0] = 140.0  # one report brings three epochs (fast epochs, reports every 2 s): 10 s each, all arriving now
+    tracker.on_trial_result(0, [], trial, {"history": (epoch(3), epoch(4), epoch(5))})
+    assert [line.rsplit("ETA ", 1)[1] for line in lines[-3:]] == ["1m00s", "0m50s", "0m40s"], lines
 
 
 def test_refuses_a_non_empty_output_folder_without_resume_or_overwrite(synth_root, tmp_path, capsys):

@@ -32,6 +32,7 @@ MAX_IMAGE_PIXELS = 100_000_000
 Size = int | tuple[int, int]
 # EXIF orientations that turn the stored image by 90 degrees (exif_transpose swaps its width and height)
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+_HEADER_READ = 1 << 16
 
 
 class ImageDecodeError(StfpmError, ValueError):
@@ -44,7 +45,13 @@ def height_width(size: Size) -> tuple[int, int]:
 
 
 def _is_turned(image: Image.Image) -> bool:
-    """Whether the image's EXIF orientation turns it by 90 degrees (its shown width and height are swapped)."""
+    """Whether the image's EXIF orientation turns it by 90 degrees (its shown width and height are swapped).
+
+    A PNG without an eXIf chunk before its pixels is taken as upright: asking Pillow would decode the whole
+    image to look for one after them.
+    """
+    if image.format == "PNG" and "exif" not in image.info:
+        return False
     return image.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING_ORIENTATIONS
 
 
@@ -139,9 +146,10 @@ def load_image(path: str | Path, size: Size) -> np.ndarray:
 
 def image_aspect(path: str | Path) -> float | None:
     """Height over width of an image file as it will be decoded (EXIF rotation applied), from its header alone
-    (the rest of the file is not read); None for a file that cannot be read (decoding reports it)."""
+    (read in 64 KiB pieces: one request each on object stores); None for a file that cannot be read (decoding
+    reports it)."""
     try:
-        with open_input(path) as handle, Image.open(handle) as image:
+        with open_input(path) as handle, Image.open(io.BufferedReader(handle, _HEADER_READ)) as image:
             width, height = image.size
             if _is_turned(image):
                 width, height = height, width

@@ -161,13 +161,12 @@ class Tracker(tune.Callback):
         self.reported.discard(trial.config["category"])
         self.progress(f"[{trial.config['category']}] started")
 
-    def _eta(self, category: str, epoch: dict[str, Any]) -> float | None:
-        """Seconds left for the category, from its mean epoch time since it (re)started."""
+    def _seconds_per_epoch(self, category: str, last: dict[str, Any]) -> float | None:
+        """The category's mean epoch time up to ``last``, the newest epoch of a report (a report may bring several
+        epochs that all arrive now: only the newest one's time is known)."""
         began, first = self.started.get(category, (time.time(), 0))
-        done = epoch["epoch"] - first
-        if done <= 0:
-            return None
-        return (time.time() - began) / done * (epoch["epochs"] - epoch["epoch"])
+        done = last["epoch"] - first
+        return (time.time() - began) / done if done > 0 else None
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         category = trial.config["category"]
@@ -177,7 +176,9 @@ class Tracker(tune.Callback):
             self.progress(f"[{category}] resumed from its checkpoint after epoch {result['resumed_from']}")
         if "history" in result:
             self.last_epoch[category] = {**result, **result["history"][-1]} if result["history"] else result
-        for epoch in result.get("history", []):
+        history = result.get("history") or ()
+        per_epoch = self._seconds_per_epoch(category, history[-1]) if history else None
+        for epoch in history:
             if epoch["epoch"] <= self.printed.get(category, 0):
                 continue
             if category not in self.printed and "input_size" in epoch:
@@ -185,9 +186,10 @@ class Tracker(tune.Callback):
                 self.progress(f"[{category}] images resized to {height}x{width} px (height x width)")
             self.printed[category] = epoch["epoch"]
             self.rates.setdefault(category, []).append(epoch["images_per_s"])
-            self.progress(format_epoch(category, epoch, self._eta(category, epoch)))
-        if result.get("history") and category not in self.reported:
-            self.started[category] = (time.time(), int(result["history"][-1]["epoch"]))
+            eta = None if per_epoch is None else per_epoch * (epoch["epochs"] - epoch["epoch"])
+            self.progress(format_epoch(category, epoch, eta))
+        if history and category not in self.reported:
+            self.started[category] = (time.time(), int(history[-1]["epoch"]))
             self.reported.add(category)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
