@@ -32,6 +32,7 @@ from stfpm_ray.core.anomaly_map import (
     level_distances,
     shrink_maps,
     smooth_maps,
+    stored_map_size,
 )
 from stfpm_ray.core.checkpoint import discover_checkpoints, load_checkpoint
 from stfpm_ray.core.fit import load_images, split_train_val
@@ -92,7 +93,7 @@ def category_rows(folder: Path, data: str, seed: int, val_fraction: float, check
     test = distances(model, [s.path for s in samples], size)
     scales = model.mean_level_distances(_images(held_out, size), BATCH)  # as training measures them for --combine sum
     labels = np.array([s.label for s in samples])
-    map_shape = tuple(shrink_maps(torch.zeros(1, *size), DEFAULT_MAP_SIZE).shape[1:])  # as score stores maps
+    map_shape = stored_map_size(size, DEFAULT_MAP_SIZE)  # as score stores maps
     masks = [load_mask(s.mask_path, map_shape) if s.mask_path else None for s in samples]
     default_sigma = default_map_sigma(meta.image_size)
     rows = []

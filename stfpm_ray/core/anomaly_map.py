@@ -96,13 +96,17 @@ def smooth_maps(maps: Tensor, sigma: float) -> Tensor:
     return F.conv2d(x, kernel.view(1, 1, -1, 1)).squeeze(1)
 
 
-def shrink_maps(maps: Tensor, side: int) -> Tensor:
-    """Full-size maps (N, H, W) reduced for storage to the short side ``side``, aspect kept, by area averaging:
-    every stored pixel is the mean of the pixels it covers, so a small defect keeps its mass instead of being
-    skipped."""
-    height, width = maps.shape[-2:]
+def stored_map_size(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """(height, width) of the stored map of a (height, width) ``size`` map: its short side ``side``, aspect kept."""
+    height, width = size
     scale = side / min(height, width)
-    size = max(1, round(height * scale)), max(1, round(width * scale))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def shrink_maps(maps: Tensor, side: int) -> Tensor:
+    """Full-size maps (N, H, W) reduced for storage to :func:`stored_map_size`, by area averaging: every stored
+    pixel is the mean of the pixels it covers, so a small defect keeps its mass instead of being skipped."""
+    size = stored_map_size(tuple(maps.shape[-2:]), side)
     return F.interpolate(maps.unsqueeze(1), size=size, mode="area").squeeze(1)
 
 

@@ -408,11 +408,12 @@ def fit_category(
             fitter.load_state_dict(resume["fitter"])
             started_at = resume["started_at"]
         fitter.started_at = started_at
+        shape = tuple(train.shape[-2:])  # (height, width), a tuple as history is; the driver prints it once
         while fitter.epoch < config.epochs:
             metrics: dict = {"category": category, **fitter.train_epoch(), **fitter.validate()}
             # Each worker saw 1/world_size of the epoch in the same time: the group's rate is world_size times.
             metrics.update(epoch=fitter.epoch, epochs=config.epochs, images_per_s=metrics["images_per_s"] * world_size)
-            metrics["input_size"] = tuple(train.shape[-2:])  # (height, width), a tuple as history is; printed once
+            metrics["input_size"] = shape
             if on_epoch:
                 on_epoch(fitter, metrics)
         fitter.restore_best()
