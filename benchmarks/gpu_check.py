@@ -139,7 +139,7 @@ def train(args: argparse.Namespace, root: Path, category: str, folder: Path, tab
             peak,
         ),
     )
-    return model, save_checkpoint(folder, model.student, meta)
+    return model, save_checkpoint(folder, model.student, meta, model.memory_bank)
 
 
 def quality(model: STFPM, meta: CheckpointMeta, root: Path, args: argparse.Namespace, table: Table) -> None:

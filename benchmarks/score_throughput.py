@@ -66,7 +66,7 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
     config = TrainConfig(image_size=args.image_size, epochs=1, batch_size=8, weights="offline")
     started = time.perf_counter()
     model, meta, _ = fit_category(root, category, config)
-    save_checkpoint(work / "ckpt" / category, model.student, meta)
+    save_checkpoint(work / "ckpt" / category, model.student, meta, model.memory_bank)
     print(f"checkpoint: {category}, {args.image_size} px, 1 epoch in {time.perf_counter() - started:.0f} s")
     sources = [Path(s.path) for s in test_samples(root, category)]
     archive = work / "archive"

@@ -44,7 +44,7 @@ def plain_loop(root: Path, category: str, config: TrainConfig, out: Path) -> tup
     """The core fit recipe without Ray, timed over the same span as a Ray Train worker's: from the start of the
     epoch loop to the saved checkpoint (no start-up or decoding); (seconds, images)."""
     model, meta, fitter = fit_category(root, category, config)
-    save_checkpoint(out / category, model.student, meta)
+    save_checkpoint(out / category, model.student, meta, model.memory_bank)
     return time.time() - fitter.started_at, config.epochs * len(fitter.train_images)
 
 

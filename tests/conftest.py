@@ -104,7 +104,7 @@ def trained(tmp_path_factory, synth_root) -> tuple[Path, list[str]]:
     teacher = load_teacher(config.backbone, config.layers, config.weights)
     for name in categories[:2]:
         model, meta, _ = fit_category(synth_root, name, config, teacher=teacher)
-        save_checkpoint(folder / name, model.student, meta)
+        save_checkpoint(folder / name, model.student, meta, model.memory_bank)
     return folder, categories
 
 

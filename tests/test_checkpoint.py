@@ -73,7 +73,7 @@ def test_level_scales_survive_and_old_checkpoints_score_with_the_product(tmp_pat
     model.level_scales = (0.1, 0.2, 0.3)
     meta = _meta(teacher, combine="sum", level_scales=[0.1, 0.2, 0.3])
     product = save_checkpoint(tmp_path / "product", model.student, _meta(teacher))
-    summed = save_checkpoint(tmp_path / "sum", model.student, meta)
+    summed = save_checkpoint(tmp_path / "sum", model.student, meta, model.memory_bank)
     assert summed.model_id != product.model_id  # same weights and threshold, another map
     loaded, _ = load_checkpoint(tmp_path / "sum", teacher=teacher)
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)

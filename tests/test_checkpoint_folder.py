@@ -46,7 +46,7 @@ def test_installed_checkpoint_folders_are_readable_by_others(synth_root, tmp_pat
     category = discover_categories(synth_root)[0]
     model, meta, _ = fit_category(synth_root, category, TrainConfig(weights="offline", image_size=64, epochs=1))
     reported = tmp_path / "reported"
-    save_checkpoint(reported, model.student, meta)
+    save_checkpoint(reported, model.student, meta, model.memory_bank)
     previous = os.umask(0o022)
     try:
         install_folder(tmp_path / "installed", lambda staging: shutil.copytree(reported, staging, dirs_exist_ok=True))

@@ -68,7 +68,7 @@ def drifted_day(tmp_path_factory) -> DriftedDay:
     generate_dataset(raw, categories=1, size=64, n_train=40, n_test=60, seed=1)
     config = TrainConfig(image_size=64, epochs=20, weights="offline", target_far=TARGET_FAR)
     result = fit_category(day1, CATEGORY, config)
-    save_checkpoint(root / "ckpt" / CATEGORY, result.model.student, result.meta)
+    save_checkpoint(root / "ckpt" / CATEGORY, result.model.student, result.meta, result.model.memory_bank)
     _later_day(raw, archive, known_good)
     return DriftedDay(root / "ckpt", archive, known_good)
 

@@ -139,7 +139,12 @@ def fitted(synth_root, tmp_path_factory):
     config = TrainConfig(image_size=64, epochs=1, batch_size=8, weights="offline", target_far=0.05)
     result = fit_category(synth_root, category, config)
     folder = tmp_path_factory.mktemp("calibrated") / category
-    return synth_root, category, folder, save_checkpoint(folder, result.model.student, result.meta)
+    return (
+        synth_root,
+        category,
+        folder,
+        save_checkpoint(folder, result.model.student, result.meta, result.model.memory_bank),
+    )
 
 
 def test_the_checkpoint_records_the_calibration(fitted):
@@ -256,7 +261,7 @@ def test_the_same_seed_gives_the_same_model_whatever_threads_the_process_had(syn
 
 def test_sum_combination_is_calibrated_on_held_out_good_images(synth_root):
     category = discover_categories(synth_root)[0]
-    config = TrainConfig(image_size=64, epochs=2, batch_size=8, weights="offline", combine="sum")
+    config = TrainConfig(image_size=64, epochs=2, batch_size=8, weights="offline", combine="sum", memory_bank=0)
     model, meta, fitter = fit_category(synth_root, category, config)
     assert meta.combine == "sum" and len(meta.level_scales) == 3 and min(meta.level_scales) > 0
     maps, scores = model.predict(fitter.val_images)

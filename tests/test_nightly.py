@@ -56,7 +56,7 @@ def setup(tmp_path_factory, synth_root):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(noise)
     first_night = _scores(model, sorted(archive.rglob("*.png")))
     meta.threshold = 0.99 * min(float(np.median(first_night)), float(_scores(model, [noise])[0]))
-    save_checkpoint(base / "ckpt" / category, model.student, meta)
+    save_checkpoint(base / "ckpt" / category, model.student, meta, model.memory_bank)
     return _load_job(), category, base / "ckpt", archive, base / "scores", noise
 
 

@@ -46,7 +46,7 @@ def _fit(root: Path, category: str, out: Path, augment: str, student: str) -> tu
         image_size=64, epochs=3, batch_size=8, weights="offline", seed=5, augment=augment, student=student
     )
     result = fit_category(root, category, config)
-    meta = save_checkpoint(out, result.model.student, result.meta)
+    meta = save_checkpoint(out, result.model.student, result.meta, result.model.memory_bank)
     return (out / "student.safetensors").read_bytes(), meta
 
 

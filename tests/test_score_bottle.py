@@ -26,7 +26,7 @@ BATCH = 4  # one CPU forward chunk per Ray batch, so both paths run the networks
 def test_score_batch_and_the_ray_pipeline_agree_on_bottle(ray_session, shared_bottle, tmp_path):
     config = TrainConfig(image_size=64, epochs=1, batch_size=16, weights="offline")
     model, meta, _ = fit_category(shared_bottle.parent, "bottle", config)
-    save_checkpoint(tmp_path / "ckpt" / "bottle", model.student, meta)
+    save_checkpoint(tmp_path / "ckpt" / "bottle", model.student, meta, model.memory_bank)
 
     out = tmp_path / "scores"
     argv = [

@@ -28,7 +28,7 @@ def fitted(synth_root, tmp_path_factory):
     config = TrainConfig(image_size=64, epochs=2, batch_size=8, weights="offline", student="reverse")
     result = fit_category(synth_root, category, config)
     folder = tmp_path_factory.mktemp("reverse") / category
-    save_checkpoint(folder, result.model.student, result.meta)
+    save_checkpoint(folder, result.model.student, result.meta, result.model.memory_bank)
     return result, folder
 
 
@@ -128,7 +128,7 @@ def test_a_kind_registered_in_one_place_trains_validates_scores_and_is_offered_b
     result = fit_category(synth_root, category, config)
     assert isinstance(result.fitter.optimizer, torch.optim.SGD)
     folder = tmp_path / category
-    save_checkpoint(folder, result.model.student, result.meta)
+    save_checkpoint(folder, result.model.student, result.meta, result.model.memory_bank)
     assert validate_checkpoint(folder).student == "tiny"
     scoring, _ = load_scoring_model(str(folder))
     images = result.fitter.val_images

@@ -138,7 +138,7 @@ def test_online_teachers_train_and_score_end_to_end(synth_root, tmp_path, monkey
     model, meta, _ = fit_category(synth_root, category, config)
     assert (meta.backbone, meta.teacher_source, meta.student) == (backbone, "hub", student) and fetched == [backbone]
     folder = tmp_path / category
-    save_checkpoint(folder, model.student, meta)
+    save_checkpoint(folder, model.student, meta, model.memory_bank)
     scorer, loaded = load_scoring_model(str(folder))
     assert loaded.model_id == meta.model_id and fetched == [backbone, backbone]
     samples = test_samples(synth_root, category)[:6]

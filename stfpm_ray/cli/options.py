@@ -74,6 +74,14 @@ _CONFIG_FLAGS = (
         "reverse student, 0 (none) for the mirror one)",
     ),
     (
+        "--memory-bank",
+        "memory_bank",
+        int,
+        "positions of the teacher's features on good training images kept (greedy coreset) and scored beside the "
+        "student by nearest-neighbour distance; the two maps are averaged (default: 3000 for the reverse "
+        "student, 0 (the student alone) for the mirror one)",
+    ),
+    (
         "--threads",
         "threads",
         int,

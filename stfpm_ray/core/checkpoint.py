@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load, save
 
 from stfpm_ray.core.calibration import OperatingPoint, later_point, training_point
+from stfpm_ray.core.memory_bank import bank_channels
 from stfpm_ray.core.model import STFPM
 from stfpm_ray.core.students import DEFAULT_STUDENT, LEGACY_STUDENT, state_shapes
 from stfpm_ray.core.teacher import OFFLINE_WEIGHTS, Teacher, load_teacher
@@ -49,6 +50,8 @@ from stfpm_ray.store.fs import (
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "student.safetensors"
 META_FILE = "stfpm.json"
+# The memory bank's tensor in WEIGHTS_FILE, beside the student's (a name no student parameter has).
+MEMORY_KEY = "memory_bank"
 # JSON types of the metadata fields: a hand-edited value of another type would otherwise fail in a worker
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "category": (str,),
@@ -65,6 +68,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "student": (str,),
     "level_scales": (list, type(None)),
     "map_sigma": (int, float),
+    "memory_bank": (int,),
+    "map_scales": (list, type(None)),
     "calibration": (dict,),
     "operating_points": (list,),
     "model_id": (str,),
@@ -122,6 +127,11 @@ class CheckpointMeta:
     # Gaussian smoothing of the map in pixels (core.anomaly_map.smooth_maps); checkpoints written before the
     # field existed lack it and score unsmoothed.
     map_sigma: float = 0.0
+    # Rows of the memory of good teacher features (core.memory_bank), saved beside the student's weights as
+    # MEMORY_KEY, and the held-out good images' mean score of the student's map and of the memory's, which
+    # scale them before they are averaged. Checkpoints written before lack both: the student's map alone.
+    memory_bank: int = 0
+    map_scales: list[float] | None = None
     # Which student kind (stfpm_ray.core.students); read_meta takes a checkpoint written before the field
     # existed for the kind there was then, LEGACY_STUDENT.
     student: str = DEFAULT_STUDENT
@@ -160,14 +170,23 @@ def _model_id(weights: bytes, meta: CheckpointMeta) -> str:
         digest.update(repr([float(v) for v in meta.level_scales]).encode())
     if meta.map_sigma:  # and on this
         digest.update(f"sigma:{float(meta.map_sigma)!r}".encode())
+    if meta.map_scales is not None:  # and on these (the memory itself is in the weights' bytes)
+        digest.update(f"scales:{[float(v) for v in meta.map_scales]!r}".encode())
     return digest.hexdigest()[:16]
 
 
-def save_checkpoint(folder: str | Path, student: torch.nn.Module, meta: CheckpointMeta) -> CheckpointMeta:
-    """Write weights and metadata into a folder or URI; the JSON is written last, and every file atomically, so
-    the JSON marks completeness."""
+def save_checkpoint(
+    folder: str | Path, student: torch.nn.Module, meta: CheckpointMeta, memory_bank: torch.Tensor | None = None
+) -> CheckpointMeta:
+    """Write weights (and the memory bank ``meta.memory_bank`` promises) and metadata into a folder or URI; the
+    JSON is written last, and every file atomically, so the JSON marks completeness."""
+    rows = 0 if memory_bank is None else len(memory_bank)
+    if rows != meta.memory_bank:
+        raise ValueError(f"the metadata promises a memory bank of {meta.memory_bank} rows, given {rows}")
     location = resolve(folder)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in student.state_dict().items()}
+    if memory_bank is not None:
+        state[MEMORY_KEY] = memory_bank.detach().float().cpu().contiguous()
     weights = save(state, metadata={"format_version": str(FORMAT_VERSION)})
     write_bytes_atomic(location.join(WEIGHTS_FILE), weights)
     meta.model_id = _model_id(weights, meta)
@@ -179,8 +198,9 @@ def _meta_json(meta: CheckpointMeta) -> str:
     """``stfpm.json``'s text. A square model's leaves ``input_shape`` out, so that builds older than the field
     (which refuse fields they do not know) still read it."""
     record = asdict(meta)
-    if record["input_shape"] is None:
-        del record["input_shape"]
+    for name, unset in (("input_shape", None), ("memory_bank", 0), ("map_scales", None)):
+        if record[name] == unset:
+            del record[name]
     return json.dumps(record, indent=2, sort_keys=True)
 
 
@@ -225,8 +245,11 @@ def _field_problem(raw: dict[str, Any]) -> str | None:
         len(shape) == 2 and all(type(v) is int and v % 32 == 0 for v in shape) and min(shape) == raw.get("image_size")
     ):
         wrong.append("input_shape")
-    if isinstance(raw.get("level_scales"), list) and not all(isinstance(v, (int, float)) for v in raw["level_scales"]):
-        wrong.append("level_scales")
+    for name in ("level_scales", "map_scales"):
+        if isinstance(raw.get(name), list) and not all(isinstance(v, (int, float)) and v > 0 for v in raw[name]):
+            wrong.append(name)
+    if raw.get("memory_bank", 0) and not (isinstance(raw.get("map_scales"), list) and len(raw["map_scales"]) == 2):
+        wrong.append("map_scales")
     if isinstance(raw.get("operating_points"), list) and not all(map(_is_operating_point, raw["operating_points"])):
         wrong.append("operating_points")
     if wrong:
@@ -284,7 +307,9 @@ def _offline_teacher_sha256(backbone: str, layers: tuple[int, ...]) -> str:
 def _check_architecture(meta: CheckpointMeta, meta_file: str) -> Mapping[str, tuple[int, ...]]:
     """Backbone and recorded teacher against what this installation can rebuild; the student's shapes."""
     try:
-        shapes = state_shapes(meta.student, meta.backbone, tuple(meta.layers))
+        shapes = dict(state_shapes(meta.student, meta.backbone, tuple(meta.layers)))
+        if meta.memory_bank:
+            shapes[MEMORY_KEY] = (meta.memory_bank, bank_channels(meta.backbone, meta.layers))
     except UserError as exc:  # unknown backbone or student, or layers it cannot return
         raise CheckpointError(f"{meta_file}: {_one_line(exc)}") from exc
     if meta.teacher_source == "offline":
@@ -472,6 +497,9 @@ def load_checkpoint(
     model.level_scales = tuple(meta.level_scales) if meta.level_scales is not None else None
     model.map_sigma = float(meta.map_sigma)
     state = load(read_bytes(resolve(folder).join(WEIGHTS_FILE)))
+    if MEMORY_KEY in state:
+        model.memory_bank = state.pop(MEMORY_KEY)
+        model.map_scales = tuple(meta.map_scales) if meta.map_scales is not None else None
     try:
         model.student.load_state_dict(state)
     except RuntimeError as exc:

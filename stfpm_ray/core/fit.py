@@ -27,6 +27,7 @@ from stfpm_ray.core.augment import AUGMENTATIONS, photometric_jitter
 from stfpm_ray.core.calibration import CALIBRATED_PRECISION, calibration
 from stfpm_ray.core.checkpoint import CheckpointMeta
 from stfpm_ray.core.input_size import ASPECTS, category_aspect, input_size
+from stfpm_ray.core.memory_bank import MAX_BANK_SIZE, build_memory_bank
 from stfpm_ray.core.model import LOSSES, STFPM, stfpm_loss
 from stfpm_ray.core.students import DEFAULT_STUDENT, RECIPE_FIELDS, OptimizerSettings, student_kind
 from stfpm_ray.core.teacher import DEFAULT_LAYERS, OFFLINE_BACKBONE, Teacher, load_teacher
@@ -85,6 +86,9 @@ class TrainConfig:
     # Gaussian smoothing of the anomaly map in pixels; None: the student kind's default (image_size / 64 where it
     # smooths, see core.anomaly_map), 0: none
     map_sigma: float | None = None
+    # positions kept in the memory of good teacher features scored beside the student (core.memory_bank);
+    # None: the student kind's default, 0: none
+    memory_bank: int | None = None
     cache_teacher: bool = True
     target_far: float = 0.05
     student: str = DEFAULT_STUDENT
@@ -111,6 +115,10 @@ class TrainConfig:
             self.map_sigma = default_map_sigma(self.image_size) if kind.smooths_maps else 0.0
         if not 0.0 <= self.map_sigma <= self.image_size / 8:
             raise UserError(f"map sigma must be in [0, image size / 8], got {self.map_sigma}")
+        if self.memory_bank is None:
+            self.memory_bank = kind.memory_bank
+        if not 0 <= self.memory_bank <= MAX_BANK_SIZE:
+            raise UserError(f"memory bank size must be in [0, {MAX_BANK_SIZE}], got {self.memory_bank}")
         if self.loss not in LOSSES:
             raise UserError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.combine not in COMBINATIONS:
@@ -328,6 +336,9 @@ def build_meta(
         map_sigma=float(config.map_sigma),
         student=config.student,
         level_scales=list(fitter.core.level_scales) if fitter.core.level_scales is not None else None,
+        # the rows kept: fewer than asked where the training images have fewer positions
+        memory_bank=0 if fitter.core.memory_bank is None else len(fitter.core.memory_bank),
+        map_scales=list(fitter.core.map_scales) if fitter.core.map_scales is not None else None,
     )
 
 
@@ -420,6 +431,14 @@ def fit_category(
         fitter.core.map_sigma = float(config.map_sigma)
         if config.combine == "sum":
             fitter.core.level_scales = fitter.core.mean_level_distances(val, config.batch_size)
+        if config.memory_bank:
+
+            def features(batch: Tensor) -> list[Tensor]:
+                return fitter.core.teacher_features(batch.to(device))
+
+            bank = build_memory_bank(features, train, config.memory_bank, config.seed, config.batch_size)
+            fitter.core.memory_bank = bank.to(device)
+            fitter.core.map_scales = fitter.core.mean_opinion_scores(val, config.batch_size)
         scores = validation_scores(fitter.core, val, config.batch_size, device)
         extra = {"seconds": time.time() - started_at, "skipped_images": problems, **(extra_meta or {})}
         return FitResult(fitter.core, build_meta(category, config, teacher, fitter, scores, extra), fitter)

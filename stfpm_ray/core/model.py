@@ -4,7 +4,8 @@ Method (STFPM, Wang et al. 2021, arXiv 2103.04257, as in the official code and a
 to reproduce the teacher's feature levels on defect-free images; training averages the per-position feature
 distance over positions and batch and sums it over levels. Which student, and what it reads, comes from
 its kind (:mod:`stfpm_ray.core.students`); the anomaly map and image score live in
-:mod:`stfpm_ray.core.anomaly_map`.
+:mod:`stfpm_ray.core.anomaly_map`. A model may also carry a memory of the teacher's features on good images
+(:mod:`stfpm_ray.core.memory_bank`), whose nearest-neighbour map is averaged with the student's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from stfpm_ray.core.anomaly_map import anomaly_map, feature_distance, image_scores, level_distances, smooth_maps
 from stfpm_ray.core.calibration import CALIBRATED_PRECISION
 from stfpm_ray.core.inference_graph import image_probe, optimize_for_inference
+from stfpm_ray.core.memory_bank import nearest_distances, patch_features
 from stfpm_ray.core.students import DEFAULT_STUDENT, create_student, student_kind
 from stfpm_ray.core.teacher import Teacher
 from stfpm_ray.errors import UserError
@@ -120,6 +122,10 @@ class STFPM(nn.Module):
         self.level_scales: tuple[float, ...] | None = None
         # Gaussian smoothing of the map in pixels, 0 for none (checkpoints written before it existed)
         self.map_sigma = 0.0
+        # The teacher's features of good images (stfpm_ray.core.memory_bank) and the held-out good images' mean
+        # score of the student's map and of the memory's: None, the student's map alone.
+        self.register_buffer("memory_bank", None, persistent=False)
+        self.map_scales: tuple[float, float] | None = None
 
     def train(self, mode: bool = True) -> STFPM:
         """Switch the student only: the teacher's BatchNorm statistics must never move."""
@@ -174,11 +180,41 @@ class STFPM(nn.Module):
         """
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"predict runs fp32 or bf16, got {precision!r} (resolve 'auto' first)")
+        maps = self.opinion_maps(images, precision)
+        if len(maps) == 1:
+            combined = maps[0]
+        else:
+            if self.map_scales is None:
+                raise RuntimeError("a model with a memory bank needs its map scales (set by training)")
+            combined = sum(m / scale for m, scale in zip(maps, self.map_scales, strict=True)) / len(maps)
+        return combined, image_scores(combined)
+
+    @torch.inference_mode()
+    def opinion_maps(self, images: Tensor, precision: str = "fp32") -> list[Tensor]:
+        """The smoothed maps (N, H, W) that :meth:`predict` combines: the student's, then the memory's if any.
+
+        The memory's distances are computed in float32 whatever ``precision``: they are differences of large
+        squared norms, which bf16 would round away.
+        """
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             teacher_features, student_features = self(images)
-        maps = anomaly_map(teacher_features, student_features, tuple(images.shape[-2:]), self.level_scales)
-        maps = smooth_maps(maps, self.map_sigma)
-        return maps, image_scores(maps)
+        size = tuple(images.shape[-2:])
+        maps = [anomaly_map(teacher_features, student_features, size, self.level_scales)]
+        if self.memory_bank is not None:
+            distances = nearest_distances(patch_features(teacher_features), self.memory_bank)
+            maps.append(F.interpolate(distances.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0])
+        return [smooth_maps(m, self.map_sigma) for m in maps]
+
+    @torch.inference_mode()
+    def mean_opinion_scores(self, images: Tensor, batch_size: int) -> tuple[float, ...]:
+        """Mean image score (map maximum) of each of :meth:`opinion_maps` over ``images`` (held-out good ones):
+        the scales that put the student's and the memory's maps on one footing before they are summed."""
+        sums: list[float] = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].to(self.pixel_offset.device)
+            found = [float(image_scores(m).sum()) for m in self.opinion_maps(batch, "fp32")]
+            sums = found if not sums else [a + b for a, b in zip(sums, found)]
+        return tuple(total / len(images) for total in sums)
 
     @torch.inference_mode()
     def mean_level_distances(self, images: Tensor, batch_size: int) -> tuple[float, ...]:

@@ -175,5 +175,5 @@ def worker_loop(loop_config: dict[str, Any]) -> str | None:
         **reporter.take_extras(fitter),
         "finished_at": time.time(),
     }
-    _report_checkpoint(final, lambda folder: save_checkpoint(folder, model.student, meta))
+    _report_checkpoint(final, lambda folder: save_checkpoint(folder, model.student, meta, model.memory_bank))
     return None
