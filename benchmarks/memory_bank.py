@@ -1,0 +1,103 @@
+"""The memory bank on trained students: the student's map, the memory's, and their average, side by side.
+
+The memory (``stfpm_ray.core.memory_bank``) is built after training from the teacher alone, so it can be added
+to students trained before it existed, exactly as training builds it: the same training split, decoded images,
+seed, coreset and held-out scales. For each finished ``stfpm-ray benchmark`` folder this prints image and pixel
+AUROC of the three maps and the time the memory costs per scored image, so the gain can be checked on every
+category and seed without retraining.
+
+    python benchmarks/memory_bank.py runs/e200/screw_s0 runs/e200/screw_s1 runs/e200/screw_s2 runs/e200/elpv_s0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stfpm_ray.core.anomaly_map import image_scores, shrink_maps, stored_map_size
+from stfpm_ray.core.checkpoint import discover_checkpoints, load_checkpoint
+from stfpm_ray.core.fit import load_images, split_train_val
+from stfpm_ray.core.memory_bank import DEFAULT_BANK_SIZE, build_memory_bank
+from stfpm_ray.core.score import DEFAULT_MAP_SIZE
+from stfpm_ray.data.images import load_mask
+from stfpm_ray.data.mvtec import test_samples, train_images
+from stfpm_ray.evaluate.metrics import PixelMetrics, image_auroc
+from stfpm_ray.progress import fixed_width_table
+
+BATCH = 16
+COLUMNS = ("category", "run", "map", "image AUROC", "pixel AUROC", "scoring ms / image")
+
+
+def _pixel_auroc(maps: torch.Tensor, masks: list) -> float:
+    if all(mask is None for mask in masks):
+        return float("nan")
+    stored = shrink_maps(maps, DEFAULT_MAP_SIZE).numpy()
+    metrics = PixelMetrics(max_score=float(stored.max()))
+    for anomaly_map, mask in zip(stored, masks):
+        metrics.update(anomaly_map, mask)
+    return metrics.pixel_auroc()
+
+
+def category_rows(folder: Path, record: dict, checkpoint: str, size: int) -> list[tuple]:
+    config = record["config"]
+    model, meta = load_checkpoint(checkpoint)
+    category, shape = meta.category, meta.input_size
+    train, held_out = split_train_val(train_images(record["data"], category), config["val_fraction"], config["seed"])
+    train_tensor, _ = load_images(train, shape)
+    val_tensor, _ = load_images(held_out, shape)
+    model.memory_bank = build_memory_bank(model.teacher_features, train_tensor, size, config["seed"], BATCH)
+    model.map_scales = model.mean_opinion_scores(val_tensor, BATCH)
+    samples = test_samples(record["data"], category)
+    labels = np.array([s.label for s in samples])
+    masks = [load_mask(s.mask_path, stored_map_size(shape, DEFAULT_MAP_SIZE)) if s.mask_path else None for s in samples]
+    bank, student, memory = model.memory_bank, [], []
+    seconds = {"student": 0.0, "both": 0.0}  # predict's time without and with the memory, side by side
+    for start in range(0, len(samples), BATCH):
+        images, _ = load_images([s.path for s in samples[start : start + BATCH]], shape)
+        model.memory_bank = None
+        began = time.perf_counter()
+        model.predict(images)
+        seconds["student"] += time.perf_counter() - began
+        model.memory_bank = bank
+        began = time.perf_counter()
+        model.predict(images)
+        seconds["both"] += time.perf_counter() - began
+        maps = model.opinion_maps(images)
+        student.append(maps[0])
+        memory.append(maps[1])
+    both = (torch.cat(student) / model.map_scales[0] + torch.cat(memory) / model.map_scales[1]) / 2
+    rows = []
+    for name, maps in (("student", torch.cat(student)), ("memory", torch.cat(memory)), ("both", both)):
+        image = image_auroc(labels, image_scores(maps).numpy())
+        ms = f"{1000 * seconds[name] / len(samples):.0f}" if name in seconds else "-"
+        rows.append((category, folder.name, name, f"{image:.4f}", f"{_pixel_auroc(maps, masks):.4f}", ms))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", type=Path, help="finished `stfpm-ray benchmark` folders (--out)")
+    parser.add_argument("--size", type=int, default=DEFAULT_BANK_SIZE, help="memory bank positions")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for folder in args.folders:
+        record = json.loads((folder / "benchmark.json").read_text())
+        valid, problems = discover_checkpoints(folder / "checkpoints")
+        if problems:
+            raise SystemExit(f"{folder}: unusable checkpoints: {problems}")
+        for checkpoint, _ in valid.values():
+            found = category_rows(folder, record, checkpoint, args.size)
+            print(fixed_width_table(COLUMNS, found), flush=True)
+            rows += found
+    print(fixed_width_table(COLUMNS, rows, rule=True))
+
+
+if __name__ == "__main__":
+    main()
