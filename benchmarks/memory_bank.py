@@ -12,35 +12,25 @@ category and seed without retraining.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from score_ablation import finished_runs, pixel_auroc  # beside this script
 
-from stfpm_ray.core.anomaly_map import image_scores, shrink_maps, stored_map_size
-from stfpm_ray.core.checkpoint import discover_checkpoints, load_checkpoint
+from stfpm_ray.core.anomaly_map import image_scores, stored_map_size
+from stfpm_ray.core.checkpoint import load_checkpoint
 from stfpm_ray.core.fit import load_images, split_train_val
 from stfpm_ray.core.memory_bank import DEFAULT_BANK_SIZE, build_memory_bank
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE
 from stfpm_ray.data.images import load_mask
 from stfpm_ray.data.mvtec import test_samples, train_images
-from stfpm_ray.evaluate.metrics import PixelMetrics, image_auroc
+from stfpm_ray.evaluate.metrics import image_auroc
 from stfpm_ray.progress import fixed_width_table
 
 BATCH = 16
 COLUMNS = ("category", "run", "map", "image AUROC", "pixel AUROC", "scoring ms / image")
-
-
-def _pixel_auroc(maps: torch.Tensor, masks: list) -> float:
-    if all(mask is None for mask in masks):
-        return float("nan")
-    stored = shrink_maps(maps, DEFAULT_MAP_SIZE).numpy()
-    metrics = PixelMetrics(max_score=float(stored.max()))
-    for anomaly_map, mask in zip(stored, masks):
-        metrics.update(anomaly_map, mask)
-    return metrics.pixel_auroc()
 
 
 def category_rows(folder: Path, record: dict, checkpoint: str, size: int) -> list[tuple]:
@@ -75,7 +65,7 @@ def category_rows(folder: Path, record: dict, checkpoint: str, size: int) -> lis
     for name, maps in (("student", torch.cat(student)), ("memory", torch.cat(memory)), ("both", both)):
         image = image_auroc(labels, image_scores(maps).numpy())
         ms = f"{1000 * seconds[name] / len(samples):.0f}" if name in seconds else "-"
-        rows.append((category, folder.name, name, f"{image:.4f}", f"{_pixel_auroc(maps, masks):.4f}", ms))
+        rows.append((category, folder.name, name, f"{image:.4f}", f"{pixel_auroc(maps, masks):.4f}", ms))
     return rows
 
 
@@ -87,15 +77,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    for folder in args.folders:
-        record = json.loads((folder / "benchmark.json").read_text())
-        valid, problems = discover_checkpoints(folder / "checkpoints")
-        if problems:
-            raise SystemExit(f"{folder}: unusable checkpoints: {problems}")
-        for checkpoint, _ in valid.values():
-            found = category_rows(folder, record, checkpoint, args.size)
-            print(fixed_width_table(COLUMNS, found), flush=True)
-            rows += found
+    for folder, record, checkpoint in finished_runs(args.folders):
+        found = category_rows(folder, record, checkpoint, args.size)
+        print(fixed_width_table(COLUMNS, found), flush=True)
+        rows += found
     print(fixed_width_table(COLUMNS, rows, rule=True))
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -102,19 +102,35 @@ def category_rows(folder: Path, data: str, seed: int, val_fraction: float, check
     ):
         chosen_scales = [scales[i] for i in levels] if combine == "sum" else None
         maps = smooth_maps(combine_levels([test[i] for i in levels], size, chosen_scales), sigma)
-        pixel = float("nan")
-        if any(mask is not None for mask in masks):
-            stored = shrink_maps(maps, DEFAULT_MAP_SIZE).numpy()
-            metrics = PixelMetrics(max_score=float(stored.max()))
-            for anomaly_map, mask in zip(stored, masks):
-                metrics.update(anomaly_map, mask)
-            pixel = metrics.pixel_auroc()
+        pixel = pixel_auroc(maps, masks)
         for score_name, score in IMAGE_SCORES.items():
             image = image_auroc(labels, score(maps).numpy())
             rows.append(
                 (category, folder.name, combine, levels_name, f"{sigma:g}", score_name, f"{image:.4f}", f"{pixel:.4f}")
             )
     return rows
+
+
+def pixel_auroc(maps: Tensor, masks: Sequence) -> float:
+    """Pixel AUROC of full-size maps as ``evaluate`` measures it (on stored maps); NaN without masks."""
+    if all(mask is None for mask in masks):
+        return float("nan")
+    stored = shrink_maps(maps, DEFAULT_MAP_SIZE).numpy()
+    metrics = PixelMetrics(max_score=float(stored.max()))
+    for anomaly_map, mask in zip(stored, masks):
+        metrics.update(anomaly_map, mask)
+    return metrics.pixel_auroc()
+
+
+def finished_runs(folders: Sequence[Path]) -> Iterator[tuple[Path, dict, str]]:
+    """(folder, its benchmark.json, checkpoint folder) for every trained category of finished benchmark folders."""
+    for folder in folders:
+        record = json.loads((folder / "benchmark.json").read_text())
+        valid, problems = discover_checkpoints(folder / "checkpoints")
+        if problems:
+            raise SystemExit(f"{folder}: unusable checkpoints: {problems}")
+        for checkpoint, _ in valid.values():
+            yield folder, record, checkpoint
 
 
 def summary(rows: list[tuple]) -> list[tuple]:
@@ -138,16 +154,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    for folder in args.folders:
-        record = json.loads((folder / "benchmark.json").read_text())
+    for folder, record, checkpoint in finished_runs(args.folders):
         config = record["config"]
-        valid, problems = discover_checkpoints(folder / "checkpoints")
-        if problems:
-            raise SystemExit(f"{folder}: unusable checkpoints: {problems}")
-        for checkpoint, _ in valid.values():
-            found = category_rows(folder, record["data"], config["seed"], config["val_fraction"], checkpoint)
-            print(fixed_width_table(COLUMNS, found), flush=True)
-            rows += found
+        found = category_rows(folder, record["data"], config["seed"], config["val_fraction"], checkpoint)
+        print(fixed_width_table(COLUMNS, found), flush=True)
+        rows += found
     print(fixed_width_table(SUMMARY, summary(rows), rule=True))
 
 
