@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stfpm_ray.core.teacher import create_features
+from stfpm_ray.core.teacher import pyramid_shape
 
 DEFAULT_BANK_SIZE = 3000
 MAX_BANK_SIZE = 50_000
@@ -44,8 +44,7 @@ def patch_features(teacher_features: Sequence[Tensor]) -> Tensor:
 
 def bank_channels(backbone: str, layers: Sequence[int]) -> int:
     """Channels of :func:`patch_features` for a teacher, without building its weights."""
-    with torch.device("meta"):
-        channels = create_features(backbone, tuple(layers)).feature_info.channels()
+    channels, _ = pyramid_shape(backbone, tuple(layers))
     return sum(channels[-2:])
 
 

@@ -10,7 +10,7 @@ its kind (:mod:`stfpm_ray.core.students`); the anomaly map and image score live 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -209,19 +209,26 @@ class STFPM(nn.Module):
     def mean_opinion_scores(self, images: Tensor, batch_size: int) -> tuple[float, ...]:
         """Mean image score (map maximum) of each of :meth:`opinion_maps` over ``images`` (held-out good ones):
         the scales that put the student's and the memory's maps on one footing before they are summed."""
-        sums: list[float] = []
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].to(self.pixel_offset.device)
-            found = [float(image_scores(m).sum()) for m in self.opinion_maps(batch, "fp32")]
-            sums = found if not sums else [a + b for a, b in zip(sums, found)]
-        return tuple(total / len(images) for total in sums)
+        return self._means_over(
+            images, batch_size, lambda batch: [float(image_scores(m).sum()) for m in self.opinion_maps(batch, "fp32")]
+        )
 
     @torch.inference_mode()
     def mean_level_distances(self, images: Tensor, batch_size: int) -> tuple[float, ...]:
         """Mean distance of each level over ``images`` (held-out good ones): the scales of the calibrated sum."""
+        return self._means_over(
+            images,
+            batch_size,
+            lambda batch: [float(level.sum()) / level[0].numel() for level in level_distances(*self(batch))],
+        )
+
+    def _means_over(
+        self, images: Tensor, batch_size: int, batch_sums: Callable[[Tensor], list[float]]
+    ) -> tuple[float, ...]:
+        """Per-image means over ``images``, taken in batches: ``batch_sums(batch)`` sums each quantity over a
+        batch's images."""
         totals: list[float] = []
         for start in range(0, len(images), batch_size):
-            levels = level_distances(*self(images[start : start + batch_size].to(self.pixel_offset.device)))
-            sums = [float(level.sum()) / level[0].numel() for level in levels]
+            sums = batch_sums(images[start : start + batch_size].to(self.pixel_offset.device))
             totals = sums if not totals else [a + b for a, b in zip(totals, sums)]
         return tuple(total / len(images) for total in totals)

@@ -30,7 +30,7 @@ from torch import nn
 
 from stfpm_ray.core.memory_bank import DEFAULT_BANK_SIZE
 from stfpm_ray.core.reverse import ReverseStudent
-from stfpm_ray.core.teacher import create_features
+from stfpm_ray.core.teacher import create_features, pyramid_shape
 from stfpm_ray.errors import UserError
 
 # Checkpoints written before the field ``student`` existed hold a mirror student.
@@ -91,9 +91,8 @@ def _mirror(backbone: str, layers: tuple[int, ...]) -> nn.Module:
 
 
 def _reverse(backbone: str, layers: tuple[int, ...]) -> nn.Module:
-    with torch.device("meta"):  # only the teacher pyramid's channels and strides are needed
-        info = create_features(backbone, layers).feature_info
-    return ReverseStudent(info.channels(), info.reduction())
+    channels, strides = pyramid_shape(backbone, layers)
+    return ReverseStudent(channels, strides)
 
 
 def _sgd(parameters: Iterable[nn.Parameter], settings: OptimizerSettings) -> torch.optim.Optimizer:

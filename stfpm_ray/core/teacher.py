@@ -13,6 +13,7 @@ Three weight sources, always chosen explicitly and recorded in every checkpoint:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import re
@@ -195,6 +196,17 @@ def create_features(backbone: str, layers: tuple[int, ...], pretrained: bool = F
                 f"packaged teacher: --backbone {OFFLINE_BACKBONE} --weights offline"
             ) from exc
         raise UserError(f"backbone {backbone!r} cannot return features {list(layers)}: {exc}") from exc
+
+
+@functools.cache
+def pyramid_shape(backbone: str, layers: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(channels, strides) of a teacher's feature levels, built on the meta device: no memory, no weights.
+
+    Cached: students are built and checkpoints validated (their memory bank's width) from it, many per run.
+    """
+    with torch.device("meta"):
+        info = create_features(backbone, tuple(layers)).feature_info
+    return tuple(info.channels()), tuple(info.reduction())
 
 
 def _load_into(features: nn.Module, state_dict: dict[str, torch.Tensor], origin: str) -> None:
