@@ -3,7 +3,8 @@
 The memory (``stfpm_ray.core.memory_bank``) is built after training from the teacher alone, so it can be added
 to students trained before it existed, exactly as training builds it: the same training split, decoded images,
 seed, coreset and held-out scales. For each finished ``stfpm-ray benchmark`` folder this prints image and pixel
-AUROC of the three maps and the time the memory costs per scored image, so the gain can be checked on every
+AUROC of the three maps, false alarms and recall at the deployed threshold (the student's as trained; with the
+memory, calibrated on the combined held-out scores as training calibrates it), and the time the memory costs per scored image, so the gain can be checked on every
 category and seed without retraining.
 
     python benchmarks/memory_bank.py runs/e200/screw_s0 runs/e200/screw_s1 runs/e200/screw_s2 runs/e200/elpv_s0
@@ -20,8 +21,9 @@ import torch
 from score_ablation import finished_runs, pixel_auroc  # beside this script
 
 from stfpm_ray.core.anomaly_map import image_scores, stored_map_size
+from stfpm_ray.core.calibration import calibration
 from stfpm_ray.core.checkpoint import load_checkpoint
-from stfpm_ray.core.fit import load_images, split_train_val
+from stfpm_ray.core.fit import load_images, split_train_val, validation_scores
 from stfpm_ray.core.memory_bank import DEFAULT_BANK_SIZE, build_memory_bank
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE
 from stfpm_ray.data.images import load_mask
@@ -30,7 +32,7 @@ from stfpm_ray.evaluate.metrics import image_auroc
 from stfpm_ray.progress import fixed_width_table
 
 BATCH = 16
-COLUMNS = ("category", "run", "map", "image AUROC", "pixel AUROC", "scoring ms / image")
+COLUMNS = ("category", "run", "map", "image AUROC", "pixel AUROC", "false alarms", "recall", "scoring ms / image")
 
 
 def category_rows(folder: Path, record: dict, checkpoint: str, size: int) -> list[tuple]:
@@ -42,6 +44,11 @@ def category_rows(folder: Path, record: dict, checkpoint: str, size: int) -> lis
     val_tensor, _ = load_images(held_out, shape)
     model.memory_bank = build_memory_bank(model.teacher_features, train_tensor, size, config["seed"], BATCH)
     model.map_scales = model.mean_opinion_scores(val_tensor, BATCH)
+    # the threshold training would deploy with the memory: calibrated on the combined held-out scores
+    deployed = {
+        "student": meta.threshold,
+        "both": calibration(validation_scores(model, val_tensor, BATCH), config["target_far"])[0],
+    }
     samples = test_samples(record["data"], category)
     labels = np.array([s.label for s in samples])
     masks = [load_mask(s.mask_path, stored_map_size(shape, DEFAULT_MAP_SIZE)) if s.mask_path else None for s in samples]
@@ -62,9 +69,15 @@ def category_rows(folder: Path, record: dict, checkpoint: str, size: int) -> lis
     both = (torch.cat(student) / model.map_scales[0] + torch.cat(memory) / model.map_scales[1]) / 2
     rows = []
     for name, maps in (("student", torch.cat(student)), ("memory", torch.cat(memory)), ("both", both)):
-        image = image_auroc(labels, image_scores(maps).numpy())
+        scores = image_scores(maps).numpy()
+        image = image_auroc(labels, scores)
         ms = f"{1000 * seconds[name] / len(samples):.0f}" if name in seconds else "-"
-        rows.append((category, folder.name, name, f"{image:.4f}", f"{pixel_auroc(maps, masks):.4f}", ms))
+        far = recall = "-"
+        if name in deployed:
+            flagged = scores > deployed[name]
+            far = f"{flagged[labels == 0].mean():.1%} of {(labels == 0).sum()}"
+            recall = f"{flagged[labels == 1].mean():.1%}"
+        rows.append((category, folder.name, name, f"{image:.4f}", f"{pixel_auroc(maps, masks):.4f}", far, recall, ms))
     return rows
 
 
