@@ -4,8 +4,8 @@ The memory (``stfpm_ray.core.memory_bank``) is built after training from the tea
 to students trained before it existed, exactly as training builds it: the same training split, decoded images,
 seed, coreset and held-out scales. For each finished ``stfpm-ray benchmark`` folder this prints image and pixel
 AUROC of the three maps, false alarms and recall at the deployed threshold (the student's as trained; with the
-memory, calibrated on the combined held-out scores as training calibrates it), and the time the memory costs per scored image, so the gain can be checked on every
-category and seed without retraining.
+memory, calibrated on the combined held-out scores as training calibrates it), and the time the memory costs
+per scored image, so the gain can be checked on every category and seed without retraining.
 
     python benchmarks/memory_bank.py runs/e200/screw_s0 runs/e200/screw_s1 runs/e200/screw_s2 runs/e200/elpv_s0
 """
