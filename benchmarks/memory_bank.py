@@ -24,7 +24,7 @@ from stfpm_ray.core.anomaly_map import image_scores, stored_map_size
 from stfpm_ray.core.calibration import calibration
 from stfpm_ray.core.checkpoint import load_checkpoint
 from stfpm_ray.core.fit import load_images, split_train_val, validation_scores
-from stfpm_ray.core.memory_bank import DEFAULT_BANK_SIZE, build_memory_bank
+from stfpm_ray.core.memory_bank import DEFAULT_BANK_SIZE
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE
 from stfpm_ray.data.images import load_mask
 from stfpm_ray.data.mvtec import test_samples, train_images
@@ -42,8 +42,7 @@ def category_rows(folder: Path, record: dict, checkpoint: str, size: int) -> lis
     train, held_out = split_train_val(train_images(record["data"], category), config["val_fraction"], config["seed"])
     train_tensor, _ = load_images(train, shape)
     val_tensor, _ = load_images(held_out, shape)
-    model.memory_bank = build_memory_bank(model.teacher_features, train_tensor, size, config["seed"], BATCH)
-    model.map_scales = model.mean_opinion_scores(val_tensor, BATCH)
+    model.add_memory(train_tensor, val_tensor, size, config["seed"], BATCH)
     # the threshold training would deploy with the memory: calibrated on the combined held-out scores
     deployed = {
         "student": meta.threshold,

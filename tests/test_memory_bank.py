@@ -17,7 +17,13 @@ from stfpm_ray.core.checkpoint import (
     validate_checkpoint,
 )
 from stfpm_ray.core.fit import TrainConfig, fit_category
-from stfpm_ray.core.memory_bank import bank_channels, greedy_coreset, nearest_distances, patch_features
+from stfpm_ray.core.memory_bank import (
+    NEIGHBOURS,
+    bank_channels,
+    greedy_coreset,
+    nearest_distances,
+    patch_features,
+)
 from stfpm_ray.core.teacher import create_features
 from stfpm_ray.data.mvtec import discover_categories
 from stfpm_ray.errors import UserError
@@ -32,6 +38,17 @@ def test_nearest_distances_match_brute_force_across_bank_chunks():
     assert torch.allclose(nearest_distances(patches, bank), expected, atol=1e-4)
     # a position that is in the bank is at distance zero
     assert nearest_distances(bank[7].view(1, 8, 1, 1), bank).item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_distances_average_the_nearest_rows_whichever_chunk_holds_them():
+    generator = torch.Generator().manual_seed(1)
+    patches = torch.randn(2, 8, 3, 3, generator=generator)
+    bank = torch.randn(2100, 8, generator=generator)  # three chunks, the last one short
+    queries = patches.permute(0, 2, 3, 1).reshape(-1, 8)
+    expected = torch.cdist(queries, bank).topk(3, dim=1, largest=False).values.mean(dim=1).view(2, 3, 3)
+    assert torch.allclose(nearest_distances(patches, bank, neighbours=3), expected, atol=1e-4)
+    # a bank with fewer rows than neighbours averages all of them
+    assert nearest_distances(patches, bank[:2], neighbours=3).shape == (2, 3, 3)
 
 
 def test_the_coreset_keeps_a_rare_pattern_that_a_random_subset_of_its_size_loses():
@@ -70,11 +87,12 @@ def test_training_keeps_a_bank_and_scales_both_maps_on_held_out_good_images(bank
     model = result.model
     assert meta.memory_bank == 100 and model.memory_bank.shape == (100, bank_channels(meta.backbone, meta.layers))
     val = result.fitter.val_images
+    assert meta.memory_neighbours == model.memory_neighbours == NEIGHBOURS
     student, memory = model.opinion_maps(val)
-    # each map divided by its own mean maximum on these very images: both average 1 there
+    # each map divided by the spread of its image scores on these very images
     scales = meta.map_scales
-    assert float(student.flatten(1).amax(1).mean()) == pytest.approx(scales[0], rel=1e-4)
-    assert float(memory.flatten(1).amax(1).mean()) == pytest.approx(scales[1], rel=1e-4)
+    assert float(student.flatten(1).amax(1).std()) == pytest.approx(scales[0], rel=1e-4)
+    assert float(memory.flatten(1).amax(1).std()) == pytest.approx(scales[1], rel=1e-4)
     maps, scores = model.predict(val)
     assert torch.allclose(maps, (student / scales[0] + memory / scales[1]) / 2, atol=1e-6)
     assert meta.calibration["val_max"] == pytest.approx(float(scores.max()))
@@ -85,11 +103,34 @@ def test_a_saved_bank_scores_the_same_after_loading(banked):
     assert validate_checkpoint(folder) == meta
     model, loaded = load_checkpoint(folder)
     assert loaded.map_scales == meta.map_scales and torch.equal(model.memory_bank, result.model.memory_bank)
+    assert model.memory_neighbours == NEIGHBOURS
     images = result.fitter.val_images
     assert torch.allclose(model.predict(images)[1], result.model.predict(images)[1], rtol=1e-5)
     # and the bank is part of the model's identity: a model without one is another model
-    plain = replace(meta, memory_bank=0, map_scales=None)
+    plain = replace(meta, memory_bank=0, memory_neighbours=1, map_scales=None)
     assert save_checkpoint(folder.parent / "without", result.model.student, plain).model_id != meta.model_id
+
+
+def test_a_memory_written_before_neighbours_existed_scores_with_the_nearest_alone(banked, tmp_path):
+    result, folder, _ = banked
+    raw = json.loads((folder / META_FILE).read_text())
+    assert raw["memory_neighbours"] == NEIGHBOURS
+    del raw["memory_neighbours"]
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / META_FILE).write_text(json.dumps(raw))
+    (older / "student.safetensors").write_bytes((folder / "student.safetensors").read_bytes())
+    model, meta = load_checkpoint(older)
+    assert meta.memory_neighbours == model.memory_neighbours == 1
+    images = result.fitter.val_images[:2]
+    trained = result.model
+    trained.memory_neighbours = 1
+    try:
+        expected = trained.opinion_maps(images)[1]
+    finally:
+        trained.memory_neighbours = NEIGHBOURS
+    assert torch.allclose(model.opinion_maps(images)[1], expected, atol=1e-5)
+    assert not torch.allclose(trained.opinion_maps(images)[1], expected, atol=1e-5)
 
 
 def test_a_checkpoint_whose_bank_does_not_match_its_metadata_is_refused(banked, tmp_path):
@@ -103,6 +144,9 @@ def test_a_checkpoint_whose_bank_does_not_match_its_metadata_is_refused(banked, 
     (broken / META_FILE).write_text(json.dumps(raw))
     (broken / "student.safetensors").write_bytes((folder / "student.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match=MEMORY_KEY):
+        validate_checkpoint(broken)
+    (broken / META_FILE).write_text(json.dumps({**raw, "memory_bank": 100, "memory_neighbours": 101}))
+    with pytest.raises(CheckpointError, match="memory_neighbours"):
         validate_checkpoint(broken)
     del raw["map_scales"]
     (broken / META_FILE).write_text(json.dumps(raw))

@@ -69,6 +69,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "level_scales": (list, type(None)),
     "map_sigma": (int, float),
     "memory_bank": (int,),
+    "memory_neighbours": (int,),
     "map_scales": (list, type(None)),
     "calibration": (dict,),
     "operating_points": (list,),
@@ -128,9 +129,12 @@ class CheckpointMeta:
     # field existed lack it and score unsmoothed.
     map_sigma: float = 0.0
     # Rows of the memory of good teacher features (core.memory_bank), saved beside the student's weights as
-    # MEMORY_KEY, and the held-out good images' mean score of the student's map and of the memory's, which
-    # scale them before they are averaged. Checkpoints written before lack both: the student's map alone.
+    # MEMORY_KEY, and what the student's map and the memory's are divided by before they are averaged
+    # (core.model.STFPM.opinion_scales). Checkpoints written before lack both: the student's map alone.
     memory_bank: int = 0
+    # The nearest memory rows a position's distance averages; memories written before the field existed lack
+    # it and use the nearest alone.
+    memory_neighbours: int = 1
     map_scales: list[float] | None = None
     # Which student kind (stfpm_ray.core.students); read_meta takes a checkpoint written before the field
     # existed for the kind there was then, LEGACY_STUDENT.
@@ -172,6 +176,8 @@ def _model_id(weights: bytes, meta: CheckpointMeta) -> str:
         digest.update(f"sigma:{float(meta.map_sigma)!r}".encode())
     if meta.map_scales is not None:  # and on these (the memory itself is in the weights' bytes)
         digest.update(f"scales:{[float(v) for v in meta.map_scales]!r}".encode())
+    if meta.memory_neighbours != 1:
+        digest.update(f"neighbours:{meta.memory_neighbours}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -198,7 +204,7 @@ def _meta_json(meta: CheckpointMeta) -> str:
     """``stfpm.json``'s text. A square model's leaves ``input_shape`` out, so that builds older than the field
     (which refuse fields they do not know) still read it."""
     record = asdict(meta)
-    for name, unset in (("input_shape", None), ("memory_bank", 0), ("map_scales", None)):
+    for name, unset in (("input_shape", None), ("memory_bank", 0), ("memory_neighbours", 1), ("map_scales", None)):
         if record[name] == unset:
             del record[name]
     return json.dumps(record, indent=2, sort_keys=True)
@@ -250,6 +256,9 @@ def _field_problem(raw: dict[str, Any]) -> str | None:
             wrong.append(name)
     if raw.get("memory_bank", 0) and not (isinstance(raw.get("map_scales"), list) and len(raw["map_scales"]) == 2):
         wrong.append("map_scales")
+    rows, neighbours = raw.get("memory_bank", 0), raw.get("memory_neighbours", 1)
+    if isinstance(rows, int) and isinstance(neighbours, int) and not 1 <= neighbours <= max(1, rows):
+        wrong.append("memory_neighbours")
     if isinstance(raw.get("operating_points"), list) and not all(map(_is_operating_point, raw["operating_points"])):
         wrong.append("operating_points")
     if wrong:
@@ -500,6 +509,7 @@ def load_checkpoint(
     if MEMORY_KEY in state:
         model.memory_bank = state.pop(MEMORY_KEY)
         model.map_scales = tuple(meta.map_scales) if meta.map_scales is not None else None
+        model.memory_neighbours = meta.memory_neighbours
     try:
         model.student.load_state_dict(state)
     except RuntimeError as exc:

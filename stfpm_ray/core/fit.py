@@ -27,7 +27,7 @@ from stfpm_ray.core.augment import AUGMENTATIONS, photometric_jitter
 from stfpm_ray.core.calibration import CALIBRATED_PRECISION, calibration
 from stfpm_ray.core.checkpoint import CheckpointMeta
 from stfpm_ray.core.input_size import ASPECTS, category_aspect, input_size
-from stfpm_ray.core.memory_bank import MAX_BANK_SIZE, build_memory_bank
+from stfpm_ray.core.memory_bank import MAX_BANK_SIZE
 from stfpm_ray.core.model import LOSSES, STFPM, stfpm_loss
 from stfpm_ray.core.students import DEFAULT_STUDENT, RECIPE_FIELDS, OptimizerSettings, student_kind
 from stfpm_ray.core.teacher import DEFAULT_LAYERS, OFFLINE_BACKBONE, Teacher, load_teacher
@@ -338,6 +338,7 @@ def build_meta(
         level_scales=list(fitter.core.level_scales) if fitter.core.level_scales is not None else None,
         # the rows kept: fewer than asked where the training images have fewer positions
         memory_bank=0 if fitter.core.memory_bank is None else len(fitter.core.memory_bank),
+        memory_neighbours=fitter.core.memory_neighbours,
         map_scales=list(fitter.core.map_scales) if fitter.core.map_scales is not None else None,
     )
 
@@ -432,13 +433,7 @@ def fit_category(
         if config.combine == "sum":
             fitter.core.level_scales = fitter.core.mean_level_distances(val, config.batch_size)
         if config.memory_bank:
-
-            def features(batch: Tensor) -> list[Tensor]:
-                return fitter.core.teacher_features(batch.to(device))
-
-            bank = build_memory_bank(features, train, config.memory_bank, config.seed, config.batch_size)
-            fitter.core.memory_bank = bank.to(device)
-            fitter.core.map_scales = fitter.core.mean_opinion_scores(val, config.batch_size)
+            fitter.core.add_memory(train, val, config.memory_bank, config.seed, config.batch_size)
         scores = validation_scores(fitter.core, val, config.batch_size, device)
         extra = {"seconds": time.time() - started_at, "skipped_images": problems, **(extra_meta or {})}
         return FitResult(fitter.core, build_meta(category, config, teacher, fitter, scores, extra), fitter)

@@ -9,7 +9,10 @@ through, while the memory knows only what it kept, but localises sharply. Their 
 The memory holds the positions of the last two teacher levels (3x3 local means, the coarser level upsampled,
 PatchCore's layer 2 + 3), thinned by a greedy k-centre coreset to ``size`` positions. The coreset keeps rare
 good patterns (a random subset of the same size forgets them and flags them): with 3000 positions it scored
-screw better than 30000 random ones at a tenth of the cost.
+screw better than 30000 random ones at a tenth of the cost. A position's distance is the mean over its
+``NEIGHBOURS`` nearest rows rather than to the nearest alone: one stray row near a defect can no longer hide it,
+and which rows the coreset happened to keep matters less (screw's memory alone: 0.911 to 0.945 image AUROC
+over three training splits with the nearest, 0.929 to 0.953 with three; README: Results).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from stfpm_ray.core.teacher import pyramid_shape
 
 DEFAULT_BANK_SIZE = 3000
 MAX_BANK_SIZE = 50_000
+# Nearest rows a position's distance is averaged over, for memories built from now on; checkpoints written
+# before it record none and use the nearest alone.
+NEIGHBOURS = 3
 # Greedy coreset selection runs on a random projection to this many dimensions (PatchCore's speed-up) and on
 # at most this many candidate positions (drawn at random), so that its cost is bounded for large categories.
 PROJECTION_DIMS = 128
@@ -91,20 +97,22 @@ def build_memory_bank(
     return pool[greedy_coreset(pool, size, generator)].contiguous()
 
 
-def nearest_distances(patches: Tensor, bank: Tensor) -> Tensor:
-    """(N, h, w) Euclidean distance of each position of ``patches`` (N, C, h, w) to its nearest bank row.
+def nearest_distances(patches: Tensor, bank: Tensor, neighbours: int = 1) -> Tensor:
+    """(N, h, w) mean Euclidean distance of each position of ``patches`` (N, C, h, w) to its ``neighbours``
+    nearest bank rows (all rows, where the bank has fewer).
 
-    The bank is walked in fixed chunks with a running minimum, so memory stays bounded and the loop has the
-    same length for any batch (an exported graph keeps a dynamic batch).
+    The bank is walked in fixed chunks keeping a running k smallest, so memory stays bounded and the loop has
+    the same length for any batch (an exported graph keeps a dynamic batch).
     """
     n, channels, height, width = patches.shape
     queries = patches.permute(0, 2, 3, 1).reshape(-1, channels)
     query_norms = queries.pow(2).sum(dim=1, keepdim=True)
-    nearest: Tensor | None = None
+    nearest: Tensor | None = None  # (positions, up to k) smallest squared distances so far
     for start in range(0, len(bank), _BANK_CHUNK):
         rows = bank[start : start + _BANK_CHUNK]
         squared = query_norms - 2 * queries @ rows.T + rows.pow(2).sum(dim=1)
-        closest = squared.amin(dim=1)
-        nearest = closest if nearest is None else torch.minimum(nearest, closest)
+        if nearest is not None:
+            squared = torch.cat([nearest, squared], dim=1)
+        nearest = squared.topk(min(neighbours, squared.shape[1]), dim=1, largest=False).values
     assert nearest is not None, "the memory bank is empty"
-    return nearest.clamp_min(0).sqrt().view(n, height, width)
+    return nearest.clamp_min(0).sqrt().mean(dim=1).view(n, height, width)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from stfpm_ray.core.anomaly_map import anomaly_map, feature_distance, image_scores, level_distances, smooth_maps
 from stfpm_ray.core.calibration import CALIBRATED_PRECISION
 from stfpm_ray.core.inference_graph import image_probe, optimize_for_inference
-from stfpm_ray.core.memory_bank import nearest_distances, patch_features
+from stfpm_ray.core.memory_bank import NEIGHBOURS, build_memory_bank, nearest_distances, patch_features
 from stfpm_ray.core.students import DEFAULT_STUDENT, create_student, student_kind
 from stfpm_ray.core.teacher import Teacher
 from stfpm_ray.errors import UserError
@@ -122,9 +122,11 @@ class STFPM(nn.Module):
         self.level_scales: tuple[float, ...] | None = None
         # Gaussian smoothing of the map in pixels, 0 for none (checkpoints written before it existed)
         self.map_sigma = 0.0
-        # The teacher's features of good images (stfpm_ray.core.memory_bank) and the held-out good images' mean
-        # score of the student's map and of the memory's: None, the student's map alone.
+        # The teacher's features of good images (stfpm_ray.core.memory_bank), the nearest rows a position's
+        # distance averages, and what the student's map and the memory's are divided by before they are
+        # averaged (opinion_scales): None, the student's map alone.
         self.register_buffer("memory_bank", None, persistent=False)
+        self.memory_neighbours = 1
         self.map_scales: tuple[float, float] | None = None
 
     def train(self, mode: bool = True) -> STFPM:
@@ -201,17 +203,39 @@ class STFPM(nn.Module):
         size = tuple(images.shape[-2:])
         maps = [anomaly_map(teacher_features, student_features, size, self.level_scales)]
         if self.memory_bank is not None:
-            distances = nearest_distances(patch_features(teacher_features), self.memory_bank)
+            distances = nearest_distances(patch_features(teacher_features), self.memory_bank, self.memory_neighbours)
             maps.append(F.interpolate(distances.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0])
         return [smooth_maps(m, self.map_sigma) for m in maps]
 
+    def add_memory(self, train: Tensor, val: Tensor, size: int, seed: int, batch_size: int) -> None:
+        """Keep a memory of ``size`` positions of the good ``train`` images and scale both opinions on the held-out
+        good ``val`` images (uint8 NCHW). After training: the scales depend on the student's final weights."""
+        device = self.pixel_offset.device
+        self.memory_bank = build_memory_bank(
+            lambda batch: self.teacher_features(batch.to(device)), train, size, seed, batch_size
+        ).to(device)
+        self.memory_neighbours = NEIGHBOURS
+        self.map_scales = self.opinion_scales(val, batch_size)
+
     @torch.inference_mode()
-    def mean_opinion_scores(self, images: Tensor, batch_size: int) -> tuple[float, ...]:
-        """Mean image score (map maximum) of each of :meth:`opinion_maps` over ``images`` (held-out good ones):
-        the scales that put the student's and the memory's maps on one footing before they are summed."""
-        return self._means_over(
-            images, batch_size, lambda batch: [float(image_scores(m).sum()) for m in self.opinion_maps(batch, "fp32")]
+    def opinion_scales(self, images: Tensor, batch_size: int) -> tuple[float, ...]:
+        """What each of :meth:`opinion_maps` is divided by before :meth:`predict` averages them: the spread
+        (standard deviation) of its image scores over ``images``, held-out good ones.
+
+        Dividing by the spread rather than the mean weighs each opinion by how tightly it holds good images
+        together, so an opinion that scatters them cannot drown one that separates them (README: Results).
+        With fewer than two images, or no spread, the mean stands in.
+        """
+        batches = (
+            images[start : start + batch_size].to(self.pixel_offset.device)
+            for start in range(0, len(images), batch_size)
         )
+        scores = torch.cat(
+            [torch.stack([image_scores(m) for m in self.opinion_maps(b, "fp32")], 1).cpu() for b in batches]
+        )
+        spread = scores.std(dim=0) if len(scores) > 1 else torch.zeros(scores.shape[1])
+        scales = spread if bool((spread > 0).all()) else scores.mean(dim=0)
+        return tuple(float(v) for v in scales)
 
     @torch.inference_mode()
     def mean_level_distances(self, images: Tensor, batch_size: int) -> tuple[float, ...]:
