@@ -8,6 +8,9 @@ memory, calibrated on the combined held-out scores as training calibrates it), a
 per scored image, so the gain can be checked on every category and seed without retraining.
 
     python benchmarks/memory_bank.py runs/e200/screw_s0 runs/e200/screw_s1 runs/e200/screw_s2 runs/e200/elpv_s0
+
+``--neighbours 1 --scales mean`` gives the memory as it was before 2026-12-08 (the nearest row alone, each
+opinion divided by its held-out mean score), for the comparison in the README.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from stfpm_ray.core.anomaly_map import image_scores, stored_map_size
 from stfpm_ray.core.calibration import calibration
 from stfpm_ray.core.checkpoint import load_checkpoint
 from stfpm_ray.core.fit import load_images, split_train_val, validation_scores
-from stfpm_ray.core.memory_bank import DEFAULT_BANK_SIZE
+from stfpm_ray.core.memory_bank import DEFAULT_BANK_SIZE, NEIGHBOURS
+from stfpm_ray.core.model import STFPM
 from stfpm_ray.core.score import DEFAULT_MAP_SIZE
 from stfpm_ray.data.images import load_mask
 from stfpm_ray.data.mvtec import test_samples, train_images
@@ -35,7 +39,16 @@ BATCH = 16
 COLUMNS = ("category", "run", "map", "image AUROC", "pixel AUROC", "false alarms", "recall", "scoring ms / image")
 
 
-def category_rows(folder: Path, record: dict, checkpoint: str, size: int) -> list[tuple]:
+def mean_scales(model: STFPM, images: torch.Tensor) -> tuple[float, ...]:
+    """The scales before 2026-12-08: each opinion's mean image score on the held-out good images."""
+    scores = [
+        torch.stack([image_scores(m) for m in model.opinion_maps(images[i : i + BATCH])], 1)
+        for i in range(0, len(images), BATCH)
+    ]
+    return tuple(float(v) for v in torch.cat(scores).mean(dim=0))
+
+
+def category_rows(folder: Path, record: dict, checkpoint: str, size: int, neighbours: int, scales: str) -> list[tuple]:
     config = record["config"]
     model, meta = load_checkpoint(checkpoint)
     category, shape = meta.category, meta.input_size
@@ -43,6 +56,11 @@ def category_rows(folder: Path, record: dict, checkpoint: str, size: int) -> lis
     train_tensor, _ = load_images(train, shape)
     val_tensor, _ = load_images(held_out, shape)
     model.add_memory(train_tensor, val_tensor, size, config["seed"], BATCH)
+    if (neighbours, scales) != (NEIGHBOURS, "spread"):  # a variant training does not build
+        model.memory_neighbours = neighbours
+        model.map_scales = (
+            model.opinion_scales(val_tensor, BATCH) if scales == "spread" else mean_scales(model, val_tensor)
+        )
     # the threshold training would deploy with the memory: calibrated on the combined held-out scores
     deployed = {
         "student": meta.threshold,
@@ -84,12 +102,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path, help="finished `stfpm-ray benchmark` folders (--out)")
     parser.add_argument("--size", type=int, default=DEFAULT_BANK_SIZE, help="memory bank positions")
+    parser.add_argument("--neighbours", type=int, default=NEIGHBOURS, help="nearest memory rows averaged")
+    parser.add_argument(
+        "--scales", choices=("spread", "mean"), default="spread", help="held-out statistic each opinion is divided by"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for folder, record, checkpoint in finished_runs(args.folders):
-        found = category_rows(folder, record, checkpoint, args.size)
+        found = category_rows(folder, record, checkpoint, args.size, args.neighbours, args.scales)
         print(fixed_width_table(COLUMNS, found), flush=True)
         rows += found
     print(fixed_width_table(COLUMNS, rows, rule=True))
