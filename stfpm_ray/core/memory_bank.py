@@ -11,8 +11,8 @@ PatchCore's layer 2 + 3), thinned by a greedy k-centre coreset to ``size`` posit
 good patterns (a random subset of the same size forgets them and flags them): with 3000 positions it scored
 screw better than 30000 random ones at a tenth of the cost. A position's distance is the mean over its
 ``NEIGHBOURS`` nearest rows rather than to the nearest alone: one stray row near a defect can no longer hide it,
-and which rows the coreset happened to keep matters less (screw's memory alone: 0.911 to 0.945 image AUROC
-over three training splits with the nearest, 0.929 to 0.953 with three; README: Results).
+and which rows the coreset happened to keep matters less (screw's memory alone over three seeds: 0.911 to 0.932
+image AUROC with the nearest, 0.924 to 0.935 with three; README: Results).
 """
 
 from __future__ import annotations
