@@ -9,8 +9,9 @@ per scored image, so the gain can be checked on every category and seed without 
 
     python benchmarks/memory_bank.py runs/e200/screw_s0 runs/e200/screw_s1 runs/e200/screw_s2 runs/e200/elpv_s0
 
-``--neighbours 1 --scales mean`` gives the memory as it was before 2026-12-08 (the nearest row alone, each
-opinion divided by its held-out mean score), for the comparison in the README.
+``--neighbours 1`` gives the memory as it was before 2026-12-08 (the nearest row alone); ``--scales spread``
+divides each opinion by the spread of its held-out scores instead of their mean (measured, not kept): the
+comparison in the README.
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ BATCH = 16
 COLUMNS = ("category", "run", "map", "image AUROC", "pixel AUROC", "false alarms", "recall", "scoring ms / image")
 
 
-def mean_scales(model: STFPM, images: torch.Tensor) -> tuple[float, ...]:
-    """The scales before 2026-12-08: each opinion's mean image score on the held-out good images."""
+def spread_scales(model: STFPM, images: torch.Tensor) -> tuple[float, ...]:
+    """The variant measured and not kept: each opinion divided by the standard deviation of its image scores on
+    the held-out good images instead of their mean."""
     scores = [
         torch.stack([image_scores(m) for m in model.opinion_maps(images[i : i + BATCH])], 1)
         for i in range(0, len(images), BATCH)
     ]
-    return tuple(float(v) for v in torch.cat(scores).mean(dim=0))
+    return tuple(float(v) for v in torch.cat(scores).std(dim=0))
 
 
 def category_rows(folder: Path, record: dict, checkpoint: str, size: int, neighbours: int, scales: str) -> list[tuple]:
@@ -56,10 +58,10 @@ def category_rows(folder: Path, record: dict, checkpoint: str, size: int, neighb
     train_tensor, _ = load_images(train, shape)
     val_tensor, _ = load_images(held_out, shape)
     model.add_memory(train_tensor, val_tensor, size, config["seed"], BATCH)
-    if (neighbours, scales) != (NEIGHBOURS, "spread"):  # a variant training does not build
+    if (neighbours, scales) != (NEIGHBOURS, "mean"):  # a variant training does not build
         model.memory_neighbours = neighbours
         model.map_scales = (
-            model.opinion_scales(val_tensor, BATCH) if scales == "spread" else mean_scales(model, val_tensor)
+            model.opinion_scales(val_tensor, BATCH) if scales == "mean" else spread_scales(model, val_tensor)
         )
     # the threshold training would deploy with the memory: calibrated on the combined held-out scores
     deployed = {
@@ -104,7 +106,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=DEFAULT_BANK_SIZE, help="memory bank positions")
     parser.add_argument("--neighbours", type=int, default=NEIGHBOURS, help="nearest memory rows averaged")
     parser.add_argument(
-        "--scales", choices=("spread", "mean"), default="spread", help="held-out statistic each opinion is divided by"
+        "--scales", choices=("mean", "spread"), default="mean", help="held-out statistic each opinion is divided by"
     )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
